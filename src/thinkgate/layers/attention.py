@@ -1,0 +1,90 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, D]. A step's tokens are written
+into their slots first, then every query attends to its sequence's whole context, gathered through the
+block table. `TorchPagedAttention` is the reference backend (any device); a faster backend only has to
+implement `forward(q, k_cache, v_cache, meta)` with the same meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step indexing shared by all layers (built once by the model runner)."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    kv_slots: torch.Tensor  # [B, Lmax] flat cache slot of each context position (padded)
+    q_index: torch.Tensor  # [B, Qmax] index into the flat token axis (padded with 0)
+    q_valid: torch.Tensor  # [B, Qmax] bool
+    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
+    token_batch: torch.Tensor  # [T] row in the padded layout of each flat token
+    token_pos: torch.Tensor  # [T] column in the padded layout
+
+    @classmethod
+    def build(cls, q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device) -> AttentionMetadata:
+        b = len(q_lens)
+        qmax, lmax = max(q_lens), max(kv_lens)
+        nblk = max(len(t) for t in block_tables)
+        table = torch.zeros((b, nblk), dtype=torch.long)
+        for i, t in enumerate(block_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
+        kv_lens_t = torch.tensor(kv_lens, dtype=torch.long)
+        pos = torch.arange(lmax)
+        kv_slots = table[:, pos // block_size] * block_size + pos % block_size  # [B, Lmax]
+        starts = torch.cumsum(q_lens_t, 0) - q_lens_t
+        qi = torch.arange(qmax)
+        q_valid = qi[None, :] < q_lens_t[:, None]  # [B, Qmax]
+        q_index = torch.where(q_valid, starts[:, None] + qi[None, :], torch.zeros_like(q_valid, dtype=torch.long))
+        # Query i of sequence b sits at absolute position (kv_len - q_len + i) and sees keys up to it.
+        qpos = (kv_lens_t - q_lens_t)[:, None] + qi[None, :]  # [B, Qmax]
+        mask = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < kv_lens_t[:, None, None])
+        mask = mask | (~q_valid)[:, :, None] & (pos[None, None, :] == 0)  # padded rows: one key, no NaN
+        slot_mapping = kv_slots.gather(1, torch.clamp(qpos, max=lmax - 1))[q_valid]
+        token_batch = torch.repeat_interleave(torch.arange(b), q_lens_t)
+        token_pos = torch.cat([torch.arange(n) for n in q_lens])
+        return cls(
+            slot_mapping=slot_mapping.to(device), kv_slots=kv_slots.to(device), q_index=q_index.to(device),
+            q_valid=q_valid.to(device), mask=mask[:, None].to(device), token_batch=token_batch.to(device),
+            token_pos=token_pos.to(device),
+        )
+
+
+class TorchPagedAttention:
+    """Reference paged attention: gather the context, then SDPA with a causal-with-offset mask."""
+
+    def __init__(self, scale: float, compute_dtype: torch.dtype | None = None):
+        self.scale = scale
+        # bf16 SDPA is slow for short queries on CPU (see deps-measured); fp32 is exact and faster there.
+        self.compute_dtype = compute_dtype
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, Hq, D]; caches: [N, bs, Hkv, D]
+        t, hq, d = q.shape
+        hkv = k_cache.shape[2]
+        dtype = self.compute_dtype or q.dtype
+        k = k_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)  # [B, Lmax, Hkv, D]
+        v = v_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)
+        qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.mask,
+            scale=self.scale, enable_gqa=hq != hkv,
+        )  # [B, Hq, Qmax, D]
+        out = out.transpose(1, 2)[meta.token_batch, meta.token_pos]  # [T, Hq, D]
+        return out.to(q.dtype)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values ([T, Hkv, D]) into their cache slots."""
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

@@ -1,0 +1,55 @@
+"""Qwen3-MoE expert layer: softmax router over all experts (fp32) -> top-k -> optional renorm -> SwiGLU.
+
+`grouped_moe` sorts the (token, expert) pairs by expert and runs one matmul per *active* expert, so the
+work is proportional to the routed tokens. `reference_moe` computes every expert densely and is kept for
+tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk: bool, dtype: torch.dtype):
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    if norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), experts
+
+
+def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; weights/experts: [T, K]; w13: [E, 2I, H]; w2: [E, H, I]."""
+    t, k = experts.shape
+    flat_expert = experts.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_expert, stable=True)
+    token_of = order // k  # token index of each sorted pair
+    counts = torch.bincount(flat_expert, minlength=w13.shape[0]).tolist()
+    xs = x[token_of]  # [T*K, H]
+    out_sorted = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        h = xs[start:start + n] @ w13[e].t()  # [n, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        out_sorted[start:start + n] = (F.silu(gate) * up) @ w2[e].t()
+        start += n
+    out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(-1)
+    out = torch.zeros_like(x)
+    out.index_add_(0, token_of, out_sorted)
+    return out
+
+
+def reference_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """Dense: every expert on every token, combined with the (mostly zero) routing weights."""
+    n_exp = w13.shape[0]
+    dense_w = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
+    dense_w.scatter_(1, experts, weights)
+    h = torch.einsum("th,eih->tei", x, w13)
+    gate, up = h.chunk(2, dim=-1)
+    y = torch.einsum("tei,ehi->teh", F.silu(gate) * up, w2)
+    return torch.einsum("teh,te->th", y, dense_w)

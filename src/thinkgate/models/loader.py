@@ -1,0 +1,173 @@
+"""Resolve a model spec (directory, GGUF file, hub id, default model) and build the model on a device."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from thinkgate.models.config import ModelConfig, UnsupportedModelError
+from thinkgate.models.hub import ModelNotFoundError, download_from_hub
+from thinkgate.models.qwen import QwenForCausalLM
+from thinkgate.models.tokenizer import ModelTokenizer
+from thinkgate.models.weights import CheckpointError, check_shapes, convert_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: QwenForCausalLM
+    config: ModelConfig
+    tokenizer: ModelTokenizer
+    eos_token_ids: list[int]
+    generation_defaults: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype in ("float32", "fp32"):
+        return torch.float32
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, bfloat16 or float32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 is fast on CPUs with AVX-512 BF16 / AMX; elsewhere it is emulated and fp32 wins.
+    cap = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if cap in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+    """Load `spec`: a HF model directory, a .gguf file, or a hub id such as `Qwen/Qwen3-0.6B`."""
+    dev = resolve_device(device)
+    tdtype = resolve_dtype(dtype, dev)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UnsupportedModelError(f"{path} is a file but not a .gguf; pass a model directory or a GGUF file")
+        return _load_gguf(path, tdtype, dev, max_model_len)
+    if path.is_dir():
+        return _load_hf_dir(path, tdtype, dev, max_model_len, name=path.name)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _load_hf_dir(download_from_hub(spec), tdtype, dev, max_model_len, name=spec)
+    raise ModelNotFoundError(f"model {spec!r} is neither a directory, a .gguf file nor a hub id (org/name)")
+
+
+def _load_hf_dir(path: Path, dtype, dev, max_model_len, name: str) -> LoadedModel:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    hf_cfg = json.loads(cfg_path.read_text())
+    cfg = ModelConfig.from_hf(hf_cfg)
+    if not (path / "tokenizer.json").exists():
+        raise CheckpointError(f"{path} has no tokenizer.json")
+    tokenizer = ModelTokenizer.from_dir(path)
+    gen_path = path / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    names, get, closers = _safetensors_source(path)
+    try:
+        model = _build(cfg, names, get, dtype, dev, max_model_len)
+    finally:
+        for c in closers:
+            c.__exit__(None, None, None)
+    eos = _eos_ids(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), tokenizer)
+    return LoadedModel(name=name, model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos,
+                       generation_defaults=_sampling_defaults(gen), source=str(path))
+
+
+def _safetensors_source(path: Path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path} holds no .safetensors weights")
+        weight_map = None
+    handles, closers, where = {}, [], {}
+    for f in files:
+        try:
+            ctx = safe_open(str(path / f), framework="pt", device="cpu")
+            h = ctx.__enter__()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {f}: {e}") from e
+        handles[f], closers = h, closers + [ctx]
+        for k in h.keys():
+            where[k] = f
+    if weight_map is not None:
+        missing = [k for k, f in weight_map.items() if where.get(k) != f]
+        if missing:
+            raise CheckpointError(f"safetensors index lists {missing[0]!r} but its shard does not hold it")
+
+    def get(name: str) -> torch.Tensor:
+        try:
+            return handles[where[name]].get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt safetensors data for {name} in {where[name]}: {e}") from e
+
+    return list(where), get, closers
+
+
+def _load_gguf(path: Path, dtype, dev, max_model_len) -> LoadedModel:
+    from thinkgate.models.gguf_file import GGUFModel
+
+    g = GGUFModel(path)
+    cfg = ModelConfig.from_hf(g.hf_config())
+    tokenizer = g.tokenizer()
+    model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len)
+    eos = _eos_ids([g.value("tokenizer.ggml.eos_token_id")], tokenizer)
+    name = (g.value("general.name") or path.stem).replace(" ", "-")
+    return LoadedModel(name=name, model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos,
+                       generation_defaults={}, source=str(path))
+
+
+def _build(cfg: ModelConfig, names, get, dtype, dev, max_model_len) -> QwenForCausalLM:
+    sd = convert_state_dict(cfg, names, get, dtype)
+    with torch.device("meta"):
+        model = QwenForCausalLM(cfg, max_positions=1)
+    check_shapes(model, sd)
+    model.load_state_dict(sd, assign=True, strict=True)
+    # Rotary tables are computed, not loaded: rebuild them on the real device for the served length.
+    from thinkgate.layers.rotary import RotaryEmbedding
+
+    n_pos = max_model_len or cfg.max_position_embeddings
+    model.rope = RotaryEmbedding(cfg.head_dim, max(n_pos, 1), cfg.rope_theta, cfg.rope_scaling)
+    model.to(dev)
+    if dev.type == "cpu" and dtype == torch.bfloat16:
+        model.attn_backend.compute_dtype = torch.float32
+    return model.eval()
+
+
+def _eos_ids(raw, tokenizer: ModelTokenizer) -> list[int]:
+    ids = raw if isinstance(raw, list) else ([raw] if raw is not None else [])
+    ids = [int(i) for i in ids if i is not None]
+    # Qwen chat models end a turn with <|im_end|> and sometimes with <|endoftext|>: stop on both.
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        i = tokenizer.token_id(t)
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def _sampling_defaults(gen: dict) -> dict:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    out = {k: gen[k] for k in keys if k in gen and gen[k] is not None}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

@@ -1,0 +1,113 @@
+"""Qwen2 / Qwen3 / Qwen3-MoE decoder in plain PyTorch, over a flat batch of tokens and a paged KV cache.
+
+One class covers all three: Qwen2 adds q/k/v biases, Qwen3 adds per-head q/k RMSNorm before RoPE, and
+Qwen3-MoE swaps the MLP for routed experts. Weights use fused layouts (qkv, gate_up, stacked experts);
+the loader translates checkpoint names into them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
+from thinkgate.layers.moe import grouped_moe, reference_moe, route
+from thinkgate.layers.norm import RMSNorm
+from thinkgate.layers.rotary import RotaryEmbedding
+from thinkgate.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nq * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, positions, rope: RotaryEmbedding, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, backend) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq+2Hkv)*D]
+        q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q = q.view(t, self.nq, self.d)
+        k = k.view(t, self.nkv, self.d)
+        v = v.view(t, self.nkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        o = backend.forward(q, kv[0], kv[1], meta)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.nq * self.d))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(h, e, bias=False)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # gate and up rows of each expert
+        self.w2 = nn.Parameter(torch.empty(e, h, i))
+        self.use_reference = False
+
+    def forward(self, x):
+        weights, experts = route(self.gate(x), self.top_k, self.norm_topk, x.dtype)
+        fn = reference_moe if self.use_reference else grouped_moe
+        return fn(x, weights, experts, self.w13, self.w2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, rope, kv, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta,
+                                    cfg.rope_scaling)
+        self.attn_backend = TorchPagedAttention(cfg.head_dim ** -0.5)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, self.rope, kv, meta, self.attn_backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()  # [N, V]
+
+    def set_moe_reference(self, on: bool) -> None:
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.use_reference = on
