@@ -46,7 +46,9 @@ def write_random_checkpoint(
     torch_dtype = DTYPES[dtype]
     tok = build_tokenizer(vocab_size=tokenizer_vocab, seed=seed)
     n_tok = tok.get_vocab_size(with_added_tokens=True)
-    cfg = hf_config(arch, preset, vocab_size=(n_tok + 63) // 64 * 64, dtype=str(torch_dtype).split(".")[-1])
+    # Tiny models get exactly the tokenizer's vocabulary (so greedy tokens compare with transformers, which
+    # does not mask padded rows); named presets keep the real padded 151,936 rows.
+    cfg = hf_config(arch, preset, vocab_size=n_tok, dtype=str(torch_dtype).split(".")[-1])
     im_end, eot = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
     cfg["bos_token_id"], cfg["eos_token_id"] = eot, im_end
 

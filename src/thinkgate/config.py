@@ -1,0 +1,32 @@
+"""Frozen configuration per layer. Resolved runtime values (KV block count, EOS ids) live elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"  # auto | bfloat16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # default: the model's context, capped by the KV pool
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; default: a fraction of free memory
+    kv_cache_fraction: float = 0.25  # of free memory (CPU) or of total memory (GPU) when not set in bytes
+    enable_prefix_caching: bool = True
+    max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    no_auth: bool = False
+    keepalive_s: float = 5.0

@@ -1,0 +1,192 @@
+"""The synchronous engine core: add_request / step / abort."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from thinkgate.config import EngineConfig
+from thinkgate.engine.block_manager import BlockManager
+from thinkgate.engine.detokenizer import IncrementalDetokenizer
+from thinkgate.engine.model_runner import ModelRunner
+from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
+from thinkgate.engine.scheduler import Scheduler
+from thinkgate.errors import InvalidRequestError
+from thinkgate.models.loader import LoadedModel, load_model
+from thinkgate.sampling.params import SamplingParams
+from thinkgate.sampling.sampler import SamplingRow
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = set(loaded.eos_token_ids)
+        model = loaded.model
+        dtype = next(model.parameters()).dtype
+        per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, dtype)
+        num_blocks = self._num_blocks(per_block, next(model.parameters()).device)
+        ctx = config.max_model_len or model.cfg.max_position_embeddings
+        self.max_model_len = min(ctx, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, self.tokenizer.vocab_size)
+        self.seqs: dict[str, Sequence] = {}
+        self.think_start = self.tokenizer.token_id("<think>")
+        self.think_end = self.tokenizer.token_id("</think>")
+        self.think_close_ids = ([self.think_end] + self.tokenizer.encode("\n\n")) if self.think_end is not None else []
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d", num_blocks, config.block_size,
+                 num_blocks * per_block / 2**20, self.max_model_len)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        from thinkgate.models.default_model import resolve_model_spec
+
+        loaded = load_model(resolve_model_spec(config.model), config.dtype, config.device, config.max_model_len)
+        return cls(loaded, config)
+
+    def _num_blocks(self, per_block: int, device: torch.device) -> int:
+        cfg = self.config
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.85)
+        else:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(int(avail * cfg.kv_cache_fraction),
+                         per_block * (cfg.max_kv_cache_tokens_default // cfg.block_size))
+        n = budget // per_block
+        if n < 2:
+            raise ValueError(f"the KV cache budget ({budget} bytes) holds fewer than 2 blocks of {per_block} bytes")
+        return int(n)
+
+    # -- API --------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
+                    reasoning_open: bool = False, grammar=None) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {request_id}")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens, but this model's context length is {self.max_model_len} "
+                f"tokens (prompt plus at least one generated token)", param="messages", code="context_length_exceeded")
+        params = params.resolved(self.loaded.generation_defaults)
+        params.validate(vocab_size=self.tokenizer.vocab_size)
+        room = self.max_model_len - len(prompt_ids)
+        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
+                       detok=IncrementalDetokenizer(self.tokenizer, params.stop), cache_salt=cache_salt,
+                       in_reasoning=reasoning_open, grammar=grammar)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        return self._output(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        rows: list[SamplingRow | None] = []
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            rows.append(self._sampling_row(seq) if seq.num_computed + n == seq.num_tokens else None)
+        result = self.runner.execute(batch, rows)
+        outputs, k = [], 0
+        for seq, n, row in zip(batch.seqs, batch.num_new, rows, strict=True):
+            seq.num_computed += n
+            self.block_manager.register_full_blocks(seq)
+            if row is None:
+                continue
+            token = result.token_ids[k]
+            lp = (token, result.logprobs[k], result.top_logprobs[k]) if result.logprobs is not None else None
+            k += 1
+            outputs.append(self._append(seq, token, lp))
+        return outputs
+
+    # -- internals --------------------------------------------------------------------------------
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        banned = None
+        if len(seq.output_ids) < seq.params.min_tokens:
+            banned = sorted(self.eos_ids | set(seq.params.stop_token_ids))
+        constrained = seq.grammar is not None and not seq.forced and not seq.in_reasoning
+        mask = seq.grammar.allowed_mask() if constrained else None
+        return SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, seq.generator, banned, mask)
+
+    def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
+        p = seq.params
+        if seq.in_reasoning and not seq.forced and p.reasoning_budget is not None \
+                and seq.reasoning_tokens >= p.reasoning_budget and self.think_close_ids:
+            seq.forced = list(self.think_close_ids)  # budget spent: close the thinking block ourselves
+        if seq.forced:
+            token, lp = seq.forced.pop(0), None
+        seq.output_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        if token == self.think_end:
+            seq.in_reasoning = False
+        elif token == self.think_start and not seq.output_ids[:-1]:
+            seq.in_reasoning = True
+        elif seq.in_reasoning:
+            seq.reasoning_tokens += 1
+        if seq.grammar is not None and not seq.in_reasoning and token != self.think_end:
+            seq.grammar.accept(token)
+        stop = None
+        if token in self.eos_ids and not p.ignore_eos:
+            seq.finish_reason = FinishReason.EOS
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP_TOKEN, token
+        else:
+            stop = seq.detok.add(token)
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP_SEQUENCE, stop
+            elif seq.grammar is not None and seq.grammar.is_terminated():
+                seq.finish_reason = FinishReason.GRAMMAR
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.detok.flush()
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.request_id, None)
+        new_lp = [seq.logprobs[-1]] if lp is not None else None
+        return self._output(seq, [token], new_lp)
+
+    def _output(self, seq: Sequence, new_ids: list[int], lp) -> RequestOutput:
+        done = seq.status == Status.FINISHED
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, text=seq.detok.take(final=done), finished=done,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, num_prompt_tokens=len(seq.prompt_ids),
+            num_cached_tokens=seq.num_cached_prompt, num_output_tokens=len(seq.output_ids),
+            num_reasoning_tokens=seq.reasoning_tokens, logprobs=lp,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline helper: run prompts to completion and return each one's output token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}-{os.urandom(4).hex()}" for i in range(len(prompts))]
+        out: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for o in self.step():
+                out[o.request_id].extend(o.new_token_ids)
+        return [out[i] for i in ids]
