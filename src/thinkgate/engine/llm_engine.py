@@ -69,8 +69,18 @@ class LLMEngine:
     # -- API --------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
                     reasoning_open: bool = False, grammar=None) -> None:
-        if request_id in self.seqs:
-            raise InvalidRequestError(f"duplicate request id {request_id}")
+        self.submit(self.make_sequence(request_id, prompt_ids, params, cache_salt, reasoning_open, grammar))
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a prepared sequence (engine thread only)."""
+        if seq.request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {seq.request_id}")
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def make_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
+                      reasoning_open: bool = False, grammar=None) -> Sequence:
+        """Validate a request and build its state; touches no shared state, so any thread may call it."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="messages")
         if len(prompt_ids) >= self.max_model_len:
@@ -86,8 +96,7 @@ class LLMEngine:
                        in_reasoning=reasoning_open, grammar=grammar)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.seqs.pop(request_id, None)
@@ -102,6 +111,16 @@ class LLMEngine:
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every request with an error (after an exception inside a step)."""
+        outs = []
+        for seq in list(self.seqs.values()):
+            self.scheduler.finish(seq)
+            seq.finish_reason, seq.stop_reason = FinishReason.ERROR, message
+            outs.append(self._output(seq, [], None))
+        self.seqs.clear()
+        return outs
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -140,8 +159,8 @@ class LLMEngine:
         if seq.forced:
             token, lp = seq.forced.pop(0), None
         seq.output_ids.append(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
+        if lp is not None:  # the 4th field marks reasoning tokens (logprobs are reported for content only)
+            seq.logprobs.append((*lp, seq.in_reasoning or token == self.think_end))
         if token == self.think_end:
             seq.in_reasoning = False
         elif token == self.think_start and not seq.output_ids[:-1]:

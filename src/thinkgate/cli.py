@@ -1,0 +1,118 @@
+"""`thinkgate serve | version | model random | pull`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from thinkgate import __version__
+from thinkgate.config import DEFAULT_MODEL, EngineConfig, ServerConfig
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    e, s = EngineConfig(), ServerConfig()
+    p.add_argument("--model", default=None, help=f"directory, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default=s.host)
+    p.add_argument("--port", type=int, default=s.port)
+    p.add_argument("--config", default=None, help="TOML catalog of models (gateway; see the spec)")
+    p.add_argument("--db", default=None, help="database URL for keys and the ledger (gateway)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys")
+    p.add_argument("--served-model-name", default=None, help="the id clients send as `model`")
+    p.add_argument("--dtype", default=e.dtype, choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--device", default=e.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=e.max_num_batched_tokens)
+    p.add_argument("--block-size", type=int, default=e.block_size)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--log-level", default="info")
+
+
+def model_id_for(spec: str | None, loaded_name: str) -> str:
+    from pathlib import Path
+
+    from thinkgate.models.default_model import DEFAULT_MODEL_ALIASES
+
+    if spec is None or spec.lower() in DEFAULT_MODEL_ALIASES:
+        return "qwen/qwen2.5-coder-0.5b-instruct"
+    if Path(spec).expanduser().exists():
+        return Path(spec).name.removesuffix(".gguf").lower()
+    return spec.lower()
+
+
+def build_app(args):
+    from thinkgate.api.app import create_app
+    from thinkgate.engine.async_engine import AsyncEngine
+    from thinkgate.engine.llm_engine import LLMEngine
+    from thinkgate.gateway.providers.local import LocalProvider
+
+    if args.config or args.db:
+        raise SystemExit("--config and --db arrive with the gateway; serve one model with --model for now")
+    ecfg = EngineConfig(
+        model=args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    engine = LLMEngine.from_config(ecfg)
+    model_id = args.served_model_name or model_id_for(args.model, engine.loaded.name)
+    provider = LocalProvider(AsyncEngine(engine), model_id)
+    scfg = ServerConfig(host=args.host, port=args.port, no_auth=args.no_auth)
+    return create_app({model_id: provider}, scfg), model_id
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    app, model_id = build_app(args)
+    logging.getLogger("thinkgate").info("serving %s on http://%s:%d", model_id, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def cmd_random(args) -> int:
+    from thinkgate.models.random_checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(args.out, arch=args.arch, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    print(out)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from thinkgate.models.default_model import DownloadError, pull_default_model
+
+    try:
+        print(pull_default_model())
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="thinkgate", description="OpenAI-compatible API for Qwen3 thinking models")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve the chat completions API")
+    _serve_args(s)
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("version", help="print the version").set_defaults(fn=lambda a: print(__version__) or 0)
+    sub.add_parser("pull", help="fetch the default model into the cache").set_defaults(fn=cmd_pull)
+    m = sub.add_parser("model", help="model utilities")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    r = msub.add_parser("random", help="write a random-weight checkpoint in Hugging Face format")
+    r.add_argument("--arch", choices=["qwen2", "qwen3", "qwen3_moe"], default="qwen3")
+    r.add_argument("--preset", choices=["tiny", "qwen3-0.6b", "qwen3-30b-a3b", "qwen2.5-0.5b"], default="tiny")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    r.set_defaults(fn=cmd_random)
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
