@@ -163,7 +163,10 @@ class GGUFModel:
         t = self._tensors[gguf_name]
         arr = dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable:  # F32 tensors come straight from the read-only memory map
+            arr = arr.copy()
+        return torch.from_numpy(arr)
 
     def tensor_getter(self):
         """`get(hf_name)`: dequantized tensor; stacked experts are dequantized once per layer and sliced."""

