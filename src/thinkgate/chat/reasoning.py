@@ -32,6 +32,7 @@ class ReasoningParser:
         self.pending_nl = ""  # newlines inside reasoning, released only if more reasoning follows
         self.reasoning_started = False
         self.content_started = mode == "none"
+        self.entered = mode == "open"  # whether the output had a reasoning block at all
 
     # -- incremental ------------------------------------------------------------------------------
     def feed(self, delta: str) -> tuple[str, str]:
@@ -41,7 +42,7 @@ class ReasoningParser:
             if self.state == "start":
                 s = self.buf.lstrip()
                 if s.startswith(OPEN):
-                    self.buf, self.state = s[len(OPEN):], "reasoning"
+                    self.buf, self.state, self.entered = s[len(OPEN):], "reasoning", True
                 elif OPEN.startswith(s):
                     break  # could still become <think>
                 else:
@@ -98,4 +99,4 @@ class ReasoningParser:
         r1, c1 = p.feed(text)
         r2, c2 = p.finish()
         reasoning = r1 + r2
-        return (reasoning if p.reasoning_started or p.state != "content" or self.mode == "open" else None), c1 + c2
+        return (reasoning if p.entered else None), c1 + c2
