@@ -80,7 +80,8 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(providers)}
+        return {"status": "ok", "models": list(providers),
+                "active_requests": sum(p.num_active() for p in providers.values())}
 
     def provider_for(model: str) -> ChatProvider:
         p = providers.get(model)

@@ -46,4 +46,4 @@ def assemble_completion(chunks: list[dict], reasoning_visible: bool, reasoning_m
                             "finish_reason": st["finish_reason"],
                             "native_finish_reason": st["native_finish_reason"]})
     return {"id": head["id"], "object": "chat.completion", "created": head["created"], "model": head["model"],
-            "choices": out_choices, "usage": usage, "system_fingerprint": None}
+            "choices": out_choices, "usage": usage}
