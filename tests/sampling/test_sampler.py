@@ -8,7 +8,14 @@ import torch
 
 from thinkgate.errors import InvalidRequestError
 from thinkgate.sampling.params import SamplingParams
-from thinkgate.sampling.sampler import Sampler, SamplingRow, filter_min_p, filter_top_a, filter_top_k, filter_top_p
+from thinkgate.sampling.sampler import (
+    Sampler,
+    SamplingRow,
+    filter_min_p,
+    filter_top_a,
+    filter_top_k,
+    filter_top_p,
+)
 
 
 def np_softmax(x):

@@ -7,7 +7,7 @@ import torch
 from thinkgate.engine.scheduler import ScheduledBatch
 from thinkgate.layers.attention import AttentionMetadata
 from thinkgate.models.qwen import QwenForCausalLM
-from thinkgate.sampling.sampler import SampleResult, Sampler, SamplingRow
+from thinkgate.sampling.sampler import Sampler, SampleResult, SamplingRow
 
 
 class ModelRunner:

@@ -12,7 +12,7 @@ from thinkgate.engine.detokenizer import IncrementalDetokenizer
 from thinkgate.sampling.params import SamplingParams
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     EOS = "eos"  # the model ended its turn
     STOP_SEQUENCE = "stop_sequence"  # a stop string matched
     STOP_TOKEN = "stop_token"  # a stop_token_ids entry was generated
