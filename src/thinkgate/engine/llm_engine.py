@@ -156,21 +156,25 @@ class LLMEngine:
         if seq.in_reasoning and not seq.forced and p.reasoning_budget is not None \
                 and seq.reasoning_tokens >= p.reasoning_budget and self.think_close_ids:
             seq.forced = list(self.think_close_ids)  # budget spent: close the thinking block ourselves
-        if seq.forced:
+        forced = bool(seq.forced)
+        if forced:
             token, lp = seq.forced.pop(0), None
         seq.output_ids.append(token)
         if lp is not None:  # the 4th field marks reasoning tokens (logprobs are reported for content only)
             seq.logprobs.append((*lp, seq.in_reasoning or token == self.think_end))
-        if token == self.think_end:
+        if token == self.think_end and seq.in_reasoning:
             seq.in_reasoning = False
-        elif token == self.think_start and not seq.output_ids[:-1]:
+            if seq.grammar is not None and not forced:
+                seq.forced = self.think_close_ids[1:]  # the template's newlines, then the grammar takes over
+        elif token == self.think_start and len(seq.output_ids) == 1:
             seq.in_reasoning = True
         elif seq.in_reasoning:
             seq.reasoning_tokens += 1
-        if seq.grammar is not None and not seq.in_reasoning and token != self.think_end:
-            seq.grammar.accept(token)
-        stop = None
-        if token in self.eos_ids and not p.ignore_eos:
+        elif seq.grammar is not None and not forced and not seq.grammar.accept(token):
+            seq.finish_reason, seq.stop_reason = FinishReason.ERROR, "the output left its grammar"
+        if seq.finish_reason is not None:
+            pass
+        elif token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = FinishReason.EOS
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP_TOKEN, token
@@ -178,7 +182,8 @@ class LLMEngine:
             stop = seq.detok.add(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP_SEQUENCE, stop
-            elif seq.grammar is not None and seq.grammar.is_terminated():
+            elif seq.grammar is not None and not seq.in_reasoning and not seq.forced \
+                    and seq.grammar.is_terminated():
                 seq.finish_reason = FinishReason.GRAMMAR
             elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = FinishReason.LENGTH

@@ -1,4 +1,4 @@
-"""Serve a chat request on our own engine: template -> tokens -> engine -> reasoning split -> chunks."""
+"""Serve a chat request on our own engine: template -> tokens -> engine -> reasoning/tool split -> chunks."""
 
 from __future__ import annotations
 
@@ -7,18 +7,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from thinkgate.chat.messages import to_template_messages
-from thinkgate.chat.reasoning import ReasoningParser
 from thinkgate.chat.template import render_chat, thinking_mode
+from thinkgate.chat.tools import tool_call_lark, validate_tools
 from thinkgate.engine.async_engine import AsyncEngine
 from thinkgate.engine.request import FinishReason, RequestOutput
 from thinkgate.errors import InvalidRequestError
-from thinkgate.protocol import ChatCompletionRequest
+from thinkgate.gateway.providers.choice_stream import ChoiceStream
+from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
 from thinkgate.sampling.params import SamplingParams
+from thinkgate.structured.backend import GrammarError, make_backend
 
 EFFORT_FRACTION = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 0.95}
-FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.STOP_TOKEN: "stop",
-          FinishReason.GRAMMAR: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop",
-          FinishReason.ERROR: "error"}
+SUPPORTED_PARAMETERS = [
+    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "top_a", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "seed", "logit_bias", "logprobs", "top_logprobs", "stop", "n",
+    "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
+    "include_reasoning", "verbosity", "stream", "chat_template_kwargs",
+]
 
 
 @dataclass
@@ -28,44 +33,50 @@ class Prepared:
     mode: str  # reasoning mode of the output: open | hybrid | none
     show_reasoning: bool
     n: int
+    tools: bool  # parse tool calls out of the answer
+    grammars: list | None  # one matcher per choice when the answer is constrained
 
 
 class LocalProvider:
-    def __init__(self, engine: AsyncEngine, model_id: str, context_length: int | None = None,
-                 description: str = ""):
+    def __init__(self, engine: AsyncEngine, model_id: str, description: str = ""):
         self.engine = engine
         self.model_id = model_id
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
-        self.context_length = context_length or self.max_model_len
         self.description = description
+        self._grammar_backend = None
 
     def card(self) -> dict:
         return {
             "id": self.model_id, "object": "model", "created": 0, "owned_by": "thinkgate",
             "name": self.model_id, "description": self.description, "context_length": self.max_model_len,
             "pricing": {"prompt": "0", "completion": "0", "currency": "CNY", "unit": "1K tokens"},
-            "supported_parameters": [
-                "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "top_a",
-                "frequency_penalty", "presence_penalty", "repetition_penalty", "seed", "logit_bias", "logprobs",
-                "top_logprobs", "stop", "n", "reasoning", "include_reasoning", "verbosity", "stream",
-            ],
+            "supported_parameters": SUPPORTED_PARAMETERS,
         }
 
     def num_active(self) -> int:
         return self.engine.num_active()
 
+    @property
+    def grammar_backend(self):
+        if self._grammar_backend is None:  # building the token trie takes ~1 s for a 151k vocabulary
+            self._grammar_backend = make_backend(self.tokenizer, list(self.engine.engine.eos_ids))
+        return self._grammar_backend
+
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         template = self.tokenizer.chat_template
         if not template:
             raise InvalidRequestError("this model has no chat template", param="model")
+        validate_tools(req)
+        use_tools = bool(req.tools) and req.tool_choice != "none"
         kwargs = dict(req.chat_template_kwargs or {})
         if req.reasoning is not None and req.reasoning.enabled is False:
             kwargs.setdefault("enable_thinking", False)
         kwargs.setdefault("eos_token", self.tokenizer.eos_token)
         messages = to_template_messages(req.messages, req.verbosity)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
         # Rendering and tokenizing a long conversation takes milliseconds: keep it off the event loop.
-        prompt = await asyncio.to_thread(render_chat, template, messages, None, True, **kwargs)
+        prompt = await asyncio.to_thread(render_chat, template, messages, tools, True, **kwargs)
         ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
@@ -74,8 +85,35 @@ class LocalProvider:
                 code="context_length_exceeded")
         mode = thinking_mode(prompt, template)
         params = self._sampling_params(req, len(ids), mode)
+        if use_tools and req.parallel_tool_calls is False and req.tool_choice in (None, "auto"):
+            params.stop = params.stop + ["</tool_call>"]  # end the turn after the first call
+        n = req.n or 1
+        grammars = await asyncio.to_thread(self._grammars, req, use_tools, n)
         show = not (req.include_reasoning is False or (req.reasoning is not None and req.reasoning.exclude))
-        return Prepared(ids, params, mode, show, req.n or 1)
+        return Prepared(ids, params, mode, show, n, use_tools, grammars)
+
+    def _grammars(self, req: ChatCompletionRequest, use_tools: bool, n: int) -> list | None:
+        """Compile the answer's constraint now, so a bad schema is a 400 before anything is queued."""
+        rf = req.response_format
+        forced_tools = use_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
+        if forced_tools:
+            tok = self.tokenizer
+            lark = tool_call_lark(req, tok.token_id("<tool_call>"), tok.token_id("</tool_call>"))
+            make, param = (lambda: self.grammar_backend.lark(lark)), "tools"
+        elif rf is not None and rf.type == "json_object":
+            make, param = self.grammar_backend.json_object, "response_format"
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise InvalidRequestError("response_format json_schema needs json_schema.schema",
+                                          param="response_format.json_schema")
+            schema = rf.json_schema.schema_
+            make, param = (lambda: self.grammar_backend.json_schema(schema)), "response_format.json_schema"
+        else:
+            return None
+        try:
+            return [make() for _ in range(n)]
+        except GrammarError as e:
+            raise InvalidRequestError(f"unsupported or invalid schema: {e}", param=param) from None
 
     def _sampling_params(self, req: ChatCompletionRequest, n_prompt: int, mode: str) -> SamplingParams:
         bias = {}
@@ -123,7 +161,7 @@ class LocalProvider:
 
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(i, prep, completion_id, queue)) for i in range(prep.n)]
-        parsers = [ReasoningParser(prep.mode) for _ in range(prep.n)]
+        choices = [ChoiceStream(i, prep.mode, prep.show_reasoning, prep.tools) for i in range(prep.n)]
         last: list[RequestOutput | None] = [None] * prep.n
         try:
             for i in range(prep.n):
@@ -135,28 +173,19 @@ class LocalProvider:
                 if isinstance(out, BaseException):
                     raise out
                 last[i] = out
-                r, c = parsers[i].feed(out.text)
-                if out.finished:
-                    r2, c2 = parsers[i].finish()
-                    r, c = r + r2, c + c2
-                delta: dict = {}
-                if r and prep.show_reasoning:
-                    delta["reasoning"] = delta["reasoning_content"] = r
-                if c:
-                    delta["content"] = c
                 lp = self._logprobs(out) if prep.params.logprobs else None
-                if delta or lp:
-                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                deltas = choices[i].deltas(out)
+                for k, delta in enumerate(deltas or ([{}] if lp else [])):
+                    yield chunk([{"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
+                                  "finish_reason": None}])
                 if out.finished:
                     done += 1
-                    fin = FINISH[out.finish_reason]
-                    choice = {"index": i, "delta": {}, "logprobs": None, "finish_reason": fin,
-                              "native_finish_reason": out.finish_reason.value}
+                    fin = choices[i].finish(out)
                     if out.finish_reason == FinishReason.ERROR:
-                        yield chunk([choice], error={"message": str(out.stop_reason), "type": "server_error",
-                                                     "code": 500})
+                        yield chunk([fin], error={"message": str(out.stop_reason), "type": "server_error",
+                                                  "code": 500})
                     else:
-                        yield chunk([choice])
+                        yield chunk([fin])
             yield chunk([], usage=self._usage(last))
         finally:
             for t in tasks:
@@ -166,9 +195,10 @@ class LocalProvider:
         params = prep.params
         if prep.n > 1 and params.seed is not None:
             params = replace(params, seed=params.seed + i)  # independent choices, still reproducible
+        grammar = prep.grammars[i] if prep.grammars else None
         try:
             async for out in self.engine.generate(f"{completion_id}-{i}", prep.prompt_ids, params,
-                                                  reasoning_open=prep.mode == "open"):
+                                                  reasoning_open=prep.mode == "open", grammar=grammar):
                 queue.put_nowait((i, out))
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,54 @@
+"""Validate `tools` / `tool_choice` and build the grammar that enforces `required` or a named function."""
+
+from __future__ import annotations
+
+import json
+
+from thinkgate.errors import InvalidRequestError
+from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
+
+
+def validate_tools(req: ChatCompletionRequest) -> None:
+    tools = req.tools or []
+    seen = set()
+    for i, t in enumerate(tools):
+        name = t.function.name
+        if not all(c.isalnum() or c in "_-." for c in name):
+            raise InvalidRequestError(f"tools[{i}].function.name {name!r} may only hold letters, digits, _ - .",
+                                      param=f"tools[{i}].function.name")
+        if name in seen:
+            raise InvalidRequestError(f"tools[{i}].function.name {name!r} is a duplicate",
+                                      param=f"tools[{i}].function.name")
+        seen.add(name)
+        params = t.function.parameters
+        if params is not None and params.get("type", "object") != "object":
+            raise InvalidRequestError(
+                f"tools[{i}].function.parameters must be a JSON Schema of type object, got type {params.get('type')!r}",
+                param=f"tools[{i}].function.parameters")
+    choice = req.tool_choice
+    if choice in ("required",) or isinstance(choice, NamedToolChoice):
+        if not tools:
+            raise InvalidRequestError("tool_choice requires tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in seen:
+        raise InvalidRequestError(f"tool_choice names function {choice.function.name!r}, which is not in tools",
+                                  param="tool_choice")
+
+
+def call_schema(tool) -> dict:
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int | None) -> str:
+    """Lark grammar (llguidance dialect) for one or more well-formed calls of the allowed tools."""
+    tools = req.tools or []
+    if isinstance(req.tool_choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
+    schemas = [call_schema(t) for t in tools]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    open_tag = f"<[{start_id}]>" if start_id is not None else json.dumps("<tool_call>")
+    close_tag = f"<[{end_id}]>" if end_id is not None else json.dumps("</tool_call>")
+    many = req.parallel_tool_calls is not False and not isinstance(req.tool_choice, NamedToolChoice)
+    start = 'start: call ("\\n" call)*' if many else "start: call"
+    return f'{start}\ncall: {open_tag} "\\n" body "\\n" {close_tag}\nbody: %json {json.dumps(schema)}\n'

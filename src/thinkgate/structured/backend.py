@@ -1,0 +1,55 @@
+"""Constrained decoding behind a small interface.
+
+A backend compiles a JSON schema (or the builtin "any JSON object" grammar) for one tokenizer; each
+request gets a `Matcher` that says which tokens may come next, accepts the sampled token, can roll back,
+and knows when the grammar is complete. Compilation results are cached by schema.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+import torch
+
+
+class GrammarError(ValueError):
+    """The schema or grammar cannot be compiled (the message names what is unsupported)."""
+
+
+class Matcher(Protocol):
+    def allowed_mask(self) -> torch.Tensor:
+        """bool [vocab]: tokens allowed next."""
+
+    def accept(self, token: int) -> bool:
+        """Advance by one sampled token; False if the token broke the grammar."""
+
+    def rollback(self, n: int) -> None: ...
+
+    def is_terminated(self) -> bool:
+        """The grammar is complete: nothing but end-of-sequence may follow."""
+
+    def is_accepting(self) -> bool: ...
+
+
+class GrammarBackend(Protocol):
+    name: str
+
+    def json_schema(self, schema: dict, strict: bool = True) -> Matcher: ...
+
+    def json_object(self) -> Matcher: ...
+
+    def lark(self, grammar: str) -> Matcher:
+        """A Lark grammar (llguidance dialect: `%json {schema}` and `<[token id]>` are allowed)."""
+
+
+def schema_key(schema: dict) -> str:
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+def make_backend(tokenizer, eos_ids: list[int], name: str = "llguidance") -> GrammarBackend:
+    if name == "llguidance":
+        from thinkgate.structured.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(tokenizer, eos_ids)
+    raise ValueError(f"unknown grammar backend {name!r}")
