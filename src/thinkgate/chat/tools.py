@@ -36,6 +36,9 @@ def validate_tools(req: ChatCompletionRequest) -> None:
 
 def call_schema(tool) -> dict:
     params = tool.function.parameters or {"type": "object", "properties": {}}
+    if "properties" in params and "additionalProperties" not in params:
+        # Declared parameters are the function's signature: keep forced calls to them (OpenAI strict style).
+        params = {**params, "additionalProperties": False}
     return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
             "required": ["name", "arguments"], "additionalProperties": False}
 
@@ -47,6 +50,7 @@ def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int
         tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
     schemas = [call_schema(t) for t in tools]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON, as the template shows
     open_tag = f"<[{start_id}]>" if start_id is not None else json.dumps("<tool_call>")
     close_tag = f"<[{end_id}]>" if end_id is not None else json.dumps("</tool_call>")
     many = req.parallel_tool_calls is not False and not isinstance(req.tool_choice, NamedToolChoice)
