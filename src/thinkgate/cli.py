@@ -27,6 +27,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=e.block_size)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization of linear layers for CPU decode (auto: int8 on CPU in bf16)")
+    p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4"],
+                   help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--log-level", default="info")
 
 
@@ -54,7 +58,7 @@ def build_app(args):
         model=args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
     )
     engine = LLMEngine.from_config(ecfg)
     model_id = args.served_model_name or model_id_for(args.model, engine.loaded.name)
@@ -91,6 +95,25 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from thinkgate.bench.serve import bench_serve
+
+    bench_serve(args.url, args.model, [int(c) for c in args.concurrency.split(",")], args.num_requests,
+                args.input_len, args.output_len, args.ignore_eos, args.api_key, args.shared_prefix_len, args.seed,
+                args.max_seconds, args.out)
+    return 0
+
+
+def cmd_bench_engine(args) -> int:
+    from thinkgate.bench.engine import bench_engine
+    from thinkgate.models.default_model import resolve_model_spec
+
+    bench_engine(resolve_model_spec(args.model), [int(n) for n in args.num_seqs.split(",")], args.input_len,
+                 args.output_len, args.dtype, args.device, args.repeats, profile=args.profile,
+                 weight_quant=args.weight_quant, head_quant=args.head_quant)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="thinkgate", description="OpenAI-compatible API for Qwen3 thinking models")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -108,6 +131,34 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     r.set_defaults(fn=cmd_random)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bs = bsub.add_parser("serve", help="load-test an OpenAI-compatible chat endpoint")
+    bs.add_argument("--url", required=True)
+    bs.add_argument("--model", required=True)
+    bs.add_argument("--concurrency", default="1,4,8,32")
+    bs.add_argument("--num-requests", type=int, default=32)
+    bs.add_argument("--input-len", type=int, default=256)
+    bs.add_argument("--output-len", type=int, default=128)
+    bs.add_argument("--shared-prefix-len", type=int, default=0)
+    bs.add_argument("--ignore-eos", action="store_true")
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--max-seconds", type=float, default=600)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--out", default=None)
+    bs.set_defaults(fn=cmd_bench_serve)
+    be = bsub.add_parser("engine", help="offline engine throughput (no HTTP)")
+    be.add_argument("--model", default=None)
+    be.add_argument("--num-seqs", default="1,8")
+    be.add_argument("--input-len", type=int, default=128)
+    be.add_argument("--output-len", type=int, default=128)
+    be.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--profile", action="store_true")
+    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4"])
+    be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4"])
+    be.set_defaults(fn=cmd_bench_engine)
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

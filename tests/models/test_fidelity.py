@@ -90,3 +90,35 @@ def test_config_accepts_rope_parameters_and_num_local_experts():
     old = {**base, "rope_theta": 1e6, "num_experts": 8}
     del old["rope_parameters"], old["num_local_experts"]
     assert ModelConfig.from_hf(old).rope_theta == 1e6
+
+
+def test_random_spec_builds_real_shapes_in_memory():
+    from thinkgate.config import EngineConfig
+    from thinkgate.engine.llm_engine import LLMEngine
+
+    lm = load_model("random:tiny:qwen3_moe", dtype="float32", device="cpu")
+    assert lm.config.num_experts == 8 and lm.model.layers[0].mlp.w13.shape == (8, 64, 64)
+    eng = LLMEngine(lm, EngineConfig(kv_cache_memory=8 * 2**20))
+    assert len(eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]) == 5
+    from thinkgate.models.config import ModelConfig
+    from thinkgate.models.presets import hf_config, tensor_shapes
+
+    cfg = hf_config("qwen3", "qwen3-0.6b", 151936, "bfloat16")
+    big = ModelConfig.from_hf(cfg)
+    assert big.head_dim == 128 and big.num_layers == 28 and big.tie_word_embeddings
+    assert len(tensor_shapes(cfg)) == 1 + 28 * 11 + 1  # embeddings, 11 tensors per layer, final norm
+
+
+def test_weight_only_quantized_linears_stay_close(checkpoints):
+    from thinkgate.layers.linear import Int4Linear, Int8Linear
+
+    lm = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="none")
+    q8 = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="int8")
+    q4 = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="int4", head_quant="int8")
+    assert isinstance(q8.model.layers[0].self_attn.qkv_proj, Int8Linear)
+    assert isinstance(q4.model.layers[0].mlp.gate_up_proj, Int4Linear) and isinstance(q4.model.lm_head, Int8Linear)
+    ids = list(range(10, 40))
+    ref = _our_logits(lm, ids)
+    for q, tol in ((q8, 0.02), (q4, 0.2)):
+        one = _our_logits(q, ids[:1])  # 1 token: the quantized kernels run (larger batches use the dense copy)
+        assert (one - ref[:1]).abs().max().item() < tol * ref.abs().max().item() + 0.02

@@ -47,7 +47,8 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         from thinkgate.models.default_model import resolve_model_spec
 
-        loaded = load_model(resolve_model_spec(config.model), config.dtype, config.device, config.max_model_len)
+        loaded = load_model(resolve_model_spec(config.model), config.dtype, config.device, config.max_model_len,
+                            config.weight_quant, config.head_quant)
         return cls(loaded, config)
 
     def _num_blocks(self, per_block: int, device: torch.device) -> int:

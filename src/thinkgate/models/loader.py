@@ -52,10 +52,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
+               weight_quant: str = "none", head_quant: str = "auto") -> LoadedModel:
     """Load `spec`: a HF model directory, a .gguf file, or a hub id such as `Qwen/Qwen3-0.6B`."""
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
+    loaded = _load(spec, tdtype, dev, max_model_len)
+    quant = resolve_weight_quant(weight_quant, dev, tdtype)
+    if quant != "none":
+        from thinkgate.layers.linear import quantize_linears
+
+        head = quant if head_quant == "auto" else head_quant
+        n = quantize_linears(loaded.model, quant, keep_dense=True, head_mode=head)
+        log.info("weight-only %s quantization on %d linear layers (output head: %s)", quant, n, head)
+    return loaded
+
+
+def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype) -> str:
+    if mode == "auto":
+        return "int8" if dev.type == "cpu" and dtype == torch.bfloat16 else "none"
+    if mode not in ("none", "int8", "int4"):
+        raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8 or int4")
+    if mode != "none" and dev.type != "cpu":
+        raise ValueError("weight-only int8/int4 kernels are used on CPU only; serve GPUs in bf16")
+    return mode
+
+
+def _load(spec: str, tdtype, dev, max_model_len) -> LoadedModel:
+    if spec.startswith("random:"):
+        return _load_random(spec, tdtype, dev, max_model_len)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -135,6 +160,40 @@ def _load_gguf(path: Path, dtype, dev, max_model_len) -> LoadedModel:
     name = (g.value("general.name") or path.stem).replace(" ", "-")
     return LoadedModel(name=name, model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos,
                        generation_defaults={}, source=str(path))
+
+
+def _load_random(spec: str, dtype, dev, max_model_len) -> LoadedModel:
+    """`random:PRESET[:ARCH]`: random weights in real shapes, built directly in device memory (no files),
+    like vLLM's dummy load format; for benchmarks of shapes too big to write to disk."""
+    from thinkgate.models.presets import ARCHITECTURES, PRESETS, hf_config
+    from thinkgate.models.random_checkpoint import thinking_template
+    from thinkgate.models.tokenizer_builder import build_tokenizer
+
+    parts = spec.split(":")
+    preset = parts[1] if len(parts) > 1 else "tiny"
+    arch = parts[2] if len(parts) > 2 else ("qwen3_moe" if "a3b" in preset else
+                                            "qwen2" if preset.startswith("qwen2") else "qwen3")
+    if preset not in PRESETS or arch not in ARCHITECTURES:
+        raise ModelNotFoundError(f"unknown random model {spec!r}; presets: {', '.join(PRESETS)}")
+    tok = build_tokenizer()
+    tokenizer = ModelTokenizer(tok=tok, chat_template=thinking_template(), eos_token="<|im_end|>",
+                               special_ids=frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special))
+    cfg = ModelConfig.from_hf(hf_config(arch, preset, tokenizer.vocab_size, "bfloat16"))
+    n_pos = max_model_len or cfg.max_position_embeddings
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = QwenForCausalLM(cfg, max_positions=max(n_pos, 1)).to(dtype)
+        for name, p in model.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+    if dev.type == "cpu" and dtype == torch.bfloat16:
+        model.attn_backend.compute_dtype = torch.float32
+    eos = _eos_ids([], tokenizer)
+    return LoadedModel(name=f"random-{preset}", model=model.eval(), config=cfg, tokenizer=tokenizer,
+                       eos_token_ids=eos, generation_defaults={}, source=spec)
 
 
 def _build(cfg: ModelConfig, names, get, dtype, dev, max_model_len) -> QwenForCausalLM:

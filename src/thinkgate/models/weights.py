@@ -28,8 +28,10 @@ def convert_state_dict(cfg: ModelConfig, names: list[str], get: Callable[[str], 
 
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight"),
                                    "norm.weight": take("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = take("lm_head.weight") if "lm_head.weight" in have else sd["embed_tokens.weight"]
+    if cfg.tie_word_embeddings or "lm_head.weight" not in have:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    else:
+        sd["lm_head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
         sd[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
