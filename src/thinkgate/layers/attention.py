@@ -25,12 +25,14 @@ class AttentionMetadata:
     mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
     token_batch: torch.Tensor  # [T] row in the padded layout of each flat token
     token_pos: torch.Tensor  # [T] column in the padded layout
+    kind: str = "mixed"  # "decode" (one query per sequence), "fresh" (one prompt, empty cache) or "mixed"
 
     @classmethod
     def build(cls, q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device) -> AttentionMetadata:
         b = len(q_lens)
         qmax, lmax = max(q_lens), max(kv_lens)
+        kind = "decode" if qmax == 1 else ("fresh" if b == 1 and q_lens[0] == kv_lens[0] else "mixed")
         nblk = max(len(t) for t in block_tables)
         table = torch.zeros((b, nblk), dtype=torch.long)
         for i, t in enumerate(block_tables):
@@ -53,7 +55,7 @@ class AttentionMetadata:
         return cls(
             slot_mapping=slot_mapping.to(device), kv_slots=kv_slots.to(device), q_index=q_index.to(device),
             q_valid=q_valid.to(device), mask=mask[:, None].to(device), token_batch=token_batch.to(device),
-            token_pos=token_pos.to(device),
+            token_pos=token_pos.to(device), kind=kind,
         )
 
 
@@ -66,11 +68,27 @@ class TorchPagedAttention:
         self.compute_dtype = compute_dtype
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        # q: [T, Hq, D]; caches: [N, bs, Hkv, D]
+                meta: AttentionMetadata, k_new: torch.Tensor | None = None,
+                v_new: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, Hq, D]; caches: [N, bs, Hkv, D]; k_new/v_new: this step's keys/values [T, Hkv, D]
         t, hq, d = q.shape
         hkv = k_cache.shape[2]
         dtype = self.compute_dtype or q.dtype
+        if meta.kind == "fresh" and k_new is not None:
+            # A whole prompt on an empty cache: plain causal attention over the new keys, no gather.
+            out = F.scaled_dot_product_attention(
+                q.to(dtype).transpose(0, 1), k_new.to(dtype).transpose(0, 1), v_new.to(dtype).transpose(0, 1),
+                is_causal=True, scale=self.scale, enable_gqa=hq != hkv)  # [Hq, T, D]
+            return out.transpose(0, 1).to(q.dtype)
+        if meta.kind == "decode":
+            # One query per sequence: no query padding; a mask only when context lengths differ.
+            k = k_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)  # [B, Lmax, Hkv, D]
+            v = v_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)
+            mask = None if t == 1 else meta.mask
+            out = F.scaled_dot_product_attention(
+                q.to(dtype).unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                scale=self.scale, enable_gqa=hq != hkv)  # [B, Hq, 1, D]
+            return out.squeeze(2).to(q.dtype)
         k = k_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)  # [B, Lmax, Hkv, D]
         v = v_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]

@@ -46,16 +46,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * mscale), persistent=False)
         self.register_buffer("sin", (freqs.sin() * mscale), persistent=False)
 
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for this step's positions, looked up once and shared by every layer: [T, 1, D/2]."""
+        # The table is fp32 (as transformers computes it) and cast to the activation dtype for the multiply.
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, Hq, D], k: [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin = self.table(positions, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Computed in fp32 like transformers (cos/sin in fp32, cast to activation dtype before the multiply).
-    dtype = x.dtype
-    cos, sin = cos.to(dtype), sin.to(dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D] with D = 2 halves paired NeoX-style (element i with i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

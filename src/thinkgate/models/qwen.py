@@ -14,7 +14,7 @@ from torch import nn
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
 from thinkgate.layers.moe import grouped_moe, reference_moe, route
 from thinkgate.layers.norm import RMSNorm
-from thinkgate.layers.rotary import RotaryEmbedding
+from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
 from thinkgate.models.config import ModelConfig
 
 
@@ -27,7 +27,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq+2Hkv)*D]
@@ -37,9 +37,9 @@ class Attention(nn.Module):
         v = v.view(t, self.nkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        o = backend.forward(q, kv[0], kv[1], meta)  # [T, Hq, D]
+        o = backend.forward(q, kv[0], kv[1], meta, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.nq * self.d))
 
 
@@ -78,8 +78,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, rope, kv, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, meta, backend)
+    def forward(self, x, rope, kv, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -101,8 +101,9 @@ class QwenForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, H]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.table(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rope, kv, meta, self.attn_backend)
+            x = layer(x, rope, kv, meta, self.attn_backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
