@@ -62,7 +62,10 @@ class Sampler:
                               accumulate=True)
         for i, row in enumerate(rows):
             if row.allowed_mask is not None:
-                logits[i].masked_fill_(~row.allowed_mask[: logits.shape[1]], NEG_INF)
+                allowed = row.allowed_mask[: logits.shape[1]].to(logits.device, non_blocking=True)
+                if allowed.shape[0] < logits.shape[1]:  # padded vocabulary rows are never allowed
+                    logits[i, allowed.shape[0]:] = NEG_INF
+                logits[i, : allowed.shape[0]].masked_fill_(~allowed, NEG_INF)
             if row.banned_ids:
                 logits[i, row.banned_ids] = NEG_INF
 
