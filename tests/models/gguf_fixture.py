@@ -1,15 +1,12 @@
-"""Write a small GGUF file (llama.cpp names and metadata) from one of our HF checkpoints, and turn any
-GGUF back into a HF directory of its dequantized weights for transformers to compare against."""
+"""Write a small GGUF file (llama.cpp names and metadata) from one of our HF checkpoints."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 HF_TO_GGUF = [
@@ -85,22 +82,4 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", arch: str | None = 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
-
-
-def gguf_to_hf_dir(gguf_path: Path, out: Path, tokenizer_src: Path | None = None) -> Path:
-    """Dequantize every tensor of a GGUF into a HF checkpoint dir (transformers' reference copy)."""
-    from thinkgate.models.gguf_file import GGUFModel
-
-    g = GGUFModel(gguf_path)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = g.hf_config()
-    cfg["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg))
-    get = g.tensor_getter()
-    tensors = {n: get(n).numpy() for n in g.tensor_names()}
-    save_file(tensors, str(out / "model.safetensors"))
-    if tokenizer_src is not None:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tokenizer_src / f, out / f)
     return out

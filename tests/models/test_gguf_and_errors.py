@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from tests.models.gguf_fixture import gguf_to_hf_dir, write_gguf
+from tests.models.gguf_fixture import write_gguf
 from thinkgate.models.config import UnsupportedModelError
+from thinkgate.models.gguf_export import gguf_to_hf_dir
 from thinkgate.models.hub import ModelNotFoundError
 from thinkgate.models.loader import load_model
 from thinkgate.models.weights import CheckpointError
