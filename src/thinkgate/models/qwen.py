@@ -30,14 +30,12 @@ class Attention(nn.Module):
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq+2Hkv)*D]
-        q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q = q.view(t, self.nq, self.d)
-        k = k.view(t, self.nkv, self.d)
-        v = v.view(t, self.nkv, self.d)
+        qkv = self.qkv_proj(x).view(t, self.nq + 2 * self.nkv, self.d)  # [T, Hq+2Hkv, D]
+        qk, v = qkv[:, : self.nq + self.nkv], qkv[:, self.nq + self.nkv:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = torch.cat([self.q_norm(qk[:, : self.nq]), self.k_norm(qk[:, self.nq:])], dim=1)
+        qk = apply_rotary(qk, *rope)  # q and k heads rotate together: one set of ops, not two
+        q, k = qk[:, : self.nq], qk[:, self.nq:]
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         o = backend.forward(q, kv[0], kv[1], meta, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.nq * self.d))
