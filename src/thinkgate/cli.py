@@ -28,7 +28,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization of linear layers for CPU decode (auto: int8 on CPU in bf16)")
+                   help="weight-only quantization of linear layers for CPU decode (auto: int4 on CPU in bf16)")
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--log-level", default="info")
@@ -60,9 +60,9 @@ def build_app(args):
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
     )
-    engine = LLMEngine.from_config(ecfg)
-    model_id = args.served_model_name or model_id_for(args.model, engine.loaded.name)
-    provider = LocalProvider(AsyncEngine(engine), model_id)
+    async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
+    model_id = args.served_model_name or model_id_for(args.model, async_engine.engine.loaded.name)
+    provider = LocalProvider(async_engine, model_id)
     scfg = ServerConfig(host=args.host, port=args.port, no_auth=args.no_auth)
     return create_app({model_id: provider}, scfg), model_id
 

@@ -19,7 +19,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; default: a fraction of free memory
     kv_cache_fraction: float = 0.25  # of free memory (CPU) or of total memory (GPU) when not set in bytes
     enable_prefix_caching: bool = True
-    # Weight-only quantization of the linear layers for CPU decode: auto = int8 on CPU with bf16, else none.
+    # Weight-only quantization of the linear layers for CPU decode: auto = int4 on CPU with bf16, else none.
     weight_quant: str = "auto"  # auto | none | int8 | int4
     head_quant: str = "auto"  # the output projection: auto (= weight_quant) | none | int8 | int4
     max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others

@@ -70,7 +70,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
 
 def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype) -> str:
     if mode == "auto":
-        return "int8" if dev.type == "cpu" and dtype == torch.bfloat16 else "none"
+        # int4 groups of 32 read a quarter of bf16's bytes: the fastest CPU decode (int8 keeps more accuracy).
+        return "int4" if dev.type == "cpu" and dtype == torch.bfloat16 else "none"
     if mode not in ("none", "int8", "int4"):
         raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8 or int4")
     if mode != "none" and dev.type != "cpu":
@@ -180,9 +181,15 @@ def _load_random(spec: str, dtype, dev, max_model_len) -> LoadedModel:
                                special_ids=frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special))
     cfg = ModelConfig.from_hf(hf_config(arch, preset, tokenizer.vocab_size, "bfloat16"))
     n_pos = max_model_len or cfg.max_position_embeddings
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 30B model never exists in fp32 on device
+    try:
+        with torch.device(dev):
+            torch.manual_seed(0)
+            model = QwenForCausalLM(cfg, max_positions=max(n_pos, 1))
+    finally:
+        torch.set_default_dtype(previous)
     with torch.device(dev):
-        torch.manual_seed(0)
-        model = QwenForCausalLM(cfg, max_positions=max(n_pos, 1)).to(dtype)
         for name, p in model.named_parameters():
             with torch.no_grad():
                 if name.endswith("norm.weight"):
