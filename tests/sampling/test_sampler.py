@@ -241,3 +241,29 @@ def test_invalid_params_name_the_parameter(kw, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kw)
     assert e.value.param == param and param in e.value.message
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.01])  # peaked: nucleus inside the candidates; flat: full-sort fallback
+def test_top_p_samples_stay_in_the_numpy_nucleus(scale):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 5000, generator=g) * scale
+    p = np_softmax(logits[0].numpy())
+    order = np.argsort(-p)
+    n = int(np.searchsorted(np.cumsum(p[order]), 0.8) + 1)
+    nucleus = set(order[:n].tolist())
+    rows = [_row(temperature=1.0, top_p=0.8) for _ in range(400)]
+    torch.manual_seed(5)
+    res = Sampler(5000, 5000)(logits.expand(400, -1).contiguous(), rows)
+    assert set(res.token_ids) <= nucleus
+    assert len(set(res.token_ids)) > 1
+
+
+def test_top_k_path_matches_filter_semantics():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 3000, generator=g) * 3
+    rows = [_row(temperature=0.8, top_k=7, top_p=0.7, min_p=0.1) for _ in range(300)]
+    expect = filter_min_p(filter_top_p(filter_top_k(logits / 0.8, torch.tensor([7])), torch.tensor([0.7])),
+                          torch.tensor([0.1]))
+    torch.manual_seed(6)
+    res = Sampler(3000, 3000)(logits.expand(300, -1).contiguous(), rows)
+    assert set(res.token_ids) <= kept(expect)

@@ -14,6 +14,7 @@ import torch
 from thinkgate.sampling.params import SamplingParams
 
 NEG_INF = float("-inf")
+NUCLEUS_CANDIDATES = 1024  # tokens looked at first for top_p without top_k (falls back to a full sort)
 
 
 @dataclass
@@ -70,40 +71,108 @@ class Sampler:
                 logits[i, row.banned_ids] = NEG_INF
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-        b, v = logits.shape
+        """Only tokens already seen are touched, so the cost follows the history, not the vocabulary."""
         dev = logits.device
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=dev)
-        pres = torch.tensor([r.params.presence_penalty for r in rows], device=dev)
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)
-        if bool((freq != 0).any() or (pres != 0).any()):
-            counts = _counts([r.output_ids for r in rows], b, v, dev)  # generated tokens only
-            logits -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
-        if bool((rep != 1).any()):
-            seen = _counts([r.prompt_ids + r.output_ids for r in rows], b, v, dev) > 0
-            penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
-            logits.copy_(torch.where(seen, penalised, logits))
+        v = logits.shape[1]
+        freq = [r.params.frequency_penalty for r in rows]
+        pres = [r.params.presence_penalty for r in rows]
+        rep = [r.params.repetition_penalty for r in rows]
+        active = [i for i in range(len(rows)) if freq[i] or pres[i]]
+        if active:  # frequency/presence count generated tokens only
+            r_idx, t_idx, counts = _seen(logits, [rows[i].output_ids for i in active], active, v)
+            f = torch.tensor(freq, device=dev, dtype=logits.dtype)[r_idx]
+            pr = torch.tensor(pres, device=dev, dtype=logits.dtype)[r_idx]
+            logits.index_put_((r_idx, t_idx), -(f * counts + pr), accumulate=True)
+        active = [i for i in range(len(rows)) if rep[i] != 1]
+        if active:  # repetition counts prompt and generated tokens (CTRL rule)
+            r_idx, t_idx, _ = _seen(logits, [rows[i].prompt_ids + rows[i].output_ids for i in active], active, v)
+            x = logits[r_idx, t_idx]
+            r = torch.tensor(rep, device=dev, dtype=logits.dtype)[r_idx]
+            logits[r_idx, t_idx] = torch.where(x > 0, x / r, x * r)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = logits.device
         temp = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=logits.dtype)
         greedy = temp == 0
-        greedy_tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
         if bool(greedy.all()):
-            return greedy_tokens
+            return tokens
         logits = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
-        logits = filter_top_k(logits, torch.tensor([r.params.top_k for r in rows], device=dev))
-        logits = filter_top_p(logits, torch.tensor([r.params.top_p for r in rows], device=dev, dtype=logits.dtype))
-        logits = filter_min_p(logits, torch.tensor([r.params.min_p for r in rows], device=dev, dtype=logits.dtype))
-        logits = filter_top_a(logits, torch.tensor([r.params.top_a for r in rows], device=dev, dtype=logits.dtype))
-        probs = torch.softmax(logits, dim=-1)
-        # Exponential race (Gumbel-max in disguise): argmax(p / E), E ~ Exp(1), samples from p. Seeded
-        # rows draw E from their own generator so the batch they share doesn't change their tokens.
+        vocab = logits.shape[1]
+        topk_rows = [i for i, r in enumerate(rows) if not greedy[i] and 0 < r.params.top_k < vocab]
+        full_rows = [i for i, r in enumerate(rows) if not greedy[i] and not 0 < r.params.top_k < vocab]
+        if topk_rows:
+            idx = torch.tensor(topk_rows, device=dev)
+            tokens[idx] = self._sample_top_k(logits[idx], [rows[i] for i in topk_rows])
+        if full_rows:
+            idx = torch.tensor(full_rows, device=dev)
+            tokens[idx] = self._sample_full(logits[idx], [rows[i] for i in full_rows])
+        return tokens
+
+    def _sample_top_k(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Rows with a top_k: after top_k only the k best tokens can survive, so the later filters and the
+        draw run over those candidates instead of the whole vocabulary (same result, far less work)."""
+        dev = logits.device
+        k = torch.tensor([r.params.top_k for r in rows], device=dev)
+        vals, cand = logits.topk(int(k.max()), dim=-1)  # [B, K], sorted best first
+        pos = torch.arange(vals.shape[1], device=dev)
+        vals = vals.masked_fill(pos[None, :] >= k[:, None], NEG_INF)
+        vals = self._filters(vals, rows)
+        return cand.gather(1, self._draw(torch.softmax(vals, dim=-1), rows, k.tolist())[:, None]).squeeze(1)
+
+    def _sample_full(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        dev = logits.device
+        b, vocab = logits.shape
+        tokens = torch.empty(b, dtype=torch.long, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        top_p = torch.tensor([r.params.top_p for r in rows], device=dev, dtype=logits.dtype)
+        nucleus = [i for i in range(b) if rows[i].params.top_p < 1]
+        if nucleus and NUCLEUS_CANDIDATES < vocab:
+            # The nucleus is a prefix of the sorted distribution: when the best C tokens already hold top_p
+            # of the mass, sorting the rest of the vocabulary cannot change the result.
+            idx = torch.tensor(nucleus, device=dev)
+            sub, p = logits[idx], top_p[idx]
+            vals, cand = sub.topk(NUCLEUS_CANDIDATES, dim=-1)
+            probs = torch.softmax(sub, dim=-1).gather(1, cand)  # normalised over the whole vocabulary
+            before = probs.cumsum(dim=-1) - probs
+            drop = before >= p[:, None]
+            drop[:, 0] = False
+            vals = vals.masked_fill(drop, NEG_INF)
+            sub_rows = [rows[i] for i in nucleus]
+            dt = vals.dtype
+            vals = filter_min_p(vals, torch.tensor([r.params.min_p for r in sub_rows], device=dev, dtype=dt))
+            vals = filter_top_a(vals, torch.tensor([r.params.top_a for r in sub_rows], device=dev, dtype=dt))
+            picked = self._draw(torch.softmax(vals, dim=-1), sub_rows, [NUCLEUS_CANDIDATES] * len(sub_rows))
+            fits = probs.sum(dim=-1) >= p
+            tokens[idx[fits]] = cand.gather(1, picked[:, None]).squeeze(1)[fits]
+            done[idx[fits]] = True
+        rest = [i for i in range(b) if not done[i]]
+        if rest:
+            idx = torch.tensor(rest, device=dev)
+            sub_rows = [rows[i] for i in rest]
+            sub = self._filters(logits[idx], sub_rows)
+            tokens[idx] = self._draw(torch.softmax(sub, dim=-1), sub_rows, [vocab] * len(rest))
+        return tokens
+
+    @staticmethod
+    def _filters(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        dev, dt = logits.device, logits.dtype
+        logits = filter_top_p(logits, torch.tensor([r.params.top_p for r in rows], device=dev, dtype=dt))
+        logits = filter_min_p(logits, torch.tensor([r.params.min_p for r in rows], device=dev, dtype=dt))
+        return filter_top_a(logits, torch.tensor([r.params.top_a for r in rows], device=dev, dtype=dt))
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, rows: list[SamplingRow], widths: list[int]) -> torch.Tensor:
+        """Exponential race (Gumbel-max in disguise): argmax(p / E), E ~ Exp(1), samples from p.
+
+        A seeded row draws exactly `width` values (its own candidate count) from its own generator, so
+        neither the batch it shares nor the other rows' settings change its tokens."""
         noise = torch.empty_like(probs).exponential_()
         for i, row in enumerate(rows):
-            if row.generator is not None and not greedy[i]:
-                noise[i] = torch.empty(probs.shape[1], device=dev).exponential_(generator=row.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, greedy_tokens, sampled)
+            if row.generator is not None:
+                w = widths[i]
+                noise[i, :w] = torch.empty(w, device=probs.device).exponential_(generator=row.generator)
+        return (probs / noise).argmax(dim=-1)
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         ids = tokens.tolist()
@@ -121,13 +190,14 @@ class Sampler:
         return SampleResult(ids, chosen, tops)
 
 
-def _counts(seqs: list[list[int]], b: int, v: int, dev) -> torch.Tensor:
-    counts = torch.zeros(b, v, device=dev)
-    for i, s in enumerate(seqs):
-        if s:
-            t = torch.tensor(s, device=dev)
-            counts[i].index_add_(0, t[t < v], torch.ones(int((t < v).sum()), device=dev))
-    return counts
+def _seen(logits: torch.Tensor, seqs: list[list[int]], row_ids: list[int], v: int):
+    """(row, token, count) for every distinct token in each sequence, as flat tensors."""
+    keys = [r * v + t for r, seq in zip(row_ids, seqs, strict=True) for t in seq if 0 <= t < v]
+    if not keys:
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+        return empty, empty, empty.to(logits.dtype)
+    uniq, counts = torch.tensor(keys, device=logits.device).unique(return_counts=True)
+    return uniq // v, uniq % v, counts.to(logits.dtype)
 
 
 def filter_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
