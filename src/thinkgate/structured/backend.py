@@ -52,4 +52,4 @@ def make_backend(tokenizer, eos_ids: list[int], name: str = "llguidance") -> Gra
         from thinkgate.structured.llguidance_backend import LLGuidanceBackend
 
         return LLGuidanceBackend(tokenizer, eos_ids)
-    raise ValueError(f"unknown grammar backend {name!r}")
+    raise ValueError(f"unknown grammar backend {name!r}; available: llguidance")
