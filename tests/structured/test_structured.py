@@ -16,6 +16,17 @@ def check(schema: dict, text: str) -> None:
     v.validate(json.loads(text))
 
 
+def run_all(eng) -> tuple[dict, dict]:
+    """Step the engine until idle; return each request's text and finish reason."""
+    texts, reasons = {}, {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            texts[o.request_id] = texts.get(o.request_id, "") + o.text
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason.value
+    return texts, reasons
+
+
 def test_corpus_is_large_enough():
     assert len(CORPUS) >= 60
 
@@ -27,12 +38,7 @@ def test_every_finished_answer_validates_at_temperature_1(engine_factory):
     for i, schema in enumerate(CORPUS):
         eng.add_request(f"s{i}", prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=300),
                         grammar=backend.json_schema(schema))
-    texts, reasons = {}, {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            texts[o.request_id] = texts.get(o.request_id, "") + o.text
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason.value
+    texts, reasons = run_all(eng)
     finished = [i for i in range(len(CORPUS)) if reasons[f"s{i}"] in ("grammar", "eos")]
     assert len(finished) >= 50, reasons  # most finish well inside the budget
     for i in finished:
@@ -148,12 +154,7 @@ def test_real_model_person_records(default_gguf):
     for i, schema in enumerate(PERSON_SCHEMAS):
         eng.add_request(f"p{i}", prompt, SamplingParams(temperature=0, max_tokens=120),
                         grammar=backend.json_schema(schema))
-    texts, reasons = {}, {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            texts[o.request_id] = texts.get(o.request_id, "") + o.text
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason.value
+    texts, reasons = run_all(eng)
     for i, schema in enumerate(PERSON_SCHEMAS):
         assert reasons[f"p{i}"] in ("grammar", "eos"), (i, reasons[f"p{i}"], texts[f"p{i}"])
         check(schema, texts[f"p{i}"])

@@ -57,37 +57,10 @@ def decode_call(body: str) -> ParsedToolCall | None:
     return ParsedToolCall(obj["name"], _raw_arguments(body) or json.dumps(args, ensure_ascii=False))
 
 
-def _raw_arguments(body: str) -> str | None:
-    """The exact text of the top-level "arguments" object value, if the body has one."""
-    depth, i, in_str, esc, key_start, last_key = 0, 0, False, False, -1, None
-    while i < len(body):
-        ch = body[i]
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-                if depth == 1:
-                    last_key = body[key_start:i + 1]
-        elif ch == '"':
-            in_str, key_start = True, i
-        elif ch in "{[":
-            if depth == 1 and ch == "{" and last_key == '"arguments"':
-                end = _match_close(body, i)
-                return body[i:end] if end else None
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == "," and depth == 1:
-            last_key = None
-        i += 1
-    return None
-
-
-def _match_close(text: str, start: int) -> int | None:
-    depth, in_str, esc = 0, False, False
+def _tokens(text: str, start: int = 0):
+    """(index, char) for every JSON structural character from `start` on; a string yields its closing
+    quote as (index, '"', string_start), so callers see keys without re-scanning escapes."""
+    in_str, esc, str_start = False, False, -1
     for i in range(start, len(text)):
         ch = text[i]
         if in_str:
@@ -97,9 +70,37 @@ def _match_close(text: str, start: int) -> int | None:
                 esc = True
             elif ch == '"':
                 in_str = False
+                yield i, '"', str_start
         elif ch == '"':
-            in_str = True
+            in_str, str_start = True, i
+        elif ch in "{}[],":
+            yield i, ch, -1
+
+
+def _raw_arguments(body: str) -> str | None:
+    """The exact text of the top-level "arguments" object value, if the body has one."""
+    depth, last_key = 0, None
+    for i, ch, str_start in _tokens(body):
+        if ch == '"':
+            if depth == 1:
+                last_key = body[str_start:i + 1]
         elif ch in "{[":
+            if depth == 1 and ch == "{" and last_key == '"arguments"':
+                end = _match_close(body, i)
+                return body[i:end] if end else None
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            last_key = None
+    return None
+
+
+def _match_close(text: str, start: int) -> int | None:
+    """End (exclusive) of the JSON object or array that opens at `start`."""
+    depth = 0
+    for i, ch, _ in _tokens(text, start):
+        if ch in "{[":
             depth += 1
         elif ch in "}]":
             depth -= 1
