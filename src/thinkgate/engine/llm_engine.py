@@ -28,7 +28,9 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.eos_ids = set(loaded.eos_token_ids)
         model = loaded.model
-        dtype = next(model.parameters()).dtype
+        # The cache holds K/V in the dtype attention computes in (fp32 for bf16 models on CPU), so decode
+        # does not convert the whole context on every layer of every step.
+        dtype = model.attn_backend.compute_dtype or next(model.parameters()).dtype
         per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, dtype)
         num_blocks = self._num_blocks(per_block, next(model.parameters()).device)
         ctx = config.max_model_len or model.cfg.max_position_embeddings
