@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -163,9 +164,7 @@ async def collect_unless_disconnected(request: Request, stream: AsyncIterator[di
                 task.cancel()
                 return None
     finally:
-        if not task.done():
-            task.cancel()
-        await stream.aclose() if hasattr(stream, "aclose") else None
+        await _close(task, stream)
 
 
 async def sse(stream: AsyncIterator[dict], keepalive_s: float) -> AsyncIterator[bytes]:
@@ -195,6 +194,20 @@ async def sse(stream: AsyncIterator[dict], keepalive_s: float) -> AsyncIterator[
             nxt = asyncio.ensure_future(it.__anext__())
         yield b"data: [DONE]\n\n"
     finally:
-        if not nxt.done():
-            nxt.cancel()
-        await it.aclose()
+        await _close(nxt, it)
+
+
+async def _close(pending: asyncio.Future, stream) -> None:
+    """Stop a half-consumed chunk stream: cancel the pending step, wait for it, then close the generator
+    (closing a generator whose step is still running fails). Shielded, because this runs while the client
+    disconnect is cancelling the request, and it is what aborts the engine request."""
+    with anyio.CancelScope(shield=True):
+        if not pending.done():
+            pending.cancel()
+        try:
+            await pending
+        except BaseException:  # noqa: BLE001 - cancelled, finished or failed: all we need is that it stopped
+            pass
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
