@@ -160,7 +160,8 @@ class LocalProvider:
                     "model": self.model_id, "choices": choices, **extra}
 
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(i, prep, completion_id, queue)) for i in range(prep.n)]
+        prefilled = asyncio.Event()  # choice 0 has its prompt in the cache: the others reuse it
+        tasks = [asyncio.create_task(self._pump(i, prep, completion_id, queue, prefilled)) for i in range(prep.n)]
         choices = [ChoiceStream(i, prep.mode, prep.show_reasoning, prep.tools) for i in range(prep.n)]
         last: list[RequestOutput | None] = [None] * prep.n
         try:
@@ -191,19 +192,29 @@ class LocalProvider:
             for t in tasks:
                 t.cancel()
 
-    async def _pump(self, i: int, prep: Prepared, completion_id: str, queue: asyncio.Queue) -> None:
+    async def _pump(self, i: int, prep: Prepared, completion_id: str, queue: asyncio.Queue,
+                    prefilled: asyncio.Event) -> None:
         params = prep.params
         if prep.n > 1 and params.seed is not None:
             params = replace(params, seed=params.seed + i)  # independent choices, still reproducible
         grammar = prep.grammars[i] if prep.grammars else None
         try:
+            if i > 0:
+                # Start after choice 0's prefill, so the prompt is computed once and shared through the
+                # prefix cache instead of n times in the same step.
+                await prefilled.wait()
             async for out in self.engine.generate(f"{completion_id}-{i}", prep.prompt_ids, params,
                                                   reasoning_open=prep.mode == "open", grammar=grammar):
+                if i == 0:
+                    prefilled.set()
                 queue.put_nowait((i, out))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # surfaces in the consumer
             queue.put_nowait((i, e))
+        finally:
+            if i == 0:
+                prefilled.set()
 
     def _logprobs(self, out: RequestOutput) -> dict | None:
         entries = []
