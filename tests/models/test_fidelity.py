@@ -122,3 +122,14 @@ def test_weight_only_quantized_linears_stay_close(checkpoints):
     for q, tol in ((q8, 0.02), (q4, 0.2)):
         one = _our_logits(q, ids[:1])  # 1 token: the quantized kernels run (larger batches use the dense copy)
         assert (one - ref[:1]).abs().max().item() < tol * ref.abs().max().item() + 0.02
+
+
+def test_int4_skips_shapes_the_kernel_cannot_pack(checkpoints):
+    from torch import nn
+
+    from thinkgate.layers.linear import Int4Linear
+
+    lm = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="auto")
+    assert isinstance(lm.model.layers[0].mlp.gate_up_proj, Int4Linear)  # auto = int4 on a bf16 CPU model
+    assert type(lm.model.lm_head) is nn.Linear  # 1,026 output rows: not a multiple of 16, stays dense
+    assert _our_logits(lm, [5]).isfinite().all()
