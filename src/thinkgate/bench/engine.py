@@ -59,24 +59,18 @@ def profile_step(eng: LLMEngine, steps: int = 32) -> dict:
     eng.step()  # prefill
     runner = eng.runner
     model_time = [0.0]
-    orig = runner.model.forward
 
-    def timed(*a, **k):
-        t = time.perf_counter()
-        out = orig(*a, **k)
-        model_time[0] += time.perf_counter() - t
-        return out
+    def timed(fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            model_time[0] += time.perf_counter() - t
+            return out
 
-    runner.model.forward = timed
-    logits_fn = runner.model.compute_logits
+        return wrapper
 
-    def timed_logits(*a, **k):
-        t = time.perf_counter()
-        out = logits_fn(*a, **k)
-        model_time[0] += time.perf_counter() - t
-        return out
-
-    runner.model.compute_logits = timed_logits
+    orig, logits_fn = runner.model.forward, runner.model.compute_logits
+    runner.model.forward, runner.model.compute_logits = timed(orig), timed(logits_fn)
     t0 = time.perf_counter()
     n = 0
     while eng.has_unfinished():
