@@ -31,6 +31,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of linear layers for CPU decode (auto: int4 on CPU in bf16)")
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
+    p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
     p.add_argument("--log-level", default="info")
 
 
@@ -59,6 +60,7 @@ def build_app(args):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
+        enforce_eager=args.enforce_eager,
     )
     async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
     model_id = args.served_model_name or model_id_for(args.model, async_engine.engine.loaded.name)

@@ -23,6 +23,8 @@ class EngineConfig:
     weight_quant: str = "auto"  # auto | none | int8 | int4
     head_quant: str = "auto"  # the output projection: auto (= weight_quant) | none | int8 | int4
     max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others
+    # GPU: decode runs as captured CUDA graphs unless this is set (like vLLM's --enforce-eager).
+    enforce_eager: bool = False
 
 
 @dataclass(frozen=True)

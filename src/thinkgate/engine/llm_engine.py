@@ -10,10 +10,11 @@ import torch
 from thinkgate.config import EngineConfig
 from thinkgate.engine.block_manager import BlockManager
 from thinkgate.engine.detokenizer import IncrementalDetokenizer
-from thinkgate.engine.model_runner import ModelRunner
+from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
 from thinkgate.engine.scheduler import Scheduler
 from thinkgate.errors import InvalidRequestError
+from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.loader import LoadedModel, load_model
 from thinkgate.sampling.params import SamplingParams
 from thinkgate.sampling.sampler import SamplingRow
@@ -38,6 +39,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, self.tokenizer.vocab_size)
+        if self.runner.device.type == "cuda" and triton_available():
+            # Experts without a grouped matmul (fp32, pre-Hopper) sync with the host each layer: no capture.
+            capturable = model.cfg.num_experts == 0 or grouped_mm_supported(self.runner.device, dtype)
+            graphs = "capture" if capturable and not config.enforce_eager else "off"
+            self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, graphs)
         self.seqs: dict[str, Sequence] = {}
         self.think_start = self.tokenizer.token_id("<think>")
         self.think_end = self.tokenizer.token_id("</think>")

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from thinkgate.engine.cuda_graphs import DecodeGraphs
 from thinkgate.engine.scheduler import ScheduledBatch
 from thinkgate.layers.attention import AttentionMetadata
 from thinkgate.models.qwen import QwenForCausalLM
 from thinkgate.sampling.sampler import Sampler, SampleResult, SamplingRow
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class ModelRunner:
@@ -17,10 +26,28 @@ class ModelRunner:
         cfg = model.cfg
         self.device = next(model.parameters()).device
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.num_blocks = num_blocks
+        # One block past the block manager's pool: a scratch block for the padding rows of decode graphs.
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(cfg.num_layers)]
         self.sampler = Sampler(cfg.vocab_size, valid_vocab)
+        self.paged_decode = False
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture") -> None:
+        """Decode through the Triton paged kernel; `graphs`: "capture" (CUDA graphs), "eager" or "off"."""
+        from thinkgate.layers.triton_attention import TritonPagedAttention
+
+        backend = self.model.attn_backend
+        self.model.attn_backend = TritonPagedAttention(backend.scale, backend.compute_dtype)
+        self.paged_decode = True
+        if graphs != "off":
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_batch, max_blocks,
+                                       scratch_block=self.num_blocks)
+            if graphs == "capture":
+                self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -30,6 +57,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> SampleResult | None:
         """Run one step. `rows[i]` is None for a sequence whose prefill chunk does not reach its end."""
+        if self.paged_decode and all(n == 1 for n in batch.num_new):
+            return self._decode(batch, rows)
         ids, pos, q_lens, kv_lens, tables = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             start = seq.num_computed
@@ -48,3 +77,22 @@ class ModelRunner:
             return None
         logits = self.model.compute_logits(hidden[last[want].to(self.device)])  # [B', V]
         return self.sampler(logits, [rows[i] for i in want])
+
+    def _decode(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> SampleResult:
+        """A decode-only step through the paged kernel: a graph replay when the batch fits a bucket."""
+        ids = [seq.all_ids[seq.num_computed] for seq in batch.seqs]
+        pos = [seq.num_computed for seq in batch.seqs]
+        tables = [seq.block_table for seq in batch.seqs]
+        if self.graphs is not None and self.graphs.bucket_for(len(ids)) is not None:
+            logits = self.graphs.run(ids, pos, tables)
+        else:
+            bs, dev = self.block_size, self.device
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)])
+            meta = AttentionMetadata.paged_decode(slots.to(dev), table.to(dev),
+                                                  torch.tensor(pos, dtype=torch.int32).add_(1).to(dev))
+            hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
+            logits = self.model.compute_logits(hidden)
+        # Every row of a decode step ends its sequence's known tokens, so every row samples.
+        return self.sampler(logits, rows)

@@ -19,13 +19,22 @@ class AttentionMetadata:
     """Per-step indexing shared by all layers (built once by the model runner)."""
 
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    kv_slots: torch.Tensor  # [B, Lmax] flat cache slot of each context position (padded)
-    q_index: torch.Tensor  # [B, Qmax] index into the flat token axis (padded with 0)
-    q_valid: torch.Tensor  # [B, Qmax] bool
-    mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
-    token_batch: torch.Tensor  # [T] row in the padded layout of each flat token
-    token_pos: torch.Tensor  # [T] column in the padded layout
+    kv_slots: torch.Tensor | None = None  # [B, Lmax] flat cache slot of each context position (padded)
+    q_index: torch.Tensor | None = None  # [B, Qmax] index into the flat token axis (padded with 0)
+    q_valid: torch.Tensor | None = None  # [B, Qmax] bool
+    mask: torch.Tensor | None = None  # [B, 1, Qmax, Lmax] bool, True = may attend
+    token_batch: torch.Tensor | None = None  # [T] row in the padded layout of each flat token
+    token_pos: torch.Tensor | None = None  # [T] column in the padded layout
     kind: str = "mixed"  # "decode" (one query per sequence), "fresh" (one prompt, empty cache) or "mixed"
+    # Decode as a paged kernel sees it (no gathered copy): block table rows and context lengths, int32.
+    block_tables: torch.Tensor | None = None  # [B, M]
+    context_lens: torch.Tensor | None = None  # [B]
+
+    @classmethod
+    def paged_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor) -> AttentionMetadata:
+        """Decode metadata over fixed-shape tensors (what a captured CUDA graph reads at every replay)."""
+        return cls(slot_mapping=slot_mapping, kind="decode", block_tables=block_tables, context_lens=context_lens)
 
     @classmethod
     def build(cls, q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], block_size: int,

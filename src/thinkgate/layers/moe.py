@@ -1,8 +1,10 @@
 """Qwen3-MoE expert layer: softmax router over all experts (fp32) -> top-k -> optional renorm -> SwiGLU.
 
-`grouped_moe` sorts the (token, expert) pairs by expert and runs one matmul per *active* expert, so the
-work is proportional to the routed tokens. `reference_moe` computes every expert densely and is kept for
-tests.
+`grouped_moe` sorts the (token, expert) pairs by expert so each expert's rows are contiguous. Where torch
+has a grouped matmul for the device and dtype (CPU; Hopper GPUs in bf16) one launch covers every expert,
+with the group offsets on the device: no host sync, so a decode step with experts can be captured in a
+CUDA graph. Elsewhere it falls back to one matmul per *active* expert. Either way the work is proportional
+to the routed tokens. `reference_moe` computes every expert densely and is kept for tests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk: bool, dtype: torch
     return weights.to(dtype), experts
 
 
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether one grouped-matmul launch can run every expert (else a loop with a host sync per layer)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    # The CUDA kernel exists for Hopper (sm90) and later, bf16 only.
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    return grouped_mm_supported(x.device, x.dtype)
+
+
 def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
     """x: [T, H]; weights/experts: [T, K]; w13: [E, 2I, H]; w2: [E, H, I]."""
@@ -26,8 +42,16 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w
     flat_expert = experts.reshape(-1)  # [T*K]
     order = torch.argsort(flat_expert, stable=True)
     token_of = order // k  # token index of each sorted pair
-    counts = torch.bincount(flat_expert, minlength=w13.shape[0]).tolist()
     xs = x[token_of]  # [T*K, H]
+    if _has_grouped_mm(x):
+        counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's group
+        gate, up = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        out_sorted = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+        out_sorted = out_sorted * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out_sorted)
+    counts = torch.bincount(flat_expert, minlength=w13.shape[0]).tolist()
     out_sorted = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):

@@ -1,0 +1,123 @@
+"""The GPU benchmark, one prepared script (run by benchmarks/gpu.sh on a lent H100/H200).
+
+Random weights in real shapes built in device memory (no files), bf16, greedy, 128 prompt + 128 output
+tokens. For each shape: start-up (load + graph capture), engine decode tok/s per batch size, and where the
+step's time goes (graph replay alone vs the whole step). transformers' eager `generate` on the same shapes
+runs in the same process as the peer. Results go to $OUT/gpu_results.json as they come.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+OUT = os.environ.get("OUT", ".")
+RESULTS: dict = {}
+T_START = time.time()
+
+
+def save():
+    with open(os.path.join(OUT, "gpu_results.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def replay_ms(eng, bs: int, reps: int = 50) -> float:
+    graph, _ = eng.runner.graphs.graphs[bs]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def ours(spec: str, batches: list[int], max_num_seqs: int, kv_gib: int, repeats: int, eager: bool = False):
+    from thinkgate.bench.engine import bench_engine
+    from thinkgate.config import EngineConfig
+    from thinkgate.engine.llm_engine import LLMEngine
+
+    key = spec + (" (eager)" if eager else "")
+    t = time.time()
+    eng = LLMEngine.from_config(EngineConfig(model=spec, dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
+                                             enable_prefix_caching=False, max_model_len=4096,
+                                             kv_cache_memory=kv_gib * 2**30, enforce_eager=eager))
+    torch.cuda.synchronize()
+    startup = time.time() - t
+    print(f"{key}: start-up {startup:.1f} s", flush=True)
+    res = bench_engine(spec, batches, 128, 128, repeats=repeats, engine=eng)
+    entry = {"startup_s": startup, "runs": res}
+    if eng.runner.graphs is not None:
+        entry["replay_ms"] = {b: replay_ms(eng, b) for b in batches if b in eng.runner.graphs.graphs}
+        for r in res:
+            b = r["num_seqs"]
+            if b in entry["replay_ms"]:
+                step = 1000 * b / r["decode_tok_s"]
+                r["step_ms"], r["replay_ms"] = step, entry["replay_ms"][b]
+                print(f"  batch {b}: step {step:.2f} ms, graph replay {entry['replay_ms'][b]:.2f} ms "
+                      f"-> host side {step - entry['replay_ms'][b]:.2f} ms", flush=True)
+    entry["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    RESULTS[key] = entry
+    save()
+    del eng
+    torch.cuda.empty_cache()
+
+
+def transformers_eager(preset: str, arch: str, batches: list[int], new_tokens: int = 64):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from thinkgate.models.presets import hf_config
+
+    cfg = hf_config(arch, preset, 151936, "bfloat16")
+    conf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+    entry = {}
+    g = torch.Generator().manual_seed(0)
+    for b in batches:
+        ids = torch.randint(0, 151000, (b, 128), generator=g).cuda()
+        rates = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
+            torch.cuda.synchronize()
+            rates.append(b * new_tokens / (time.perf_counter() - t))
+        entry[b] = statistics.median(rates)
+        print(f"transformers eager {preset} batch {b}: {entry[b]:.1f} tok/s", flush=True)
+    RESULTS[f"transformers-eager {preset}"] = entry
+    save()
+    del model
+    torch.cuda.empty_cache()
+
+
+def main(parts: list[str]):
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    import triton
+
+    RESULTS["triton"] = triton.__version__
+    print(RESULTS, flush=True)
+    if "small" in parts:
+        ours("random:qwen3-0.6b", [1, 32, 64], 64, 8, 3)
+        ours("random:qwen3-0.6b", [1], 1, 4, 1, eager=True)
+    if "hf-small" in parts:
+        transformers_eager("qwen3-0.6b", "qwen3", [1, 32])
+    if "moe" in parts:
+        ours("random:qwen3-30b-a3b", [1, 32], 32, 8, 2)
+    if "hf-moe" in parts and time.time() - T_START < 300:
+        transformers_eager("qwen3-30b-a3b", "qwen3_moe", [32], new_tokens=32)
+    print(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["small", "hf-small", "moe", "hf-moe"])
