@@ -39,21 +39,57 @@ def replay_ms(eng, bs: int, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
-def ours(spec: str, batches: list[int], max_num_seqs: int, kv_gib: int, repeats: int, eager: bool = False):
+def breakdown(eng, b: int) -> dict:
+    """Where a decode step's time goes at batch b: graph run (buffers + replay), sampler, the rest."""
+    from thinkgate.bench.engine import bench_engine
+
+    spent = {"graph_run_ms": 0.0, "sampler_ms": 0.0}
+    graphs, sampler = eng.runner.graphs, eng.runner.sampler
+    orig_run, orig_sample = graphs.run, sampler.__call__
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            spent[key] += 1000 * (time.perf_counter() - t)
+            return out
+        return wrapper
+
+    graphs.run = timed("graph_run_ms", orig_run)
+    eng.runner.sampler = timed("sampler_ms", orig_sample)
+    try:
+        r = bench_engine("", [b], 128, 128, repeats=1, engine=eng)[0]
+    finally:
+        graphs.run, eng.runner.sampler = orig_run, sampler
+    steps = 128 + 2  # decode steps plus the prefill ones (which the sampler also sees)
+    res = {k: v / steps for k, v in spent.items()}
+    res["step_ms"] = 1000 * b / r["decode_tok_s"]
+    print(f"  breakdown batch {b}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
+    return res
+
+
+def ours(spec: str, batches: list[int], max_num_seqs: int, kv_gib: int, repeats: int, eager: bool = False,
+         fused: bool = True, breakdown_at: tuple[int, ...] = ()):
     from thinkgate.bench.engine import bench_engine
     from thinkgate.config import EngineConfig
     from thinkgate.engine.llm_engine import LLMEngine
 
-    key = spec + (" (eager)" if eager else "")
+    key = spec + (" (eager)" if eager else "") + ("" if fused else " (unfused)")
     t = time.time()
     eng = LLMEngine.from_config(EngineConfig(model=spec, dtype="bfloat16", device="cuda", max_num_seqs=max_num_seqs,
                                              enable_prefix_caching=False, max_model_len=4096,
-                                             kv_cache_memory=kv_gib * 2**30, enforce_eager=eager))
+                                             kv_cache_memory=kv_gib * 2**30, enforce_eager=eager or not fused))
+    if not fused and not eager:
+        eng.runner.enable_paged_decode(max_num_seqs, eng.max_model_len, "capture", fused=False)
     torch.cuda.synchronize()
     startup = time.time() - t
     print(f"{key}: start-up {startup:.1f} s", flush=True)
     res = bench_engine(spec, batches, 128, 128, repeats=repeats, engine=eng)
     entry = {"startup_s": startup, "runs": res}
+    if breakdown_at:
+        entry["breakdown"] = {b: breakdown(eng, b) for b in breakdown_at}
     if eng.runner.graphs is not None:
         entry["replay_ms"] = {b: replay_ms(eng, b) for b in batches if b in eng.runner.graphs.graphs}
         for r in res:
@@ -108,12 +144,13 @@ def main(parts: list[str]):
     RESULTS["triton"] = triton.__version__
     print(RESULTS, flush=True)
     if "small" in parts:
-        ours("random:qwen3-0.6b", [1, 32, 64], 64, 8, 3)
+        ours("random:qwen3-0.6b", [1, 32, 64, 128], 128, 8, 3, breakdown_at=(1, 32))
+        ours("random:qwen3-0.6b", [1, 32], 32, 4, 1, fused=False)
         ours("random:qwen3-0.6b", [1], 1, 4, 1, eager=True)
     if "hf-small" in parts:
         transformers_eager("qwen3-0.6b", "qwen3", [1, 32])
     if "moe" in parts:
-        ours("random:qwen3-30b-a3b", [1, 32], 32, 8, 2)
+        ours("random:qwen3-30b-a3b", [1, 32, 64], 64, 8, 2, breakdown_at=(32,))
     if "hf-moe" in parts and time.time() - T_START < 300:
         transformers_eager("qwen3-30b-a3b", "qwen3_moe", [32], new_tokens=32)
     print(json.dumps(RESULTS, indent=1))

@@ -66,7 +66,7 @@ def test_decode_buffers_and_kernel_keep_greedy_outputs(kernel_module, engine_fac
     backend = model.attn_backend  # the loaded model is shared by the session's engines: put it back after
     try:
         eng.runner.enable_paged_decode(max_batch=6, max_model_len=eng.max_model_len, graphs="eager")
-        assert type(model.attn_backend).__name__ == "TritonPagedAttention"
+        assert type(model.attn_backend).__name__ == "TritonPagedAttention" and model.fused_kernels
         graphs = eng.runner.graphs
         assert graphs.buckets == [1, 2, 4, 6]
         used = []
@@ -79,4 +79,68 @@ def test_decode_buffers_and_kernel_keep_greedy_outputs(kernel_module, engine_fac
         assert eng.generate(prompts, greedy) == expected
         eng.block_manager.check_integrity([])
     finally:
-        model.attn_backend = backend
+        model.attn_backend, model.fused_kernels = backend, False
+
+
+@pytest.fixture(scope="module")
+def fused():
+    import thinkgate.layers.triton_fused as mod
+
+    return mod
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_with_and_without_residual(fused, dtype):
+    from thinkgate.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(96, generator=g).to(dtype)
+    x, res = torch.randn(5, 96, generator=g).to(dtype), torch.randn(5, 96, generator=g).to(dtype)
+    # bf16: within two units in the last place (the normed value may round the other way, then the weight
+    # multiply rounds again)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=7e-2, rtol=1.6e-2)
+    out, same = fused.rms_norm(x, norm.weight, norm.eps)
+    assert same is x
+    torch.testing.assert_close(out, norm(x), **tol)
+    out, new_res = fused.rms_norm(x, norm.weight, norm.eps, res)
+    torch.testing.assert_close(new_res, x + res, **tol)
+    torch.testing.assert_close(out, norm(x + res), **tol)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_fused_qk_norm_rope_store_matches_the_layer_ops(fused, qk_norm):
+    from thinkgate.layers.attention import write_kv
+    from thinkgate.layers.norm import RMSNorm
+    from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(2)
+    t, nq, nkv, d = 6, 4, 2, 32
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    qn, kn = RMSNorm(d), RMSNorm(d)
+    qn.weight.data, kn.weight.data = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    qkv = torch.randn(t, nq + 2 * nkv, d, generator=g)
+    pos = torch.tensor([0, 5, 9, 33, 34, 63])
+    slots = torch.tensor([3, 17, 0, 8, 30, 12])
+    # reference: the unfused layer ops
+    qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv:]
+    if qk_norm:
+        qk = torch.cat([qn(qk[:, :nq]), kn(qk[:, nq:])], dim=1)
+    qk = apply_rotary(qk, *rope.table(pos, qkv.dtype))
+    kc_ref, vc_ref = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
+    write_kv(kc_ref, vc_ref, qk[:, nq:], v, slots)
+    kc, vc = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
+    got = qkv.clone()
+    fused.qk_norm_rope_store(got, nq, nkv, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6,
+                             rope.cos, rope.sin, pos, slots, kc, vc)
+    torch.testing.assert_close(got[:, : nq + nkv], qk, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, nq + nkv:], v)
+    torch.testing.assert_close(kc, kc_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(vc, vc_ref)
+
+
+def test_fused_silu_mul(fused):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2 * 1500, generator=g)  # two column blocks, the second one partial
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(x), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)

@@ -35,12 +35,15 @@ class ModelRunner:
         self.paged_decode = False
         self.graphs: DecodeGraphs | None = None
 
-    def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture") -> None:
-        """Decode through the Triton paged kernel; `graphs`: "capture" (CUDA graphs), "eager" or "off"."""
+    def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
+                            fused: bool = True) -> None:
+        """Decode through the Triton paged kernel, norms/rotary/SwiGLU through the fused Triton kernels
+        (`fused`); `graphs`: "capture" (CUDA graphs), "eager" (the graphs' fixed buffers, no capture) or "off"."""
         from thinkgate.layers.triton_attention import TritonPagedAttention
 
         backend = self.model.attn_backend
         self.model.attn_backend = TritonPagedAttention(backend.scale, backend.compute_dtype)
+        self.model.fused_kernels = fused
         self.paged_decode = True
         if graphs != "off":
             max_blocks = -(-max_model_len // self.block_size)
