@@ -32,6 +32,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
+    p.add_argument("--grammar-backend", default=e.grammar_backend, choices=["auto", "llguidance", "xgrammar"],
+                   help="structured outputs (auto: xgrammar on a GPU if installed, else llguidance)")
     p.add_argument("--log-level", default="info")
 
 
@@ -55,12 +57,16 @@ def build_app(args):
 
     if args.config or args.db:
         raise SystemExit("--config and --db arrive with the gateway; serve one model with --model for now")
+    from thinkgate.structured.backend import xgrammar_installed
+
+    if args.grammar_backend == "xgrammar" and not xgrammar_installed():
+        raise SystemExit("--grammar-backend xgrammar needs the optional extra: pip install 'thinkgate[xgrammar]'")
     ecfg = EngineConfig(
         model=args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, grammar_backend=args.grammar_backend,
     )
     async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
     model_id = args.served_model_name or model_id_for(args.model, async_engine.engine.loaded.name)

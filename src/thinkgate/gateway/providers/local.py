@@ -15,7 +15,7 @@ from thinkgate.errors import InvalidRequestError
 from thinkgate.gateway.providers.choice_stream import ChoiceStream
 from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
 from thinkgate.sampling.params import SamplingParams
-from thinkgate.structured.backend import GrammarError, make_backend
+from thinkgate.structured.backend import GrammarError, make_backend, resolve_grammar_backend
 
 EFFORT_FRACTION = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 0.95}
 SUPPORTED_PARAMETERS = [
@@ -60,7 +60,9 @@ class LocalProvider:
     @property
     def grammar_backend(self):
         if self._grammar_backend is None:  # building the token trie takes ~1 s for a 151k vocabulary
-            self._grammar_backend = make_backend(self.tokenizer, list(self.engine.engine.eos_ids))
+            engine = self.engine.engine
+            name = resolve_grammar_backend(engine.config.grammar_backend, engine.runner.device.type)
+            self._grammar_backend = make_backend(self.tokenizer, list(engine.eos_ids), name)
         return self._grammar_backend
 
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
