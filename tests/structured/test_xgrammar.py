@@ -3,7 +3,12 @@ enforces loosely is rewritten into something it enforces exactly."""
 
 import pytest
 
-from thinkgate.structured.backend import GrammarError, make_backend, resolve_grammar_backend, xgrammar_installed
+from thinkgate.structured.backend import (
+    GrammarError,
+    make_backend,
+    resolve_grammar_backend,
+    xgrammar_installed,
+)
 
 pytestmark = pytest.mark.skipif(not xgrammar_installed(),
                                 reason="xgrammar is not installed (optional extra thinkgate[xgrammar])")
