@@ -92,11 +92,11 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = logits.device
+        tokens = logits.argmax(dim=-1)
+        if all(r.params.temperature == 0 for r in rows):  # decided on the host: no device round trip
+            return tokens
         temp = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=logits.dtype)
         greedy = temp == 0
-        tokens = logits.argmax(dim=-1)
-        if bool(greedy.all()):
-            return tokens
         logits = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
         vocab = logits.shape[1]
         topk_rows = [i for i, r in enumerate(rows) if not greedy[i] and 0 < r.params.top_k < vocab]
