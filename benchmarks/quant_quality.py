@@ -49,6 +49,7 @@ def logits_along(lm, ids: list[int]) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--modes", default=None, help="comma-separated subset of the mode names' keys, e.g. int4,w8a8")
     args = ap.parse_args()
     gguf = str(pull_default_model())
     ref = load_model(gguf, dtype="bfloat16", device="cpu", weight_quant="none")
@@ -60,7 +61,10 @@ def main() -> None:
         out = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True))[0]
         seqs.append((prompt, out))
     modes = {"bf16 (reference)": ("none", "none"), "int8": ("int8", "int8"), "int8 + int4 head": ("int8", "int4"),
-             "int4": ("int4", "int4"), "int4 + int8 head": ("int4", "int8")}
+             "int4": ("int4", "int4"), "int4 + int8 head": ("int4", "int8"), "w8a8": ("w8a8", "w8a8")}
+    if args.modes:
+        keep = set(args.modes.split(","))
+        modes = {k: v for k, v in modes.items() if k == "bf16 (reference)" or v[0] in keep and v[0] == v[1]}
     ref_lp = None
     for name, (wq, hq) in modes.items():
         lm = ref if wq == "none" else load_model(gguf, dtype="bfloat16", device="cpu", weight_quant=wq, head_quant=hq)

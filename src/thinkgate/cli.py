@@ -27,9 +27,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=e.block_size)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization of linear layers for CPU decode (auto: int4 on CPU in bf16)")
-    p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4"],
+    p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
+                   help="quantized linear layers for CPU decode (auto, on CPU in bf16: mixed = int4 for one-row "
+                        "steps, int8 weights and activations for batched ones)")
+    p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
     p.add_argument("--grammar-backend", default=e.grammar_backend, choices=["auto", "llguidance", "xgrammar"],
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--profile", action="store_true")
-    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4"])
-    be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4"])
+    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
+    be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
     be.set_defaults(fn=cmd_bench_engine)
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()

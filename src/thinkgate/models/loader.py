@@ -70,10 +70,15 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
 
 def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype) -> str:
     if mode == "auto":
-        # int4 groups of 32 read a quarter of bf16's bytes: the fastest CPU decode (int8 keeps more accuracy).
-        return "int4" if dev.type == "cpu" and dtype == torch.bfloat16 else "none"
-    if mode not in ("none", "int8", "int4"):
-        raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8 or int4")
+        # One-row steps in int4 (a quarter of bf16's bytes), batched steps in W8A8 (flat cost in the rows,
+        # more accurate than int4); W8A8 needs fbgemm (x86), else int4 throughout.
+        if dev.type != "cpu" or dtype != torch.bfloat16:
+            return "none"
+        from thinkgate.layers.linear import DynInt8Linear
+
+        return "mixed" if DynInt8Linear.available() else "int4"
+    if mode not in ("none", "int8", "int4", "w8a8", "mixed"):
+        raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8, int4, w8a8 or mixed")
     if mode != "none" and dev.type != "cpu":
         raise ValueError("weight-only int8/int4 kernels are used on CPU only; serve GPUs in bf16")
     return mode
