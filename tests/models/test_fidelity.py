@@ -127,9 +127,32 @@ def test_weight_only_quantized_linears_stay_close(checkpoints):
 def test_int4_skips_shapes_the_kernel_cannot_pack(checkpoints):
     from torch import nn
 
-    from thinkgate.layers.linear import Int4Linear
+    from thinkgate.layers.linear import Int4Linear, MixedLinear
 
-    lm = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="auto")
-    assert isinstance(lm.model.layers[0].mlp.gate_up_proj, Int4Linear)  # auto = int4 on a bf16 CPU model
+    lm = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="int4")
+    assert isinstance(lm.model.layers[0].mlp.gate_up_proj, Int4Linear)
     assert type(lm.model.lm_head) is nn.Linear  # 1,026 output rows: not a multiple of 16, stays dense
     assert _our_logits(lm, [5]).isfinite().all()
+    auto = load_model(str(checkpoints["qwen3"]), dtype="bfloat16", device="cpu", weight_quant="auto")
+    assert isinstance(auto.model.layers[0].mlp.gate_up_proj, MixedLinear)  # auto on a bf16 CPU model (x86)
+    head = auto.model.lm_head
+    assert isinstance(head, MixedLinear) and head.single is None  # no int4 for 1,026 rows: W8A8 for every step
+    assert _our_logits(auto, [5]).isfinite().all()
+
+
+def test_w8a8_and_the_mixed_dispatch():
+    from thinkgate.layers.linear import DynInt8Linear, MixedLinear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(256, 128, generator=g) * 0.05, torch.randn(256, generator=g) * 0.1
+    dense = lambda x: torch.nn.functional.linear(x.float(), w, b)  # noqa: E731
+    q = DynInt8Linear(w, b, keep_dense=False)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+        ref = dense(x)
+        assert ((q(x).float() - ref).norm() / ref.norm()).item() < 0.02
+    mixed = MixedLinear(w, b, keep_dense=True)
+    x1, x4, x20 = (torch.randn(n, 128, generator=g).to(torch.bfloat16) for n in (1, 4, 20))
+    assert torch.equal(mixed(x1), mixed.single(x1))  # one row: int4 weight-only
+    assert torch.equal(mixed(x4), mixed.batched(x4))  # batched decode: int8 weights and activations
+    assert torch.equal(mixed(x20), torch.nn.functional.linear(x20, mixed.dense, mixed.bias))  # prefill: bf16

