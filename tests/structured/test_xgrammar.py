@@ -87,3 +87,37 @@ def test_auto_picks_xgrammar_on_gpu_only():
     assert resolve_grammar_backend("auto", "cpu") == "llguidance"
     with pytest.raises(ValueError, match="outlines"):
         resolve_grammar_backend("outlines", "cpu")
+
+
+@pytest.mark.slow
+def test_server_with_xgrammar_backend(checkpoints):
+    import datetime
+    import json
+
+    import httpx
+
+    from tests.conftest import ServerProcess
+
+    s = ServerProcess(str(checkpoints["qwen3"]), extra=["--kv-cache-memory", str(64 * 2**20),
+                                                        "--grammar-backend", "xgrammar"])
+    try:
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                   "born": {"type": "string", "format": "date"}},
+                  "required": ["name", "born"], "additionalProperties": False}
+        r = s.client().chat.completions.create(
+            model=s.model_id, messages=[{"role": "user", "content": "A person"}], max_tokens=120, temperature=1.0,
+            seed=3, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+            extra_body={"reasoning": {"enabled": False}})
+        assert r.choices[0].finish_reason == "stop"
+        out = json.loads(r.choices[0].message.content)
+        assert set(out) == {"name", "born"} and len(out["name"]) <= 8
+        datetime.date.fromisoformat(out["born"])  # a real calendar day
+        bad = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}
+        resp = httpx.post(s.base + "/v1/chat/completions", timeout=30, json={
+            "model": s.model_id, "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}})
+        assert resp.status_code == 400
+        err = resp.json()["error"]
+        assert err["param"] == "response_format.json_schema" and "multipleOf" in err["message"]
+    finally:
+        s.stop()
