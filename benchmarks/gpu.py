@@ -178,6 +178,34 @@ def transformers_compiled(preset: str, arch: str, batches: list[int], new_tokens
     torch.cuda.empty_cache()
 
 
+def moe_profile(batch: int = 32):
+    """Which kernels a 30B-A3B decode step at `batch` spends its time in (torch profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from thinkgate.config import EngineConfig
+    from thinkgate.engine.llm_engine import LLMEngine
+    from thinkgate.sampling.params import SamplingParams
+
+    eng = LLMEngine.from_config(EngineConfig(model="random:qwen3-30b-a3b", dtype="bfloat16", device="cuda",
+                                             max_num_seqs=batch, enable_prefix_caching=False, max_model_len=4096,
+                                             kv_cache_memory=8 * 2**30))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"p{i}", list(range(100 + i, 228 + i)), params)
+    for _ in range(8):
+        eng.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    print(table, flush=True)
+    with open(os.path.join(OUT, "moe_profile.txt"), "w") as f:
+        f.write(table)
+    del eng
+    torch.cuda.empty_cache()
+
+
 def main(parts: list[str]):
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
@@ -197,6 +225,13 @@ def main(parts: list[str]):
         transformers_eager("qwen3-0.6b", "qwen3", [1, 32])
     if "moe" in parts:
         ours("random:qwen3-30b-a3b", [1, 32, 64], 64, 8, 2, breakdown_at=(32,))
+    if "moe-quick" in parts:
+        ours("random:qwen3-30b-a3b", [1, 32], 32, 8, 2)
+    if "moe-profile" in parts:
+        try:
+            moe_profile()
+        except Exception as e:  # noqa: BLE001 - the profile is a diagnostic; the figures above stand
+            print("profile failed:", repr(e)[:300], flush=True)
     if "hf-moe" in parts and time.time() - T_START < 300:
         transformers_eager("qwen3-30b-a3b", "qwen3_moe", [32], new_tokens=32)
     print(json.dumps(RESULTS, indent=1))
