@@ -40,7 +40,9 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w
     """x: [T, H]; weights/experts: [T, K]; w13: [E, 2I, H]; w2: [E, H, I]."""
     t, k = experts.shape
     flat_expert = experts.reshape(-1)  # [T*K]
-    order = torch.argsort(flat_expert, stable=True)
+    # Grouping needs only contiguity by expert, not a stable order; on CUDA an unstable sort of a few
+    # hundred keys is a bitonic sort (~4 us) instead of a radix sort (~27 us), 48 times a step.
+    order = torch.argsort(flat_expert, stable=not x.is_cuda)
     token_of = order // k  # token index of each sorted pair
     xs = x[token_of]  # [T*K, H]
     if _has_grouped_mm(x):

@@ -41,6 +41,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """logits: [B, V] float32 (raw, unprocessed)."""
+        if all(_plain_greedy(r) for r in rows):
+            # Nothing to transform: the argmax over the real vocabulary, without copying the logits.
+            return SampleResult(logits[:, : self.valid_vocab].argmax(dim=-1).tolist(), None, None)
         raw = logits
         logits = logits.clone()
         if self.valid_vocab < logits.shape[1]:
@@ -188,6 +191,13 @@ class Sampler:
                 n = r.params.top_logprobs
                 tops[i] = list(zip(idx[i, :n].tolist(), vals[i, :n].tolist(), strict=True))
         return SampleResult(ids, chosen, tops)
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return (p.temperature == 0 and not p.logprobs and not p.logit_bias and row.allowed_mask is None
+            and not row.banned_ids and not p.frequency_penalty and not p.presence_penalty
+            and p.repetition_penalty == 1)
 
 
 def _seen(logits: torch.Tensor, seqs: list[list[int]], row_ids: list[int], v: int):
