@@ -112,6 +112,15 @@ def test_server_with_xgrammar_backend(checkpoints):
         out = json.loads(r.choices[0].message.content)
         assert set(out) == {"name", "born"} and len(out["name"]) <= 8
         datetime.date.fromisoformat(out["born"])  # a real calendar day
+        # A thinking turn: the reasoning is free text, the answer after it follows the schema.
+        r = s.client().chat.completions.create(
+            model=s.model_id, messages=[{"role": "user", "content": "A person"}], max_tokens=160, temperature=1.0,
+            seed=5, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+            extra_body={"reasoning": {"max_tokens": 12}})
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.reasoning
+        with pytest.raises(ValueError):
+            json.loads(r.choices[0].message.reasoning)
+        datetime.date.fromisoformat(json.loads(r.choices[0].message.content)["born"])
         bad = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}
         resp = httpx.post(s.base + "/v1/chat/completions", timeout=30, json={
             "model": s.model_id, "messages": [{"role": "user", "content": "x"}],
