@@ -4,7 +4,11 @@ For a few chat prompts, the bf16 model (the GGUF dequantized, no re-quantization
 continuation; each mode is then teacher-forced along it and scored: top-1 agreement with bf16 and the mean
 absolute difference of the chosen token's log-probability.
 
-    python benchmarks/quant_quality.py [--tokens 64]
+    python benchmarks/quant_quality.py [--tokens 64] [--modes int4,w8a8] [--batched]
+
+--batched scores all prompts together, one decode step for every sequence at once (the rows a batched
+server step has), so modes whose numerics depend on the rows (W8A8: one activation scale per call) are
+scored as they run under load.
 """
 
 from __future__ import annotations
@@ -46,10 +50,35 @@ def logits_along(lm, ids: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def logits_along_batched(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """`logits_along` for every sequence at once: step i feeds token i of each sequence that has one."""
+    cfg = lm.config
+    bs = 16
+    dtype = next(lm.model.parameters()).dtype
+    tables, start = [], 0
+    for ids in seqs:
+        n = len(ids) // bs + 2
+        tables.append(list(range(start, start + n)))
+        start += n
+    kv = [(torch.zeros(start, bs, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
+           torch.zeros(start, bs, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
+    outs: list[list[torch.Tensor]] = [[] for _ in seqs]
+    with torch.inference_mode():
+        for i in range(max(map(len, seqs))):
+            rows = [k for k, ids in enumerate(seqs) if i < len(ids)]
+            meta = AttentionMetadata.build([1] * len(rows), [i + 1] * len(rows), [tables[k] for k in rows], bs,
+                                           torch.device("cpu"))
+            h = lm.model(torch.tensor([seqs[k][i] for k in rows]), torch.full((len(rows),), i), kv, meta)
+            for r, k in enumerate(rows):
+                outs[k].append(lm.model.compute_logits(h[r:r + 1])[0])
+    return [torch.stack(o) for o in outs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--modes", default=None, help="comma-separated subset of the mode names' keys, e.g. int4,w8a8")
+    ap.add_argument("--batched", action="store_true", help="score all prompts in one batch per step")
     args = ap.parse_args()
     gguf = str(pull_default_model())
     ref = load_model(gguf, dtype="bfloat16", device="cpu", weight_quant="none")
@@ -69,9 +98,11 @@ def main() -> None:
     for name, (wq, hq) in modes.items():
         lm = ref if wq == "none" else load_model(gguf, dtype="bfloat16", device="cpu", weight_quant=wq, head_quant=hq)
         agree, total, dlp, lps = 0, 0, 0.0, []
+        together = logits_along_batched(lm, [p + o for p, o in seqs]) if args.batched else None
         for k, (prompt, out) in enumerate(seqs):
             ids = prompt + out
-            lp = torch.log_softmax(logits_along(lm, ids)[len(prompt) - 1:-1].float(), dim=-1)
+            logits = together[k] if together is not None else logits_along(lm, ids)
+            lp = torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)
             lps.append(lp)
             target = torch.tensor(out)
             agree += int((lp.argmax(-1) == target).sum())
