@@ -131,3 +131,64 @@ def test_incremental_detokenizer_never_splits_utf8(engine_factory):
     d.flush()
     pieces.append(d.take(final=True))
     assert "".join(pieces) == text
+
+
+def _run_collect(eng, prompts, params, abort_at: dict | None = None):
+    """Step to the end; each request's tokens, text, finish reason and usage (aborting some on the way)."""
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        eng.add_request(f"q{i}", p, sp)
+    res = {f"q{i}": {"ids": [], "text": "", "reason": None, "n_out": None} for i in range(len(prompts))}
+    steps = 0
+    while eng.has_unfinished():
+        steps += 1
+        for rid in (abort_at or {}).get(steps, []):
+            eng.abort(rid)
+        for o in eng.step():
+            r = res[o.request_id]
+            r["ids"] += o.new_token_ids
+            r["text"] += o.text
+            if o.finished:
+                r["reason"], r["n_out"] = o.finish_reason, o.num_output_tokens
+    return res
+
+
+def test_overlapped_decode_changes_nothing(engine_factory):
+    """With the text work of a step overlapped with the next step (the GPU default, forced on here), every
+    request gets the same tokens, text, finish reason and usage as with synchronous steps: greedy and seeded
+    sampling, stop strings and min_tokens (which fall back to synchronous steps), EOS and max_tokens."""
+    vocab = engine_factory("qwen3").tokenizer.vocab_size
+    prompts = _prompts(vocab, (5, 30, 12, 44, 9, 17), seed=21)
+    params = [GREEDY, SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0, max_tokens=25, stop=["e"]),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=18, min_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+    sync = engine_factory("qwen3", block_size=4, enable_prefix_caching=False)
+    over = engine_factory("qwen3", block_size=4, enable_prefix_caching=False, async_decode=True)
+    assert over.overlap and not sync.overlap
+    expected = _run_collect(sync, prompts, params)
+    launched = []
+    launch = over._launch
+    over._launch = lambda batch: launched.append(len(batch.seqs)) or launch(batch)
+    assert _run_collect(over, prompts, params) == expected
+    assert len(launched) > 10  # most decode steps overlapped
+    over.block_manager.check_integrity([])
+    assert over.block_manager.num_free_blocks == over.block_manager.num_blocks
+
+
+def test_overlapped_decode_with_aborts_and_preemption(engine_factory):
+    probe = engine_factory("qwen3", block_size=4)
+    per_block = probe.runner.kv_bytes_per_block(probe.loaded.model.cfg, 4, torch.float32)
+    prompts = _prompts(probe.tokenizer.vocab_size, (30, 20, 45, 8, 33, 12), seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * len(prompts)
+    alone = {f"q{i}": probe.generate([p], params[0])[0] for i, p in enumerate(prompts)}
+    eng = engine_factory("qwen3", block_size=4, kv_cache_memory=30 * per_block, max_num_batched_tokens=32,
+                         async_decode=True)
+    res = _run_collect(eng, prompts, params, abort_at={12: ["q1"], 20: ["q4"]})
+    assert eng.scheduler.num_preemptions > 0
+    for rid, r in res.items():
+        if rid in ("q1", "q4"):
+            assert r["reason"] is None and r["ids"] == alone[rid][: len(r["ids"])]  # cut short, no token lost
+        else:
+            assert r["ids"] == alone[rid] and r["n_out"] == 30
+    eng.block_manager.check_integrity([])
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

@@ -12,7 +12,7 @@ from thinkgate.engine.block_manager import BlockManager
 from thinkgate.engine.detokenizer import IncrementalDetokenizer
 from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
-from thinkgate.engine.scheduler import Scheduler
+from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
 from thinkgate.errors import InvalidRequestError
 from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.loader import LoadedModel, load_model
@@ -45,6 +45,9 @@ class LLMEngine:
             graphs = "capture" if capturable and not config.enforce_eager else "off"
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, graphs)
         self.seqs: dict[str, Sequence] = {}
+        # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
+        self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None
+        self._pending = None  # (batch, launched step) whose tokens the next step() accounts
         self.think_start = self.tokenizer.token_id("<think>")
         self.think_end = self.tokenizer.token_id("</think>")
         self.think_close_ids = ([self.think_end] + self.tokenizer.encode("\n\n")) if self.think_end is not None else []
@@ -116,7 +119,7 @@ class LLMEngine:
         return self._output(seq, [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -124,6 +127,7 @@ class LLMEngine:
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an exception inside a step)."""
         outs = []
+        self._pending = None
         for seq in list(self.seqs.values()):
             self.scheduler.finish(seq)
             seq.finish_reason, seq.stop_reason = FinishReason.ERROR, message
@@ -132,9 +136,18 @@ class LLMEngine:
         return outs
 
     def step(self) -> list[RequestOutput]:
+        if self._pending is not None:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        if self.overlap and self._can_overlap(batch):
+            self._launch(batch)  # its tokens come back with the next step's call
+            return []
+        return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """One step, synchronously: run the model, then account every sampled token."""
         rows: list[SamplingRow | None] = []
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             rows.append(self._sampling_row(seq) if seq.num_computed + n == seq.num_tokens else None)
@@ -151,6 +164,50 @@ class LLMEngine:
             outputs.append(self._append(seq, token, lp))
         return outputs
 
+    # -- overlapped decode (GPU) ------------------------------------------------------------------
+    # A decode step on a GPU is a graph replay of 1-3 ms, and the host's accounting of its tokens
+    # (detokenizing, building outputs, handing them to the server) is a good part of that again. For plain
+    # decode steps the next step does not depend on that text, only on the tokens and on whether a
+    # sequence ended by EOS or length: so the next step is launched as soon as the tokens are known, and
+    # the text work runs while the GPU computes. Outputs then come one step later than the tokens.
+    def _can_overlap(self, batch: ScheduledBatch) -> bool:
+        """Decode only, and nothing that makes the next step depend on this step's text or logprobs."""
+        if not all(n == 1 for n in batch.num_new):
+            return False
+        for seq in batch.seqs:
+            p = seq.params
+            if (seq.num_computed + 1 != seq.num_tokens or seq.grammar is not None or seq.forced or p.stop
+                    or p.logprobs or p.reasoning_budget is not None):
+                return False
+        return True
+
+    def _launch(self, batch: ScheduledBatch) -> None:
+        rows = [self._sampling_row(seq) for seq in batch.seqs]
+        self._pending = (batch, self.runner.launch_decode(batch, rows))
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        batch, pending = self._pending
+        self._pending = None
+        tokens = pending.token_ids()  # waits for the GPU
+        accounted = []
+        for seq, token in zip(batch.seqs, tokens, strict=True):
+            if self.seqs.get(seq.request_id) is not seq:  # aborted while the step ran: drop its token
+                continue
+            seq.num_computed += 1
+            self.block_manager.register_full_blocks(seq)
+            accounted.append((seq, *self._append_state(seq, token, None)))
+        sync_batch = None
+        nxt = self.scheduler.schedule()
+        if nxt.seqs:
+            if self.overlap and self._can_overlap(nxt):
+                self._launch(nxt)
+            else:
+                sync_batch = nxt
+        outputs = [self._append_text(seq, token, lp, add_text) for seq, token, lp, add_text in accounted]
+        if sync_batch is not None:
+            outputs.extend(self._run(sync_batch))
+        return outputs
+
     # -- internals --------------------------------------------------------------------------------
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         banned = None
@@ -161,6 +218,12 @@ class LLMEngine:
         return SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, seq.generator, banned, mask)
 
     def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
+        return self._append_text(seq, *self._append_state(seq, token, lp))
+
+    def _append_state(self, seq: Sequence, token: int, lp) -> tuple[int, tuple | None, bool]:
+        """Account a sampled token in everything the next step depends on (the token itself, reasoning
+        and grammar state, and the ends that need no text: EOS, stop tokens and, for sequences without
+        stop strings or grammars, the length). Returns (token, logprob entry, whether its text counts)."""
         p = seq.params
         if seq.in_reasoning and not seq.forced and p.reasoning_budget is not None \
                 and seq.reasoning_tokens >= p.reasoning_budget and self.think_close_ids:
@@ -181,6 +244,7 @@ class LLMEngine:
             seq.reasoning_tokens += 1
         elif seq.grammar is not None and not forced and not seq.grammar.accept(token):
             seq.finish_reason, seq.stop_reason = FinishReason.ERROR, "the output left its grammar"
+        add_text = False
         if seq.finish_reason is not None:
             pass
         elif token in self.eos_ids and not p.ignore_eos:
@@ -188,20 +252,41 @@ class LLMEngine:
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP_TOKEN, token
         else:
+            add_text = True
+            # Without stop strings or a grammar the text cannot end the sequence, so the length can be
+            # checked now; otherwise it waits until they have had their say (they take precedence).
+            if not p.stop and seq.grammar is None and self._at_length(seq):
+                seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            self._finish(seq)
+        return token, lp, add_text
+
+    def _append_text(self, seq: Sequence, token: int, lp, add_text: bool) -> RequestOutput:
+        """The token's text: stop strings, grammar completion and the length, then the output."""
+        if add_text:
             stop = seq.detok.add(token)
-            if stop is not None:
+            if seq.finish_reason is not None:
+                pass
+            elif stop is not None:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP_SEQUENCE, stop
             elif seq.grammar is not None and not seq.in_reasoning and not seq.forced \
                     and seq.grammar.is_terminated():
                 seq.finish_reason = FinishReason.GRAMMAR
-            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif self._at_length(seq):
                 seq.finish_reason = FinishReason.LENGTH
+            if seq.finish_reason is not None and seq.status != Status.FINISHED:
+                self._finish(seq)
         if seq.finish_reason is not None:
             seq.detok.flush()
-            self.scheduler.finish(seq)
-            self.seqs.pop(seq.request_id, None)
         new_lp = [seq.logprobs[-1]] if lp is not None else None
         return self._output(seq, [token], new_lp)
+
+    def _at_length(self, seq: Sequence) -> bool:
+        return len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
 
     def _output(self, seq: Sequence, new_ids: list[int], lp) -> RequestOutput:
         done = seq.status == Status.FINISHED

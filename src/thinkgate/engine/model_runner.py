@@ -60,8 +60,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> SampleResult | None:
         """Run one step. `rows[i]` is None for a sequence whose prefill chunk does not reach its end."""
+        logits = self._logits(batch, rows)
+        return None if logits is None else self.sampler(logits, [r for r in rows if r is not None])
+
+    @torch.inference_mode()
+    def launch_decode(self, batch: ScheduledBatch, rows: list[SamplingRow]) -> PendingSample:
+        """Start a decode step and its sampling without waiting for them (on a GPU the work is queued)."""
+        return PendingSample(self.sampler.sample_ids(self._logits(batch, rows), rows))
+
+    def _logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> torch.Tensor | None:
         if self.paged_decode and all(n == 1 for n in batch.num_new):
-            return self._decode(batch, rows)
+            return self._decode_logits(batch)
         ids, pos, q_lens, kv_lens, tables = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             start = seq.num_computed
@@ -78,24 +87,31 @@ class ModelRunner:
         want = [i for i, r in enumerate(rows) if r is not None]
         if not want:
             return None
-        logits = self.model.compute_logits(hidden[last[want].to(self.device)])  # [B', V]
-        return self.sampler(logits, [rows[i] for i in want])
+        return self.model.compute_logits(hidden[last[want].to(self.device)])  # [B', V]
 
-    def _decode(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> SampleResult:
-        """A decode-only step through the paged kernel: a graph replay when the batch fits a bucket."""
+    def _decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """A decode-only step through the paged kernel: a graph replay when the batch fits a bucket.
+        Every row of a decode step ends its sequence's known tokens, so every row samples."""
         ids = [seq.all_ids[seq.num_computed] for seq in batch.seqs]
         pos = [seq.num_computed for seq in batch.seqs]
         tables = [seq.block_table for seq in batch.seqs]
         if self.graphs is not None and self.graphs.bucket_for(len(ids)) is not None:
-            logits = self.graphs.run(ids, pos, tables)
-        else:
-            bs, dev = self.block_size, self.device
-            width = max(len(t) for t in tables)
-            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-            slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)])
-            meta = AttentionMetadata.paged_decode(slots.to(dev), table.to(dev),
-                                                  torch.tensor(pos, dtype=torch.int32).add_(1).to(dev))
-            hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden)
-        # Every row of a decode step ends its sequence's known tokens, so every row samples.
-        return self.sampler(logits, rows)
+            return self.graphs.run(ids, pos, tables)
+        bs, dev = self.block_size, self.device
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)])
+        meta = AttentionMetadata.paged_decode(slots.to(dev), table.to(dev),
+                                              torch.tensor(pos, dtype=torch.int32).add_(1).to(dev))
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+
+class PendingSample:
+    """Sampled token ids still on their way (a device tensor until asked for)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self._ids = ids
+
+    def token_ids(self) -> list[int]:
+        return self._ids.tolist()

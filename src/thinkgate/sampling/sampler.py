@@ -41,17 +41,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """logits: [B, V] float32 (raw, unprocessed)."""
+        tokens = self.sample_ids(logits, rows)
+        return self._logprobs(logits, tokens, rows)
+
+    def sample_ids(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampled token ids as a tensor on the logits' device, without waiting for them where the
+        rows allow (plain greedy rows: one argmax, queued). No logprobs."""
         if all(_plain_greedy(r) for r in rows):
-            # Nothing to transform: the argmax over the real vocabulary, without copying the logits.
-            return SampleResult(logits[:, : self.valid_vocab].argmax(dim=-1).tolist(), None, None)
-        raw = logits
+            return logits[:, : self.valid_vocab].argmax(dim=-1)
         logits = logits.clone()
         if self.valid_vocab < logits.shape[1]:
             logits[:, self.valid_vocab:] = NEG_INF
         self._apply_bias_and_bans(logits, rows)
         self._apply_penalties(logits, rows)
-        tokens = self._sample(logits, rows)
-        return self._logprobs(raw, tokens, rows)
+        return self._sample(logits, rows)
 
     # -- transforms -------------------------------------------------------------------------------
     def _apply_bias_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
