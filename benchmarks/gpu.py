@@ -219,6 +219,8 @@ def main(parts: list[str]):
         ours("random:qwen3-0.6b", [1], 1, 4, 1, eager=True)
     if "small-only" in parts:
         ours("random:qwen3-0.6b", [1, 32], 32, 8, 3)
+    if "small-wide" in parts:
+        ours("random:qwen3-0.6b", [1, 32, 64, 128], 128, 8, 3)
     if "hf-compiled" in parts:
         transformers_compiled("qwen3-0.6b", "qwen3", [1, 32])
     if "hf-small" in parts:
