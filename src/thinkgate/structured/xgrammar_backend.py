@@ -30,34 +30,15 @@ import xgrammar as xgr
 from thinkgate.structured.backend import GrammarError, schema_key
 
 # Keywords xgrammar 0.2 accepts but does not enforce in the output (checked against jsonschema with the
-# schema corpus in tests/structured), and string formats it has no grammar for.
+# schema corpus in tests/structured).
 UNENFORCED = ("minProperties", "maxProperties", "uniqueItems", "contains", "minContains", "maxContains",
               "multipleOf", "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas",
               "if", "then", "else", "not", "unevaluatedProperties", "unevaluatedItems")
 
 
+# Keys whose values map names to schemas, and keys whose values are data (a property may be called "not").
 _NAME_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 _DATA = ("enum", "const", "default", "examples", "required", "description", "title")
-
-
-def unenforced_keyword(schema) -> str | None:
-    """The first keyword in `schema` (at any depth) that xgrammar would not enforce, if any."""
-    if isinstance(schema, list):
-        return next((k for k in map(unenforced_keyword, schema) if k), None)
-    if not isinstance(schema, dict):
-        return None
-    for key, value in schema.items():
-        if key in UNENFORCED:
-            return key
-        if key in _DATA:
-            continue  # values, not schemas: a property may well be called "not"
-        if key in _NAME_MAPS and isinstance(value, dict):
-            found = unenforced_keyword(list(value.values()))
-        else:
-            found = unenforced_keyword(value)
-        if found:
-            return found
-    return None
 
 
 _YEAR = "[1-9][0-9]{3}"
@@ -177,7 +158,7 @@ def schema_problem(schema, root: dict | None = None) -> str | None:
         return next((m for m in (schema_problem(s, root) for s in schema) if m), None)
     if not isinstance(schema, dict):
         return None
-    bad = unenforced_keyword({k: v for k, v in schema.items() if k in UNENFORCED})
+    bad = next((k for k in schema if k in UNENFORCED), None)
     if bad:
         return f"the xgrammar backend cannot enforce the JSON Schema keyword {bad!r}"
     if ("pattern" in schema or "format" in schema) and ("minLength" in schema or "maxLength" in schema):
