@@ -106,7 +106,8 @@ def ours(spec: str, batches: list[int], max_num_seqs: int, kv_gib: int, repeats:
     torch.cuda.empty_cache()
 
 
-def transformers_eager(preset: str, arch: str, batches: list[int], new_tokens: int = 64):
+def hf_random_model(preset: str, arch: str):
+    """transformers' model class for a preset, random weights built on the GPU in bf16."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from thinkgate.models.presets import hf_config
@@ -114,7 +115,11 @@ def transformers_eager(preset: str, arch: str, batches: list[int], new_tokens: i
     cfg = hf_config(arch, preset, 151936, "bfloat16")
     conf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+
+
+def transformers_eager(preset: str, arch: str, batches: list[int], new_tokens: int = 64):
+    model = hf_random_model(preset, arch)
     entry = {}
     g = torch.Generator().manual_seed(0)
     for b in batches:
@@ -138,14 +143,7 @@ def transformers_eager(preset: str, arch: str, batches: list[int], new_tokens: i
 
 def transformers_compiled(preset: str, arch: str, batches: list[int], new_tokens: int = 128):
     """transformers' fastest path: static KV cache, generate() compiles the forward (reduce-overhead)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from thinkgate.models.presets import hf_config
-
-    cfg = hf_config(arch, preset, 151936, "bfloat16")
-    conf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).eval()
+    model = hf_random_model(preset, arch)
     entry = {}
     g = torch.Generator().manual_seed(0)
     for b in batches:

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What every mode shares: the bf16 bias, and the dense bf16 weight (when kept) for calls of more than
+    `dense_above` rows (prefill), where plain GEMM beats the quantized kernels. Subclasses implement
+    `quantized(x)` for the rest."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)  # [N] symmetric per output channel
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
         self.dense = weight.detach().to(torch.bfloat16) if keep_dense else None
         self.dense_above = dense_above
@@ -32,13 +32,28 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, K]
         if self.dense is not None and x.shape[0] > self.dense_above:
             return F.linear(x.to(torch.bfloat16), self.dense, self.bias).to(x.dtype)
+        return self.quantized(x)
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
+        super().__init__(weight, bias, keep_dense, dense_above)
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)  # [N] symmetric per output channel
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """int4 with asymmetric groups along K: w = (q - 8) * scale + zero, q in 0..15."""
 
     @staticmethod
@@ -48,7 +63,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, group_size: int = 32,
                  dense_above: int = 16):
-        super().__init__()
+        super().__init__(weight, bias, keep_dense, dense_above)
         n, k = weight.shape
         if k % group_size:
             raise ValueError(f"int4 needs K ({k}) divisible by the group size {group_size}")
@@ -61,13 +76,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.view(n, k).to(torch.int32), 1))
         self.register_buffer("scale_zero", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.dense = weight.detach().to(torch.bfloat16) if keep_dense else None
-        self.dense_above = dense_above
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.dense_above:
-            return F.linear(x.to(torch.bfloat16), self.dense, self.bias).to(x.dtype)
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.packed,
                                                         self.group_size, self.scale_zero)
         if self.bias is not None:
@@ -75,7 +85,7 @@ class Int4Linear(nn.Module):
         return y.to(x.dtype)
 
 
-class DynInt8Linear(nn.Module):
+class DynInt8Linear(QuantizedLinear):
     """int8 weights and int8 activations (W8A8): fbgemm's dynamic quantized linear.
 
     The activations are quantized per call (one scale for the call's rows) and the product runs on the
@@ -89,7 +99,7 @@ class DynInt8Linear(nn.Module):
         return "fbgemm" in torch.backends.quantized.supported_engines
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
-        super().__init__()
+        super().__init__(weight, bias, keep_dense, dense_above)
         w = weight.detach().float()
         n = w.shape[0]
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10).double()
@@ -98,35 +108,24 @@ class DynInt8Linear(nn.Module):
             qw = torch.quantize_per_channel(w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qw, b)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.dense = weight.detach().to(torch.bfloat16) if keep_dense else None
-        self.dense_above = dense_above
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.dense_above:
-            return F.linear(x.to(torch.bfloat16), self.dense, self.bias).to(x.dtype)
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range=False: VNNI's int8 dot products do not saturate, so all 8 bits are usable.
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, False).to(x.dtype)
 
 
-class MixedLinear(nn.Module):
+class MixedLinear(QuantizedLinear):
     """int4 weight-only for one-row steps (a lone sequence decoding: the int4 kernel is fastest there),
     W8A8 for 2-16 rows (batched decode: its cost hardly grows with rows, and it is the more accurate of
     the two), bf16 above that (prefill)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
-        super().__init__()
+        super().__init__(weight, bias, keep_dense, dense_above)
         self.single = Int4Linear(weight, bias, keep_dense=False) if Int4Linear.supports(weight) else None
         self.batched = DynInt8Linear(weight, bias, keep_dense=False)
-        self.dense = weight.detach().to(torch.bfloat16) if keep_dense else None
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.dense_above = dense_above
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.dense is not None and rows > self.dense_above:
-            return F.linear(x.to(torch.bfloat16), self.dense, self.bias).to(x.dtype)
-        if rows == 1 and self.single is not None:
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.single is not None:
             return self.single(x)
         return self.batched(x)
 

@@ -31,10 +31,6 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _has_grouped_mm(x: torch.Tensor) -> bool:
-    return grouped_mm_supported(x.device, x.dtype)
-
-
 def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
     """x: [T, H]; weights/experts: [T, K]; w13: [E, 2I, H]; w2: [E, H, I]."""
@@ -45,7 +41,7 @@ def grouped_moe(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w
     order = torch.argsort(flat_expert, stable=not x.is_cuda)
     token_of = order // k  # token index of each sorted pair
     xs = x[token_of]  # [T*K, H]
-    if _has_grouped_mm(x):
+    if grouped_mm_supported(x.device, x.dtype):
         counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's group
