@@ -37,3 +37,29 @@ def test_n_choices_prefill_the_prompt_once(engine_factory):
     assert seen["chatcmpl-test-0"] == 0
     assert seen["chatcmpl-test-1"] == seen["chatcmpl-test-2"] == full_blocks
     assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_grammars_compile_in_prepare_before_anything_is_queued(engine_factory):
+    """The constraint is compiled while the request is prepared (the server's side, before it reaches the
+    engine), so a step of the engine never waits on a compile; `{"type": "text"}` compiles nothing."""
+    eng = engine_factory("qwen3")
+    provider = LocalProvider(AsyncEngine(eng), "tiny")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def req(rf):
+        return ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], n=2,
+                                     response_format=rf)
+
+    async def run():
+        return [await provider.prepare(req(rf)) for rf in (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}, {"type": "json_object"},
+            {"type": "text"}, None)]
+
+    try:
+        constrained, any_object, text, plain = asyncio.run(run())
+        assert len(constrained.grammars) == 2 and len(any_object.grammars) == 2  # one matcher per choice
+        assert constrained.grammars[0] is not constrained.grammars[1]
+        assert text.grammars is None and plain.grammars is None
+        assert not eng.has_unfinished() and not eng.seqs  # nothing reached the engine while compiling
+    finally:
+        provider.engine.shutdown()
