@@ -33,6 +33,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="CPU: torch's ops only, not thinkgate's C++ kernels (built on first use, ~40 s)")
     p.add_argument("--grammar-backend", default=e.grammar_backend, choices=["auto", "llguidance", "xgrammar"],
                    help="structured outputs (auto: xgrammar on a GPU if installed, else llguidance)")
     p.add_argument("--log-level", default="info")
@@ -67,7 +69,7 @@ def build_app(args):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
-        enforce_eager=args.enforce_eager, grammar_backend=args.grammar_backend,
+        enforce_eager=args.enforce_eager, cpu_kernels=not args.no_cpu_kernels, grammar_backend=args.grammar_backend,
     )
     async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
     model_id = args.served_model_name or model_id_for(args.model, async_engine.engine.loaded.name)
@@ -119,7 +121,7 @@ def cmd_bench_engine(args) -> int:
 
     bench_engine(resolve_model_spec(args.model), [int(n) for n in args.num_seqs.split(",")], args.input_len,
                  args.output_len, args.dtype, args.device, args.repeats, profile=args.profile,
-                 weight_quant=args.weight_quant, head_quant=args.head_quant)
+                 weight_quant=args.weight_quant, head_quant=args.head_quant, cpu_kernels=not args.no_cpu_kernels)
     return 0
 
 
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--profile", action="store_true")
     be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
     be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
+    be.add_argument("--no-cpu-kernels", action="store_true", help="CPU: torch's ops only (the comparison run)")
     be.set_defaults(fn=cmd_bench_engine)
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()

@@ -25,6 +25,9 @@ class EngineConfig:
     max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others
     # GPU: decode runs as captured CUDA graphs unless this is set (like vLLM's --enforce-eager).
     enforce_eager: bool = False
+    # CPU: our C++ kernels (VNNI int4 matmul, fused norms/rotary/SwiGLU, paged decode attention) where
+    # the CPU has AVX-512 VNNI and a compiler is present; off = torch's own ops only.
+    cpu_kernels: bool = True
     # Account a decode step's text while the GPU runs the next step (auto: on with CUDA graphs).
     async_decode: bool | None = None
     # Constrained decoding: auto (xgrammar on GPU if installed, else llguidance) | llguidance | xgrammar.

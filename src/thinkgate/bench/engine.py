@@ -14,10 +14,11 @@ from thinkgate.sampling.params import SamplingParams
 
 def bench_engine(model: str, num_seqs: list[int], input_len: int, output_len: int, dtype: str = "auto",
                  device: str = "auto", repeats: int = 3, seed: int = 0, profile: bool = False,
-                 engine: LLMEngine | None = None, weight_quant: str = "auto", head_quant: str = "auto") -> list[dict]:
+                 engine: LLMEngine | None = None, weight_quant: str = "auto", head_quant: str = "auto",
+                 cpu_kernels: bool = True) -> list[dict]:
     eng = engine or LLMEngine.from_config(EngineConfig(model=model, dtype=dtype, device=device,
                                                        enable_prefix_caching=False, weight_quant=weight_quant,
-                                                       head_quant=head_quant))
+                                                       head_quant=head_quant, cpu_kernels=cpu_kernels))
     vocab = eng.tokenizer.vocab_size
     g = torch.Generator().manual_seed(seed)
     results = []

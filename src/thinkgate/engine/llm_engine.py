@@ -14,6 +14,7 @@ from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
 from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
 from thinkgate.errors import InvalidRequestError
+from thinkgate.layers.cpu_fused import available as cpu_fused_available
 from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.loader import LoadedModel, load_model
 from thinkgate.sampling.params import SamplingParams
@@ -44,6 +45,9 @@ class LLMEngine:
             capturable = model.cfg.num_experts == 0 or grouped_mm_supported(self.runner.device, dtype)
             graphs = "capture" if capturable and not config.enforce_eager else "off"
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, graphs)
+        elif self.runner.device.type == "cpu" and config.cpu_kernels and dtype == torch.float32 and cpu_fused_available():
+            # Our C++ decode kernels (the paged cache is fp32 on CPU, the dtype they read).
+            self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, "off")
         self.seqs: dict[str, Sequence] = {}
         # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None
@@ -59,7 +63,7 @@ class LLMEngine:
         from thinkgate.models.default_model import resolve_model_spec
 
         loaded = load_model(resolve_model_spec(config.model), config.dtype, config.device, config.max_model_len,
-                            config.weight_quant, config.head_quant)
+                            config.weight_quant, config.head_quant, config.cpu_kernels)
         return cls(loaded, config)
 
     def _num_blocks(self, per_block: int, device: torch.device) -> int:

@@ -37,13 +37,22 @@ class ModelRunner:
 
     def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
                             fused: bool = True) -> None:
-        """Decode through the Triton paged kernel, norms/rotary/SwiGLU through the fused Triton kernels
-        (`fused`); `graphs`: "capture" (CUDA graphs), "eager" (the graphs' fixed buffers, no capture) or "off"."""
-        from thinkgate.layers.triton_attention import TritonPagedAttention
-
+        """Decode through a paged-attention kernel that reads the cache in place, and (`fused`) norms,
+        rotary + cache write and SwiGLU through fused ops: Triton kernels on a GPU, our C++ kernels on a
+        CPU. `graphs` (GPU only): "capture" (CUDA graphs), "eager" (the graphs' fixed buffers, no capture)
+        or "off"."""
         backend = self.model.attn_backend
-        self.model.attn_backend = TritonPagedAttention(backend.scale, backend.compute_dtype)
-        self.model.fused_kernels = fused
+        if self.device.type == "cpu":
+            import thinkgate.layers.cpu_fused as ops
+
+            self.model.attn_backend = ops.CpuPagedAttention(backend.scale, backend.compute_dtype)
+            graphs = "off"
+        else:
+            import thinkgate.layers.triton_fused as ops
+            from thinkgate.layers.triton_attention import TritonPagedAttention
+
+            self.model.attn_backend = TritonPagedAttention(backend.scale, backend.compute_dtype)
+        self.model.fused_ops = ops if fused else None
         self.paged_decode = True
         if graphs != "off":
             max_blocks = -(-max_model_len // self.block_size)

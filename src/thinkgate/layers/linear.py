@@ -53,6 +53,60 @@ class Int8Linear(QuantizedLinear):
         return y.to(x.dtype)
 
 
+def int4_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of `group_size` along K: w ~ q * scale + lo, q in 0..15.
+    Returns q [N, K] (uint8), scale [N, G] and lo [N, G] (fp32)."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4 needs K ({k}) divisible by the group size {group_size}")
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return q.view(n, k).to(torch.uint8), scale, lo
+
+
+class Q4Linear(QuantizedLinear):
+    """int4 weights (groups of 32, fp16 scale and min) times int8 activations, on our AVX-512 VNNI kernel
+    (csrc/q4_linear.cpp). At one row it runs at memory speed where torch's int4 kernel is bound by its
+    dequantizing arithmetic (2.6x faster on a cache-resident matrix here; see BENCHMARKS.md)."""
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        from thinkgate.layers import cpu_kernels
+
+        return weight.shape[1] % 128 == 0 and weight.device.type == "cpu" and cpu_kernels.load() is not None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
+        from thinkgate.layers import cpu_kernels
+
+        super().__init__(weight, bias, keep_dense, dense_above)
+        self._ops = cpu_kernels.load()
+        packed, scales, mins = pack_q4(weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self._bias32 = None if bias is None else bias.detach().float()
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self._ops.q4_linear(x.float().contiguous(), self.packed, self.scales, self.mins,
+                                       self._bias32).to(x.dtype)
+        return self._ops.q4_linear(x.contiguous(), self.packed, self.scales, self.mins, self._bias32)
+
+
+def pack_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout q4_linear reads: in each span of 128 weights along K, byte j holds weight j (low nibble)
+    and weight 64 + j (high nibble). Returns packed [N, K/2] uint8, scales and mins [N, K/32] fp16."""
+    n, k = weight.shape
+    if k % 128:
+        raise ValueError(f"q4 packing needs K ({k}) divisible by 128")
+    q, scale, lo = int4_groups(weight, 32)
+    halves = q.view(n, k // 128, 2, 64)
+    packed = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return packed, scale.to(torch.float16).contiguous(), lo.to(torch.float16).contiguous()
+
+
 class Int4Linear(QuantizedLinear):
     """int4 with asymmetric groups along K: w = (q - 8) * scale + zero, q in 0..15."""
 
@@ -65,16 +119,10 @@ class Int4Linear(QuantizedLinear):
                  dense_above: int = 16):
         super().__init__(weight, bias, keep_dense, dense_above)
         n, k = weight.shape
-        if k % group_size:
-            raise ValueError(f"int4 needs K ({k}) divisible by the group size {group_size}")
-        w = weight.detach().float().view(n, k // group_size, group_size)
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-10)  # [N, G]
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        q, scale, lo = int4_groups(weight, group_size)
         zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
         self.group_size = group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.view(n, k).to(torch.int32), 1))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         self.register_buffer("scale_zero", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,9 +167,10 @@ class MixedLinear(QuantizedLinear):
     W8A8 for 2-16 rows (batched decode: its cost hardly grows with rows, and it is the more accurate of
     the two), bf16 above that (prefill)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16,
+                 cpu_kernels: bool = True):
         super().__init__(weight, bias, keep_dense, dense_above)
-        self.single = Int4Linear(weight, bias, keep_dense=False) if Int4Linear.supports(weight) else None
+        self.single = make_int4(weight, bias, keep_dense=False, cpu_kernels=cpu_kernels)
         self.batched = DynInt8Linear(weight, bias, keep_dense=False)
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,12 +179,24 @@ class MixedLinear(QuantizedLinear):
         return self.batched(x)
 
 
-def quantize_linears(model: nn.Module, mode: str, keep_dense: bool = True, head_mode: str | None = None) -> int:
+def make_int4(weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool,
+              cpu_kernels: bool = True) -> QuantizedLinear | None:
+    """int4 on our VNNI kernel where it runs (and `cpu_kernels`), else on torch's; None for shapes
+    neither can pack."""
+    if cpu_kernels and Q4Linear.supports(weight):
+        return Q4Linear(weight, bias, keep_dense)
+    if Int4Linear.supports(weight):
+        return Int4Linear(weight, bias, keep_dense)
+    return None
+
+
+def quantize_linears(model: nn.Module, mode: str, keep_dense: bool = True, head_mode: str | None = None,
+                     cpu_kernels: bool = True) -> int:
     """Swap the model's nn.Linear layers (and the output head) for weight-only quantized ones.
 
     mode: 'int8' or 'int4'; head_mode: int8, int4 or none for the output projection (default: `mode`).
     Returns the number of layers swapped."""
-    make = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": DynInt8Linear, "mixed": MixedLinear}
+    make = {"int8": Int8Linear, "int4": make_int4, "w8a8": DynInt8Linear, "mixed": MixedLinear}
     if mode not in make:
         raise ValueError(f"unknown weight quantization {mode!r}; choose int8, int4, w8a8 or mixed")
     count = 0
@@ -146,8 +207,10 @@ def quantize_linears(model: nn.Module, mode: str, keep_dense: bool = True, head_
                 if is_head and head_mode == "none":
                     continue
                 cls = make[head_mode or mode] if is_head else make[mode]
-                if cls is Int4Linear and not Int4Linear.supports(child.weight):
-                    continue  # odd shapes (tiny test models) stay dense
-                setattr(module, child_name, cls(child.weight, child.bias, keep_dense=keep_dense and not is_head))
+                kwargs = {"cpu_kernels": cpu_kernels} if cls in (make_int4, MixedLinear) else {}
+                layer = cls(child.weight, child.bias, keep_dense=keep_dense and not is_head, **kwargs)
+                if layer is None:
+                    continue  # int4 on odd shapes (tiny test models): stays dense
+                setattr(module, child_name, layer)
                 count += 1
     return count

@@ -53,7 +53,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
-               weight_quant: str = "none", head_quant: str = "auto") -> LoadedModel:
+               weight_quant: str = "none", head_quant: str = "auto", cpu_kernels: bool = True) -> LoadedModel:
     """Load `spec`: a HF model directory, a .gguf file, or a hub id such as `Qwen/Qwen3-0.6B`."""
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
@@ -63,7 +63,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
         from thinkgate.layers.linear import quantize_linears
 
         head = quant if head_quant == "auto" else head_quant
-        n = quantize_linears(loaded.model, quant, keep_dense=True, head_mode=head)
+        n = quantize_linears(loaded.model, quant, keep_dense=True, head_mode=head, cpu_kernels=cpu_kernels)
         log.info("weight-only %s quantization on %d linear layers (output head: %s)", quant, n, head)
     return loaded
 

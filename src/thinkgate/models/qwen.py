@@ -41,14 +41,13 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(t, self.nq * self.d))
 
     def forward_fused(self, x, positions: torch.Tensor, rope: RotaryEmbedding,
-                      kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend) -> torch.Tensor:
-        """The same attention with q/k norm, rotary and the cache write in one Triton kernel (GPU)."""
-        from thinkgate.layers.triton_fused import qk_norm_rope_store
-
+                      kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend, ops) -> torch.Tensor:
+        """The same attention with q/k norm, rotary and the cache write in one fused op (`ops`: the Triton
+        kernels on a GPU, our C++ ones on a CPU)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nq + 2 * self.nkv, self.d)
         has_norm = self.q_norm is not None
-        qk_norm_rope_store(qkv, self.nq, self.nkv, self.q_norm.weight if has_norm else None,
+        ops.qk_norm_rope_store(qkv, self.nq, self.nkv, self.q_norm.weight if has_norm else None,
                            self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
                            rope.cos, rope.sin, positions, meta.slot_mapping, kv[0], kv[1])
         q, k, v = qkv.split([self.nq, self.nkv, self.nkv], dim=1)
@@ -62,11 +61,9 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x, fused: bool = False):
-        if fused:
-            from thinkgate.layers.triton_fused import silu_mul
-
-            return self.down_proj(silu_mul(self.gate_up_proj(x)))
+    def forward(self, x, ops=None):
+        if ops is not None:
+            return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -81,7 +78,7 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.use_reference = False
 
-    def forward(self, x, fused: bool = False):
+    def forward(self, x, ops=None):
         weights, experts = route(self.gate(x), self.top_k, self.norm_topk, x.dtype)
         fn = reference_moe if self.use_reference else grouped_moe
         return fn(x, weights, experts, self.w13, self.w2)
@@ -99,14 +96,13 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x, residual, positions, rope, kv, meta, backend):
-        """GPU form: the residual travels beside the hidden state, and each add is fused into the next norm."""
-        from thinkgate.layers.triton_fused import rms_norm
-
-        h, residual = rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual)
-        x = self.self_attn.forward_fused(h, positions, rope, kv, meta, backend)
-        h, residual = rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual)
-        return self.mlp(h, fused=True), residual
+    def forward_fused(self, x, residual, positions, rope, kv, meta, backend, ops):
+        """Fused form: the residual travels beside the hidden state, and each add is fused into the next norm."""
+        h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual)
+        x = self.self_attn.forward_fused(h, positions, rope, kv, meta, backend, ops)
+        h, residual = ops.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                                   residual)
+        return self.mlp(h, ops=ops), residual
 
 
 class QwenForCausalLM(nn.Module):
@@ -122,19 +118,21 @@ class QwenForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling)
         self.attn_backend = TorchPagedAttention(cfg.head_dim ** -0.5)
-        self.fused_kernels = False  # Triton kernels for norms, rotary and SwiGLU (GPU; set by the runner)
+        # Fused ops for norms, rotary + cache write and SwiGLU, set by the runner: the Triton kernels
+        # (layers/triton_fused) on a GPU, our C++ ones (layers/cpu_fused) on a CPU; None = plain PyTorch.
+        self.fused_ops = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, H]."""
         x = self.embed_tokens(input_ids)
-        if self.fused_kernels:
-            from thinkgate.layers.triton_fused import rms_norm
-
+        ops = self.fused_ops
+        if ops is not None:
             residual = None
             for layer, kv in zip(self.layers, kv_caches, strict=True):
-                x, residual = layer.forward_fused(x, residual, positions, self.rope, kv, meta, self.attn_backend)
-            return rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
+                x, residual = layer.forward_fused(x, residual, positions, self.rope, kv, meta, self.attn_backend,
+                                                  ops)
+            return ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
         rope = self.rope.table(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rope, kv, meta, self.attn_backend)

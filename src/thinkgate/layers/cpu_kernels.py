@@ -1,0 +1,70 @@
+"""Our C++ CPU kernels (src/thinkgate/csrc), compiled on first use with torch's extension builder.
+
+They need an x86 CPU with AVX-512 VNNI and a C++ compiler; where either is missing `load()` returns None
+and callers keep torch's own kernels. The build (~30 s) is cached under thinkgate's cache directory, keyed
+by the source and the torch version, so it happens once per machine. THINKGATE_CPU_KERNELS=0 turns them off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("thinkgate.kernels")
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = [_CSRC / "q4_linear.cpp", _CSRC / "decode_ops.cpp", _CSRC / "bindings.cpp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def cpu_supports_vnni() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+
+
+def _build_dir() -> Path:
+    from thinkgate.models.default_model import cache_dir
+
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    key = f"torch{torch.__version__}-{digest.hexdigest()[:12]}".replace("+", "_")
+    return cache_dir() / "kernels" / key
+
+
+def load():
+    """The compiled module, or None where these kernels cannot run here."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("THINKGATE_CPU_KERNELS", "1") == "0" or not cpu_supports_vnni():
+            return None
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            out = _build_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            _module = build(name="thinkgate_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                            extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=False)
+        except Exception as exc:  # no compiler, no headers: torch's kernels still work, only slower
+            log.warning("thinkgate's CPU kernels could not be built (%s); using torch's int4 kernel", exc)
+            _module = None
+        return _module
