@@ -56,7 +56,7 @@ def test_decode_buffers_and_kernel_keep_greedy_outputs(kernel_module, engine_fac
     """Padding rows in a bucket (3 sequences in a bucket of 4), scratch-block writes, slots, block tables and
     context lengths built for the fixed buffers: the greedy tokens equal the reference engine's."""
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    ref = engine_factory(arch, block_size=4, enable_prefix_caching=False)
+    ref = engine_factory(arch, block_size=4, enable_prefix_caching=False, cpu_kernels=False)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, ref.tokenizer.vocab_size, (n,), generator=g).tolist() for n in (5, 18, 9)]
     expected = ref.generate(prompts, greedy)
@@ -65,8 +65,9 @@ def test_decode_buffers_and_kernel_keep_greedy_outputs(kernel_module, engine_fac
     model = eng.runner.model
     backend = model.attn_backend  # the loaded model is shared by the session's engines: put it back after
     try:
-        eng.runner.enable_paged_decode(max_batch=6, max_model_len=eng.max_model_len, graphs="eager")
-        assert type(model.attn_backend).__name__ == "TritonPagedAttention" and model.fused_kernels
+        eng.runner.enable_paged_decode(max_batch=6, max_model_len=eng.max_model_len, graphs="eager",
+                                       kernels="triton")
+        assert type(model.attn_backend).__name__ == "TritonPagedAttention" and model.fused_ops is not None
         graphs = eng.runner.graphs
         assert graphs.buckets == [1, 2, 4, 6]
         used = []
@@ -79,7 +80,7 @@ def test_decode_buffers_and_kernel_keep_greedy_outputs(kernel_module, engine_fac
         assert eng.generate(prompts, greedy) == expected
         eng.block_manager.check_integrity([])
     finally:
-        model.attn_backend, model.fused_kernels = backend, False
+        model.attn_backend, model.fused_ops = backend, None
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,20 @@
 #include <cmath>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// The value PyTorch would hold after storing v in a tensor of type T (rounding to bf16 when T is bf16).
-template <typename T>
-inline float rnd(float v) {
-    return static_cast<float>(static_cast<T>(v));
+// Runs f with a value of the activation type (fp32 or bf16): the kernels are written once for both.
+template <typename F>
+void dispatch_act(at::ScalarType st, const char* name, F&& f) {
+    if (st == at::kFloat) {
+        f(float{});
+    } else if (st == at::kBFloat16) {
+        f(c10::BFloat16{});
+    } else {
+        TORCH_CHECK(false, name, ": activations must be fp32 or bf16");
+    }
 }
 
 template <typename T>
@@ -30,19 +38,23 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
         std::vector<float> buf(h);
         for (int64_t r = r0; r < r1; ++r) {
-            float ss = 0.0f;
-            for (int64_t i = 0; i < h; ++i) {
-                float v = static_cast<float>(x[r * h + i]);
+            __m512 ss = _mm512_setzero_ps();
+            for (int64_t i = 0; i < h; i += 16) {
+                const __mmask16 m = tg::tail_mask(h - i);
+                __m512 v = tg::load16(x + r * h + i, m);
                 if (res != nullptr) {
-                    v = rnd<T>(v + static_cast<float>(res[r * h + i]));
-                    res_out[r * h + i] = static_cast<T>(v);
+                    v = tg::round_as(_mm512_add_ps(v, tg::load16(res + r * h + i, m)), x);
+                    tg::store16(res_out + r * h + i, v, m);
                 }
-                buf[i] = v;
-                ss += v * v;
+                tg::store16(buf.data() + i, v, m);
+                ss = _mm512_fmadd_ps(v, v, ss);
             }
-            const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-            for (int64_t i = 0; i < h; ++i)
-                out[r * h + i] = static_cast<T>(rnd<T>(buf[i] * rstd) * static_cast<float>(w[i]));
+            const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(h) + eps));
+            for (int64_t i = 0; i < h; i += 16) {
+                const __mmask16 m = tg::tail_mask(h - i);
+                const __m512 normed = tg::round_as(_mm512_mul_ps(tg::load16(buf.data() + i, m), rstd), x);
+                tg::store16(out + r * h + i, _mm512_mul_ps(normed, tg::load16(w + i, m)), m);
+            }
         }
     });
 }
@@ -59,7 +71,8 @@ std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, 
     const bool has_res = residual.has_value();
     at::Tensor res = has_res ? residual->contiguous() : x;
     at::Tensor res_out = has_res ? at::empty_like(x) : x;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    dispatch_act(x.scalar_type(), "rms_norm", [&](auto tag) {
+        using scalar_t = decltype(tag);
         rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), has_res ? res.data_ptr<scalar_t>() : nullptr,
                                 w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 has_res ? res_out.data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1),
@@ -89,50 +102,59 @@ void qk_norm_rope_store(const at::Tensor& qkv, int64_t nq, int64_t nkv, const c1
     const int64_t* slp = slots.data_ptr<int64_t>();
     float* kc = k_cache.data_ptr<float>();
     float* vc = v_cache.data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "qk_norm_rope_store", [&] {
+    dispatch_act(qkv.scalar_type(), "qk_norm_rope_store", [&](auto tag) {
+        using scalar_t = decltype(tag);
         using T = scalar_t;
         T* base = qkv.data_ptr<T>();
         const int64_t stride_t = qkv.stride(0);
         at::parallel_for(0, t * heads, 64, [&](int64_t i0, int64_t i1) {
-            std::vector<float> x1(half), x2(half);
             for (int64_t i = i0; i < i1; ++i) {
                 const int64_t tok = i / heads, h = i % heads;
                 T* row = base + tok * stride_t + h * d;
-                for (int64_t j = 0; j < half; ++j) {
-                    x1[j] = static_cast<float>(row[j]);
-                    x2[j] = static_cast<float>(row[half + j]);
-                }
                 const int64_t slot = slp[tok];
                 if (h >= nq + nkv) {  // a value head: stored as it is
                     float* dst = vc + (slot * nkv + (h - nq - nkv)) * d;
-                    for (int64_t j = 0; j < half; ++j) {
-                        dst[j] = x1[j];
-                        dst[half + j] = x2[j];
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const __mmask16 m = tg::tail_mask(d - j);
+                        tg::store16(dst + j, tg::load16(row + j, m), m);
                     }
                     continue;
                 }
+                __m512 rstd = _mm512_set1_ps(1.0f);
+                const float* w = nullptr;
                 if (has_norm) {
-                    const float* w = (h < nq ? qw : kw).data_ptr<float>();
-                    float ss = 0.0f;
-                    for (int64_t j = 0; j < half; ++j) ss += x1[j] * x1[j] + x2[j] * x2[j];
-                    const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-                    for (int64_t j = 0; j < half; ++j) {
-                        x1[j] = rnd<T>(rnd<T>(x1[j] * rstd) * rnd<T>(w[j]));
-                        x2[j] = rnd<T>(rnd<T>(x2[j] * rstd) * rnd<T>(w[half + j]));
+                    w = (h < nq ? qw : kw).data_ptr<float>();
+                    __m512 ss = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const __m512 v = tg::load16(row + j, tg::tail_mask(d - j));
+                        ss = _mm512_fmadd_ps(v, v, ss);
                     }
+                    rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(d) + eps));
                 }
                 const float* c = cp + pp[tok] * half;
                 const float* s = sp + pp[tok] * half;
-                for (int64_t j = 0; j < half; ++j) {
-                    const float cj = rnd<T>(c[j]), sj = rnd<T>(s[j]);
-                    const T o1 = static_cast<T>(rnd<T>(x1[j] * cj) - rnd<T>(x2[j] * sj));
-                    const T o2 = static_cast<T>(rnd<T>(x2[j] * cj) + rnd<T>(x1[j] * sj));
-                    row[j] = o1;
-                    row[half + j] = o2;
-                }
-                if (h >= nq) {
-                    float* dst = kc + (slot * nkv + (h - nq)) * d;
-                    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row[j]);
+                float* kdst = h >= nq ? kc + (slot * nkv + (h - nq)) * d : nullptr;
+                for (int64_t j = 0; j < half; j += 16) {
+                    const __mmask16 m = tg::tail_mask(half - j);
+                    __m512 x1 = tg::load16(row + j, m), x2 = tg::load16(row + half + j, m);
+                    if (w != nullptr) {
+                        x1 = tg::round_as(_mm512_mul_ps(tg::round_as(_mm512_mul_ps(x1, rstd), row),
+                                                        tg::round_as(tg::load16(w + j, m), row)), row);
+                        x2 = tg::round_as(_mm512_mul_ps(tg::round_as(_mm512_mul_ps(x2, rstd), row),
+                                                        tg::round_as(tg::load16(w + half + j, m), row)), row);
+                    }
+                    const __m512 cj = tg::round_as(tg::load16(c + j, m), row);
+                    const __m512 sj = tg::round_as(tg::load16(s + j, m), row);
+                    const __m512 o1 = tg::round_as(_mm512_sub_ps(tg::round_as(_mm512_mul_ps(x1, cj), row),
+                                                                 tg::round_as(_mm512_mul_ps(x2, sj), row)), row);
+                    const __m512 o2 = tg::round_as(_mm512_add_ps(tg::round_as(_mm512_mul_ps(x2, cj), row),
+                                                                 tg::round_as(_mm512_mul_ps(x1, sj), row)), row);
+                    tg::store16(row + j, o1, m);
+                    tg::store16(row + half + j, o2, m);
+                    if (kdst != nullptr) {
+                        tg::store16(kdst + j, o1, m);
+                        tg::store16(kdst + half + j, o2, m);
+                    }
                 }
             }
         });
@@ -144,16 +166,21 @@ at::Tensor silu_mul(const at::Tensor& x) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "silu_mul: x must be contiguous [T, 2I]");
     const int64_t t = x.size(0), inter = x.size(1) / 2;
     at::Tensor out = at::empty({t, inter}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "silu_mul", [&] {
+    dispatch_act(x.scalar_type(), "silu_mul", [&](auto tag) {
+        using scalar_t = decltype(tag);
         using T = scalar_t;
         const T* xp = x.data_ptr<T>();
         T* op = out.data_ptr<T>();
-        at::parallel_for(0, t * inter, 4096, [&](int64_t i0, int64_t i1) {
+        const int64_t chunks = (inter + 15) / 16;
+        at::parallel_for(0, t * chunks, 64, [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
-                const int64_t r = i / inter, j = i % inter;
-                const float g = static_cast<float>(xp[r * 2 * inter + j]);
-                const float u = static_cast<float>(xp[r * 2 * inter + inter + j]);
-                op[i] = static_cast<T>(rnd<T>(g / (1.0f + std::exp(-g))) * u);
+                const int64_t r = i / chunks, j = (i % chunks) * 16;
+                const __mmask16 m = tg::tail_mask(inter - j);
+                const __m512 g = tg::load16(xp + r * 2 * inter + j, m);
+                const __m512 u = tg::load16(xp + r * 2 * inter + inter + j, m);
+                const __m512 sig = _mm512_add_ps(_mm512_set1_ps(1.0f), tg::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+                const __m512 act = tg::round_as(_mm512_div_ps(g, sig), xp);
+                tg::store16(op + r * inter + j, _mm512_mul_ps(act, u), m);
             }
         });
     });
@@ -185,32 +212,48 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t seq = i / hkv, h = i % hkv, len = lp[seq];
             const int32_t* table = tp + seq * width;
-            scores.assign(group * len, 0.0f);
+            const float* q0 = qp + (seq * hq + h * group) * d;  // the group's queries, one after another
+            float* o0 = op + (seq * hq + h * group) * d;
+            scores.resize(group * len);
             for (int64_t pos = 0; pos < len; ++pos) {  // scores of the group's queries against each key
                 const float* k = kc + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * hkv + h) * d;
                 for (int64_t g = 0; g < group; ++g) {
-                    const float* qv = qp + (seq * hq + h * group + g) * d;
-                    float acc = 0.0f;
-                    for (int64_t j = 0; j < d; ++j) acc += qv[j] * k[j];
-                    scores[g * len + pos] = acc * sc;
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const __mmask16 m = tg::tail_mask(d - j);
+                        acc = _mm512_fmadd_ps(tg::load16(q0 + g * d + j, m), tg::load16(k + j, m), acc);
+                    }
+                    scores[g * len + pos] = _mm512_reduce_add_ps(acc) * sc;
                 }
             }
-            for (int64_t g = 0; g < group; ++g) {
+            for (int64_t g = 0; g < group; ++g) {  // softmax of each query's row
                 float* s = scores.data() + g * len;
-                const float mx = *std::max_element(s, s + len);
-                float sum = 0.0f;
-                for (int64_t pos = 0; pos < len; ++pos) sum += (s[pos] = std::exp(s[pos] - mx));
-                const float inv = 1.0f / sum;
-                for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
-                float* o = op + (seq * hq + h * group + g) * d;
-                std::fill(o, o + d, 0.0f);
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int64_t pos = 0; pos < len; pos += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tg::tail_mask(len - pos), s + pos));
+                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t pos = 0; pos < len; pos += 16) {
+                    const __mmask16 m = tg::tail_mask(len - pos);
+                    const __m512 e = _mm512_maskz_mov_ps(m, tg::exp16(_mm512_sub_ps(tg::load16(s + pos, m), top)));
+                    tg::store16(s + pos, e, m);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+                for (int64_t pos = 0; pos < len; pos += 16) {
+                    const __mmask16 m = tg::tail_mask(len - pos);
+                    tg::store16(s + pos, _mm512_mul_ps(tg::load16(s + pos, m), inv), m);
+                }
+                std::fill(o0 + g * d, o0 + (g + 1) * d, 0.0f);
             }
-            for (int64_t pos = 0; pos < len; ++pos) {
+            for (int64_t pos = 0; pos < len; ++pos) {  // the weighted sum of the values
                 const float* v = vc + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * hkv + h) * d;
                 for (int64_t g = 0; g < group; ++g) {
-                    const float p = scores[g * len + pos];
-                    float* o = op + (seq * hq + h * group + g) * d;
-                    for (int64_t j = 0; j < d; ++j) o[j] += p * v[j];
+                    const __m512 p = _mm512_set1_ps(scores[g * len + pos]);
+                    float* o = o0 + g * d;
+                    for (int64_t j = 0; j < d; j += 16) {
+                        const __mmask16 m = tg::tail_mask(d - j);
+                        tg::store16(o + j, _mm512_fmadd_ps(p, tg::load16(v + j, m), tg::load16(o + j, m)), m);
+                    }
                 }
             }
         }

@@ -48,6 +48,8 @@ class LLMEngine:
         elif self.runner.device.type == "cpu" and config.cpu_kernels and dtype == torch.float32 and cpu_fused_available():
             # Our C++ decode kernels (the paged cache is fp32 on CPU, the dtype they read).
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, "off")
+        else:
+            self.runner.use_reference_ops()
         self.seqs: dict[str, Sequence] = {}
         # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None

@@ -6,7 +6,7 @@ import torch
 
 from thinkgate.engine.cuda_graphs import DecodeGraphs
 from thinkgate.engine.scheduler import ScheduledBatch
-from thinkgate.layers.attention import AttentionMetadata
+from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
 from thinkgate.models.qwen import QwenForCausalLM
 from thinkgate.sampling.sampler import Sampler, SampleResult, SamplingRow
 
@@ -36,13 +36,13 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
-                            fused: bool = True) -> None:
+                            fused: bool = True, kernels: str = "auto") -> None:
         """Decode through a paged-attention kernel that reads the cache in place, and (`fused`) norms,
-        rotary + cache write and SwiGLU through fused ops: Triton kernels on a GPU, our C++ kernels on a
-        CPU. `graphs` (GPU only): "capture" (CUDA graphs), "eager" (the graphs' fixed buffers, no capture)
-        or "off"."""
+        rotary + cache write and SwiGLU through fused ops. `kernels`: "triton", "cpu" (our C++ kernels) or
+        "auto" (Triton on a GPU, C++ on a CPU). `graphs` (Triton only): "capture" (CUDA graphs), "eager"
+        (the graphs' fixed buffers, no capture) or "off"."""
         backend = self.model.attn_backend
-        if self.device.type == "cpu":
+        if kernels == "cpu" or (kernels == "auto" and self.device.type == "cpu"):
             import thinkgate.layers.cpu_fused as ops
 
             self.model.attn_backend = ops.CpuPagedAttention(backend.scale, backend.compute_dtype)
@@ -60,6 +60,15 @@ class ModelRunner:
                                        scratch_block=self.num_blocks)
             if graphs == "capture":
                 self.graphs.capture()
+
+    def use_reference_ops(self) -> None:
+        """Plain PyTorch ops and the reference attention (the model may be shared with an engine that
+        enabled the fused path)."""
+        backend = self.model.attn_backend
+        self.model.attn_backend = TorchPagedAttention(backend.scale, backend.compute_dtype)
+        self.model.fused_ops = None
+        self.paged_decode = False
+        self.graphs = None
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:

@@ -41,8 +41,8 @@ def _build_dir() -> Path:
     from thinkgate.models.default_model import cache_dir
 
     digest = hashlib.sha256()
-    for src in SOURCES:
-        digest.update(src.read_bytes())
+    for src in sorted(_CSRC.iterdir()):  # the sources and the headers they include
+        digest.update(src.name.encode() + src.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     key = f"torch{torch.__version__}-{digest.hexdigest()[:12]}".replace("+", "_")
     return cache_dir() / "kernels" / key

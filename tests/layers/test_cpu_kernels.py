@@ -1,0 +1,165 @@
+"""thinkgate's C++ CPU kernels (csrc/) against the PyTorch ops they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thinkgate.layers import cpu_kernels
+from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
+from thinkgate.layers.norm import RMSNorm
+from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
+
+if not cpu_kernels.cpu_supports_vnni():
+    pytest.skip("this CPU has no AVX-512 VNNI: thinkgate uses torch's kernels here", allow_module_level=True)
+ops = cpu_kernels.load()
+if ops is None:
+    pytest.skip("no C++ compiler here: the CPU kernels cannot be built", allow_module_level=True)
+
+import thinkgate.layers.cpu_fused as fused  # noqa: E402
+from thinkgate.layers.linear import Q4Linear, int4_groups, pack_q4  # noqa: E402
+
+
+def q4_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What q4_linear computes, in plain fp64: int4 codes with fp16 scale/min, activations as int8 per group
+    of 32 (round half to even), the min term on the exact activation sums."""
+    q, scale, lo = int4_groups(weight, 32)
+    n, k = weight.shape
+    s16, m16 = scale.half().double(), lo.half().double()
+    xg = x.double().view(x.shape[0], k // 32, 32)
+    d = xg.abs().amax(-1) / 127
+    qa = torch.where(d[..., None] > 0, torch.round(xg / torch.where(d > 0, d, 1)[..., None]), 0)
+    qg = q.double().view(n, k // 32, 32)
+    idot = torch.einsum("mgk,ngk->mng", qa, qg)  # [M, N, G] integer dot products
+    return (idot * d[:, None, :] * s16[None]).sum(-1) + torch.einsum("mg,ng->mn", xg.sum(-1), m16)
+
+
+@pytest.mark.parametrize("n,k", [(36, 128), (1152, 896), (70, 384)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_q4_linear_computes_its_quantized_product(n, k, rows):
+    g = torch.Generator().manual_seed(n + k + rows)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(rows, k, generator=g)
+    packed, scales, mins = pack_q4(w)
+    got = ops.q4_linear(x, packed, scales, mins, None)
+    torch.testing.assert_close(got.double(), q4_reference(x, w), atol=2e-5, rtol=1e-5)
+    # and it stays close to the unquantized product (int4 weights, int8 activations)
+    dense = x @ w.t()
+    assert ((got - dense).norm() / dense.norm()).item() < 0.1
+
+
+def test_q4_linear_bf16_bias_and_layer():
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(64, 256, generator=g) * 0.05, torch.randn(64, generator=g)
+    x = torch.randn(2, 256, generator=g).to(torch.bfloat16)
+    layer = Q4Linear(w, b, keep_dense=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 64)
+    ref = (q4_reference(x.float(), w) + b.double()).to(torch.bfloat16)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0.008)
+    # past `dense_above` rows (prefill) the dense bf16 weight is used
+    x_big = torch.randn(40, 256, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x_big), F.linear(x_big, w.to(torch.bfloat16), b.to(torch.bfloat16)))
+
+
+def test_q4_linear_refuses_bad_shapes():
+    packed, scales, mins = pack_q4(torch.randn(16, 128))
+    with pytest.raises(RuntimeError, match="weight shapes"):
+        ops.q4_linear(torch.randn(1, 256), packed, scales, mins, None)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        pack_q4(torch.randn(16, 96))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h", [96, 896, 40])
+def test_rms_norm_with_and_without_residual(dtype, h):
+    g = torch.Generator().manual_seed(h)
+    norm = RMSNorm(h, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(h, generator=g).to(dtype)
+    x, res = torch.randn(5, h, generator=g).to(dtype), torch.randn(5, h, generator=g).to(dtype)
+    # bf16: within a unit or two in the last place (a normed value may round the other way before the weight)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=7e-2, rtol=1.6e-2)
+    out, same = fused.rms_norm(x, norm.weight, norm.eps)
+    assert same is x
+    torch.testing.assert_close(out, norm(x), **tol)
+    out, new_res = fused.rms_norm(x, norm.weight, norm.eps, res)
+    assert torch.equal(new_res, x + res)  # the residual add rounds exactly as torch's add
+    torch.testing.assert_close(out, norm(x + res), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("d", [64, 128, 40])
+def test_qk_norm_rope_store_matches_the_layer_ops(dtype, qk_norm, d):
+    g = torch.Generator().manual_seed(d)
+    t, nq, nkv = 6, 4, 2
+    rope = RotaryEmbedding(d, 64, 10000.0)
+    qn, kn = RMSNorm(d).to(dtype), RMSNorm(d).to(dtype)
+    qn.weight.data, kn.weight.data = torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    qkv = torch.randn(t, nq + 2 * nkv, d, generator=g).to(dtype)
+    pos = torch.tensor([0, 5, 9, 33, 34, 63])
+    slots = torch.tensor([3, 17, 0, 8, 30, 12])
+    qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv:]
+    if qk_norm:
+        qk = torch.cat([qn(qk[:, :nq]), kn(qk[:, nq:])], dim=1)
+    qk = apply_rotary(qk, *rope.table(pos, dtype))
+    kc_ref, vc_ref = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
+    write_kv(kc_ref, vc_ref, qk[:, nq:], v, slots)
+    kc, vc = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
+    got = qkv.clone()
+    fused.qk_norm_rope_store(got, nq, nkv, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6,
+                             rope.cos, rope.sin, pos, slots, kc, vc)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got[:, : nq + nkv], qk, **tol)
+    assert torch.equal(got[:, nq + nkv:], v)
+    torch.testing.assert_close(kc, kc_ref, **tol)
+    assert torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 2 * 1500, generator=g) * 4).to(dtype)  # a partial last vector; large |gate| too
+    x[0, 0], x[0, 1] = -100.0, 100.0
+    gate, up = x.chunk(2, dim=-1)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(fused.silu_mul(x), F.silu(gate) * up, **tol)
+
+
+@pytest.mark.parametrize("hq,hkv,d,page", [(4, 2, 16, 16), (14, 2, 64, 16), (16, 8, 128, 4), (6, 3, 40, 8)])
+def test_paged_decode_attention_matches_the_reference(hq, hkv, d, page):
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    nblocks = 600
+    kc = torch.randn(nblocks, page, hkv, d, generator=g)
+    vc = torch.randn(nblocks, page, hkv, d, generator=g)
+    lens = [1, 17, 100, 64, 65, 1500]
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // page))] for n in lens]  # scattered, out-of-order pages
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device("cpu"))
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+        ref = TorchPagedAttention(d ** -0.5, torch.float32).forward(q, kc, vc, meta)
+        out = ops.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5)
+        assert out.dtype == dtype
+        tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+        torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
+def test_engine_on_the_cpu_kernels_keeps_greedy_outputs(engine_factory, arch):
+    """The fused CPU path (C++ norms, rotary + cache write, SwiGLU, paged decode attention) gives the same
+    greedy tokens as plain PyTorch, with sequences of different lengths decoding together."""
+    from thinkgate.sampling.params import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = engine_factory(arch, block_size=4, enable_prefix_caching=False, cpu_kernels=False)
+    assert type(ref.runner.model.attn_backend) is TorchPagedAttention and ref.runner.model.fused_ops is None
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, ref.tokenizer.vocab_size, (n,), generator=g).tolist() for n in (5, 23, 9, 40)]
+    expected = ref.generate(prompts, greedy)
+    eng = engine_factory(arch, block_size=4, enable_prefix_caching=False)
+    assert type(eng.runner.model.attn_backend) is fused.CpuPagedAttention
+    assert eng.runner.model.fused_ops is fused
+    assert eng.generate(prompts, greedy) == expected
+    eng.block_manager.check_integrity([])
