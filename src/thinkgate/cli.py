@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     msub = m.add_subparsers(dest="model_cmd", required=True)
     r = msub.add_parser("random", help="write a random-weight checkpoint in Hugging Face format")
     r.add_argument("--arch", choices=["qwen2", "qwen3", "qwen3_moe"], default="qwen3")
-    r.add_argument("--preset", choices=["tiny", "qwen3-0.6b", "qwen3-30b-a3b", "qwen2.5-0.5b"], default="tiny")
+    r.add_argument("--preset", choices=["tiny", "small", "qwen3-0.6b", "qwen3-30b-a3b", "qwen2.5-0.5b"], default="tiny")
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")

@@ -72,6 +72,9 @@ def profile_step(eng: LLMEngine, steps: int = 32) -> dict:
 
     orig, logits_fn = runner.model.forward, runner.model.compute_logits
     runner.model.forward, runner.model.compute_logits = timed(orig), timed(logits_fn)
+    decoder = runner.cpu_decoder  # the C++ layer stack (one-sequence CPU decode) is model time too
+    if decoder is not None:
+        runner.cpu_decoder = _TimedDecoder(decoder, timed)
     t0 = time.perf_counter()
     n = 0
     while eng.has_unfinished():
@@ -79,9 +82,15 @@ def profile_step(eng: LLMEngine, steps: int = 32) -> dict:
         n += 1
     total = time.perf_counter() - t0
     runner.model.forward, runner.model.compute_logits = orig, logits_fn
+    runner.cpu_decoder = decoder
     other = total - model_time[0]
     res = {"steps": n, "step_ms": 1000 * total / n, "model_ms": 1000 * model_time[0] / n,
            "overhead_ms": 1000 * other / n, "overhead_pct": 100 * other / total, "vocab": vocab}
     print(f"batch-1 decode step {res['step_ms']:.2f} ms: model+lm_head {res['model_ms']:.2f} ms, "
           f"engine overhead {res['overhead_ms']:.2f} ms ({res['overhead_pct']:.1f}%)")
     return res
+
+
+class _TimedDecoder:
+    def __init__(self, decoder, timed):
+        self.forward = timed(decoder.forward)

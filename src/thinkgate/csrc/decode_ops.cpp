@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace {

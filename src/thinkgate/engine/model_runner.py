@@ -34,6 +34,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size, valid_vocab)
         self.paged_decode = False
         self.graphs: DecodeGraphs | None = None
+        self.cpu_decoder = None  # csrc/decoder.cpp's Q4Decoder, for one-sequence CPU decode steps
 
     def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
                             fused: bool = True, kernels: str = "auto") -> None:
@@ -47,6 +48,8 @@ class ModelRunner:
 
             self.model.attn_backend = ops.CpuPagedAttention(backend.scale, backend.compute_dtype)
             graphs = "off"
+            # One sequence decoding: the whole layer stack in one C++ call, where every layer fits it.
+            self.cpu_decoder = ops.build_decoder(self.model, self.kv_caches) if fused else None
         else:
             import thinkgate.layers.triton_fused as ops
             from thinkgate.layers.triton_attention import TritonPagedAttention
@@ -69,6 +72,7 @@ class ModelRunner:
         self.model.fused_ops = None
         self.paged_decode = False
         self.graphs = None
+        self.cpu_decoder = None
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -121,7 +125,12 @@ class ModelRunner:
         slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)])
         meta = AttentionMetadata.paged_decode(slots.to(dev), table.to(dev),
                                               torch.tensor(pos, dtype=torch.int32).add_(1).to(dev))
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.kv_caches, meta)
+        input_ids, positions = torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
+        if self.cpu_decoder is not None and len(ids) == 1:
+            hidden = self.cpu_decoder.forward(self.model.embed_tokens(input_ids), positions, meta.slot_mapping,
+                                              meta.block_tables, meta.context_lens)
+            return self.model.compute_logits(hidden)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
 

@@ -52,3 +52,33 @@ class CpuPagedAttention:
             return cpu_kernels.load().paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
                                                              meta.context_lens, self.scale)
         return self.reference.forward(q, k_cache, v_cache, meta, k_new, v_new)
+
+
+def build_decoder(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The model's layer stack as one C++ object (csrc/decoder.cpp) for single-sequence decode steps, or
+    None when some layer cannot run there (MoE layers, linears without an int4 VNNI form)."""
+    from thinkgate.layers.linear import MixedLinear, Q4Linear
+    from thinkgate.models.qwen import DenseMLP
+
+    def q4(layer) -> Q4Linear | None:
+        if isinstance(layer, MixedLinear):
+            layer = layer.single
+        return layer if isinstance(layer, Q4Linear) else None
+
+    cfg = model.cfg
+    decoder = cpu_kernels.load().Q4Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                                           model.attn_backend.scale, model.rope.cos, model.rope.sin,
+                                           model.norm.weight.detach())
+    for layer, (kc, vc) in zip(model.layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        if not isinstance(mlp, DenseMLP):
+            return None
+        parts = [q4(attn.qkv_proj), q4(attn.o_proj), q4(mlp.gate_up_proj), q4(mlp.down_proj)]
+        if any(p is None for p in parts):
+            return None
+        qkv, o, gate_up, down = ([p.packed, p.scales, p.mins] for p in parts)
+        decoder.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                          None if attn.q_norm is None else attn.q_norm.weight.detach(),
+                          None if attn.k_norm is None else attn.k_norm.weight.detach(),
+                          qkv, parts[0]._bias32, o, gate_up, down, kc, vc)
+    return decoder

@@ -19,7 +19,7 @@ import torch
 log = logging.getLogger("thinkgate.kernels")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / "q4_linear.cpp", _CSRC / "decode_ops.cpp", _CSRC / "bindings.cpp"]
+SOURCES = [_CSRC / name for name in ("q4_linear.cpp", "decode_ops.cpp", "decoder.cpp", "bindings.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 _lock = threading.Lock()

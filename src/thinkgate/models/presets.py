@@ -16,6 +16,12 @@ PRESETS: dict[str, dict] = {
         intermediate_size=128, vocab_size=None, max_position_embeddings=4096, rope_theta=1000000.0,
         tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
     ),
+    # Small enough for tests, with every K a multiple of 128 so the CPU int4 kernel (csrc) takes each layer.
+    "small": dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        intermediate_size=256, vocab_size=None, max_position_embeddings=4096, rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
     "qwen3-0.6b": dict(
         hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
         intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
