@@ -4,7 +4,7 @@ For a few chat prompts, the bf16 model (the GGUF dequantized, no re-quantization
 continuation; each mode is then teacher-forced along it and scored: top-1 agreement with bf16 and the mean
 absolute difference of the chosen token's log-probability.
 
-    python benchmarks/quant_quality.py [--tokens 64] [--modes int4,w8a8] [--batched]
+    python benchmarks/quant_quality.py [--tokens 64] [--modes int4,w8a8] [--batched] [--no-cpu-kernels]
 
 --batched scores all prompts together, one decode step for every sequence at once (the rows a batched
 server step has), so modes whose numerics depend on the rows (W8A8: one activation scale per call) are
@@ -37,7 +37,7 @@ def logits_along(lm, ids: list[int]) -> torch.Tensor:
     """Logits at every position, computed one token at a time (the decode path, as served)."""
     cfg = lm.config
     bs, n_blocks = 16, len(ids) // 16 + 2
-    dtype = next(lm.model.parameters()).dtype
+    dtype = torch.float32  # the KV cache dtype the CPU engine serves with (attention computes in fp32)
     kv = [(torch.zeros(n_blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype=dtype),
            torch.zeros(n_blocks, bs, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)) for _ in range(cfg.num_layers)]
     table = list(range(n_blocks))
@@ -54,7 +54,7 @@ def logits_along_batched(lm, seqs: list[list[int]]) -> list[torch.Tensor]:
     """`logits_along` for every sequence at once: step i feeds token i of each sequence that has one."""
     cfg = lm.config
     bs = 16
-    dtype = next(lm.model.parameters()).dtype
+    dtype = torch.float32  # as in logits_along
     tables, start = [], 0
     for ids in seqs:
         n = len(ids) // bs + 2
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--modes", default=None, help="comma-separated subset of the mode names' keys, e.g. int4,w8a8")
     ap.add_argument("--batched", action="store_true", help="score all prompts in one batch per step")
+    ap.add_argument("--no-cpu-kernels", action="store_true", help="int4 on torch's kernel, not our VNNI one")
     args = ap.parse_args()
     gguf = str(pull_default_model())
     ref = load_model(gguf, dtype="bfloat16", device="cpu", weight_quant="none")
@@ -96,7 +97,8 @@ def main() -> None:
         modes = {k: v for k, v in modes.items() if k == "bf16 (reference)" or v[0] in keep and v[0] == v[1]}
     ref_lp = None
     for name, (wq, hq) in modes.items():
-        lm = ref if wq == "none" else load_model(gguf, dtype="bfloat16", device="cpu", weight_quant=wq, head_quant=hq)
+        lm = ref if wq == "none" else load_model(gguf, dtype="bfloat16", device="cpu", weight_quant=wq, head_quant=hq,
+                                                       cpu_kernels=not args.no_cpu_kernels)
         agree, total, dlp, lps = 0, 0, 0.0, []
         together = logits_along_batched(lm, [p + o for p, o in seqs]) if args.batched else None
         for k, (prompt, out) in enumerate(seqs):

@@ -1,12 +1,12 @@
 """Quantized linear layers for CPU decode.
 
 At batch 1 a decode step is bound by reading the weights, so keeping them compact is what makes a CPU
-fast: torch's `_weight_int8pack_mm` (int8 per output channel, bf16 activations) reads half the bytes of
-bf16, and `_weight_int4pack_mm_for_cpu` (int4, asymmetric groups) a quarter. The int4 kernel dequantizes
-as it goes, so its cost grows with the rows (3.5x from 1 to 8); fbgemm's W8A8 kernel (int8 activations
-too, VNNI dot products) costs about the same at 1 row and stays flat, so batched decode uses it
-(`MixedLinear`, the CPU default). For larger token counts (prefill) plain bf16 GEMM is faster, so the
-dense weight can be kept alongside for those.
+fast. int4 (a quarter of bf16's bytes) runs on our VNNI kernel (`Q4Linear`, csrc/q4_linear.cpp: int8
+activations, integer dot products, near memory speed) where the CPU has AVX-512 VNNI, else on torch's
+`_weight_int4pack_mm_for_cpu` (`Int4Linear`), which dequantizes every weight and is bound by that
+arithmetic. For several rows fbgemm's W8A8 kernel (`DynInt8Linear`) is the one whose cost stays flat, so
+batched decode uses it (`MixedLinear`, the CPU default). For larger token counts (prefill) plain bf16
+GEMM is faster, so the dense weight can be kept alongside for those.
 """
 
 from __future__ import annotations
