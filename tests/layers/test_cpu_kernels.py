@@ -239,3 +239,33 @@ def test_int4_kernel_model_is_as_close_to_bf16_as_torchs_int4(small_checkpoints)
     ref = logits["none", True]
     ours, torchs = ((logits["int4", k] - ref).norm() / ref.norm() for k in (True, False))
     assert ours.item() < 1.3 * torchs.item() + 0.02, (ours, torchs)
+
+
+def _in_subprocess(code: str, env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout + r.stderr
+
+
+def test_without_the_kernels_the_engine_falls_back_to_torch(tmp_path, checkpoints):
+    """THINKGATE_CPU_KERNELS=0, or a compiler that fails: torch's ops serve, with a warning for the failure."""
+    code = f"""
+from thinkgate.layers import cpu_kernels
+from thinkgate.config import EngineConfig
+from thinkgate.engine.llm_engine import LLMEngine
+from thinkgate.sampling.params import SamplingParams
+assert cpu_kernels.load() is None
+eng = LLMEngine.from_config(EngineConfig(model={str(checkpoints["qwen3"])!r}, dtype="float32",
+                                         kv_cache_memory=2**24))
+assert type(eng.runner.model.attn_backend).__name__ == "TorchPagedAttention"
+print(len(eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]))
+"""
+    assert _in_subprocess(code, {"THINKGATE_CPU_KERNELS": "0"}).startswith("4")
+    # a fresh cache (so it must build) and a C++ compiler that always fails
+    out = _in_subprocess(code, {"THINKGATE_CACHE": str(tmp_path / "cache"), "CXX": "false"})
+    assert "could not be built" in out and "using torch's ops" in out

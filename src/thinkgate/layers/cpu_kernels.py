@@ -65,6 +65,6 @@ def load():
             _module = build(name="thinkgate_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
                             extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=False)
         except Exception as exc:  # no compiler, no headers: torch's kernels still work, only slower
-            log.warning("thinkgate's CPU kernels could not be built (%s); using torch's int4 kernel", exc)
+            log.warning("thinkgate's CPU kernels could not be built (%s); using torch's ops", exc)
             _module = None
         return _module
