@@ -11,6 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed (CUDA builds of to
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("a GPU is present: tests/gpu runs the kernel there, on device tensors", allow_module_level=True)
 
+from tests.layers.fused_checks import check_qk_norm_rope_store, check_rms_norm, check_silu_mul  # noqa: E402
 from thinkgate.engine.cuda_graphs import batch_buckets  # noqa: E402
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
 from thinkgate.sampling.params import SamplingParams  # noqa: E402
@@ -92,56 +93,13 @@ def fused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_with_and_without_residual(fused, dtype):
-    from thinkgate.layers.norm import RMSNorm
-
-    g = torch.Generator().manual_seed(1)
-    norm = RMSNorm(96, 1e-6).to(dtype)
-    norm.weight.data = torch.randn(96, generator=g).to(dtype)
-    x, res = torch.randn(5, 96, generator=g).to(dtype), torch.randn(5, 96, generator=g).to(dtype)
-    # bf16: within two units in the last place (the normed value may round the other way, then the weight
-    # multiply rounds again)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=7e-2, rtol=1.6e-2)
-    out, same = fused.rms_norm(x, norm.weight, norm.eps)
-    assert same is x
-    torch.testing.assert_close(out, norm(x), **tol)
-    out, new_res = fused.rms_norm(x, norm.weight, norm.eps, res)
-    torch.testing.assert_close(new_res, x + res, **tol)
-    torch.testing.assert_close(out, norm(x + res), **tol)
+    check_rms_norm(fused, dtype)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_fused_qk_norm_rope_store_matches_the_layer_ops(fused, qk_norm):
-    from thinkgate.layers.attention import write_kv
-    from thinkgate.layers.norm import RMSNorm
-    from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
-
-    g = torch.Generator().manual_seed(2)
-    t, nq, nkv, d = 6, 4, 2, 32
-    rope = RotaryEmbedding(d, 64, 10000.0)
-    qn, kn = RMSNorm(d), RMSNorm(d)
-    qn.weight.data, kn.weight.data = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    qkv = torch.randn(t, nq + 2 * nkv, d, generator=g)
-    pos = torch.tensor([0, 5, 9, 33, 34, 63])
-    slots = torch.tensor([3, 17, 0, 8, 30, 12])
-    # reference: the unfused layer ops
-    qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv:]
-    if qk_norm:
-        qk = torch.cat([qn(qk[:, :nq]), kn(qk[:, nq:])], dim=1)
-    qk = apply_rotary(qk, *rope.table(pos, qkv.dtype))
-    kc_ref, vc_ref = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
-    write_kv(kc_ref, vc_ref, qk[:, nq:], v, slots)
-    kc, vc = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
-    got = qkv.clone()
-    fused.qk_norm_rope_store(got, nq, nkv, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6,
-                             rope.cos, rope.sin, pos, slots, kc, vc)
-    torch.testing.assert_close(got[:, : nq + nkv], qk, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[:, nq + nkv:], v)
-    torch.testing.assert_close(kc, kc_ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(vc, vc_ref)
+    check_qk_norm_rope_store(fused, torch.float32, qk_norm)
 
 
 def test_fused_silu_mul(fused):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 2 * 1500, generator=g)  # two column blocks, the second one partial
-    gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(fused.silu_mul(x), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    check_silu_mul(fused, torch.float32)

@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.layers.fused_checks import check_qk_norm_rope_store, check_rms_norm, check_silu_mul
 from thinkgate.layers import cpu_kernels
-from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
-from thinkgate.layers.norm import RMSNorm
-from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
+from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
 
 if not cpu_kernels.cpu_supports_vnni():
     pytest.skip("this CPU has no AVX-512 VNNI: thinkgate uses torch's kernels here", allow_module_level=True)
@@ -72,57 +71,22 @@ def test_q4_linear_refuses_bad_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h", [96, 896, 40])
 def test_rms_norm_with_and_without_residual(dtype, h):
-    g = torch.Generator().manual_seed(h)
-    norm = RMSNorm(h, 1e-6).to(dtype)
-    norm.weight.data = torch.randn(h, generator=g).to(dtype)
-    x, res = torch.randn(5, h, generator=g).to(dtype), torch.randn(5, h, generator=g).to(dtype)
-    # bf16: within a unit or two in the last place (a normed value may round the other way before the weight)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=7e-2, rtol=1.6e-2)
-    out, same = fused.rms_norm(x, norm.weight, norm.eps)
-    assert same is x
-    torch.testing.assert_close(out, norm(x), **tol)
-    out, new_res = fused.rms_norm(x, norm.weight, norm.eps, res)
-    assert torch.equal(new_res, x + res)  # the residual add rounds exactly as torch's add
-    torch.testing.assert_close(out, norm(x + res), **tol)
+    check_rms_norm(fused, dtype, h)
+    if dtype == torch.bfloat16:  # the residual add rounds exactly as torch's add
+        x, res = torch.randn(3, h).to(dtype), torch.randn(3, h).to(dtype)
+        assert torch.equal(fused.rms_norm(x, torch.ones(h, dtype=dtype), 1e-6, res)[1], x + res)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("d", [64, 128, 40])
 def test_qk_norm_rope_store_matches_the_layer_ops(dtype, qk_norm, d):
-    g = torch.Generator().manual_seed(d)
-    t, nq, nkv = 6, 4, 2
-    rope = RotaryEmbedding(d, 64, 10000.0)
-    qn, kn = RMSNorm(d).to(dtype), RMSNorm(d).to(dtype)
-    qn.weight.data, kn.weight.data = torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
-    qkv = torch.randn(t, nq + 2 * nkv, d, generator=g).to(dtype)
-    pos = torch.tensor([0, 5, 9, 33, 34, 63])
-    slots = torch.tensor([3, 17, 0, 8, 30, 12])
-    qk, v = qkv[:, : nq + nkv], qkv[:, nq + nkv:]
-    if qk_norm:
-        qk = torch.cat([qn(qk[:, :nq]), kn(qk[:, nq:])], dim=1)
-    qk = apply_rotary(qk, *rope.table(pos, dtype))
-    kc_ref, vc_ref = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
-    write_kv(kc_ref, vc_ref, qk[:, nq:], v, slots)
-    kc, vc = torch.zeros(8, 4, nkv, d), torch.zeros(8, 4, nkv, d)
-    got = qkv.clone()
-    fused.qk_norm_rope_store(got, nq, nkv, qn.weight if qk_norm else None, kn.weight if qk_norm else None, 1e-6,
-                             rope.cos, rope.sin, pos, slots, kc, vc)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1.6e-2)
-    torch.testing.assert_close(got[:, : nq + nkv], qk, **tol)
-    assert torch.equal(got[:, nq + nkv:], v)
-    torch.testing.assert_close(kc, kc_ref, **tol)
-    assert torch.equal(vc, vc_ref)
+    check_qk_norm_rope_store(fused, dtype, qk_norm, d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul(dtype):
-    g = torch.Generator().manual_seed(3)
-    x = (torch.randn(3, 2 * 1500, generator=g) * 4).to(dtype)  # a partial last vector; large |gate| too
-    x[0, 0], x[0, 1] = -100.0, 100.0
-    gate, up = x.chunk(2, dim=-1)
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
-    torch.testing.assert_close(fused.silu_mul(x), F.silu(gate) * up, **tol)
+    check_silu_mul(fused, dtype)
 
 
 @pytest.mark.parametrize("hq,hkv,d,page", [(4, 2, 16, 16), (14, 2, 64, 16), (16, 8, 128, 4), (6, 3, 40, 8)])
