@@ -48,6 +48,8 @@ class LLMEngine:
         elif self.runner.device.type == "cpu" and config.cpu_kernels and dtype == torch.float32 and cpu_fused_available():
             # Our C++ decode kernels (the paged cache is fp32 on CPU, the dtype they read).
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, "off")
+            log.info("CPU decode on thinkgate's C++ kernels (fused ops, paged attention%s)",
+                     ", one-sequence steps in the C++ layer loop" if self.runner.cpu_decoder is not None else "")
         else:
             self.runner.use_reference_ops()
         self.seqs: dict[str, Sequence] = {}
