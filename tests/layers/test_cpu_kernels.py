@@ -233,3 +233,16 @@ print(len(eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, 
     # a fresh cache (so it must build) and a C++ compiler that always fails
     out = _in_subprocess(code, {"THINKGATE_CACHE": str(tmp_path / "cache"), "CXX": "false"})
     assert "could not be built" in out and "using torch's ops" in out
+
+
+
+def test_mixed_linear_sends_one_row_steps_to_the_int4_kernel():
+    from thinkgate.layers.linear import MixedLinear
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    mixed = MixedLinear(w, None, keep_dense=True)
+    assert isinstance(mixed.single, Q4Linear)
+    for rows, path in ((1, mixed.single), (2, mixed.batched), (16, mixed.batched)):
+        x = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
+        assert torch.equal(mixed(x), path(x)), rows
