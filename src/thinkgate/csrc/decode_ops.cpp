@@ -7,8 +7,8 @@
 // the order of fp32 sums:
 // - rms_norm: optional residual add, then Qwen's RMSNorm;
 // - qk_norm_rope_store: per-head q/k RMSNorm (Qwen3), NeoX rotary in place, k/v written to cache slots;
-// - silu_mul: SwiGLU's silu(gate) * up;
-// - paged_decode_attention: one query per sequence against its paged fp32 K/V cache, read in place.
+// - silu_mul: SwiGLU's silu(gate) * up.
+// Decode attention over the paged cache lives in paged_attention.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -186,78 +186,4 @@ at::Tensor silu_mul(const at::Tensor& x) {
         });
     });
     return out;
-}
-
-// q [B, Hq, D]; caches [N, bs, Hkv, D] fp32; block_tables [B, M] int32; context_lens [B] int32.
-// Returns [B, Hq, D] in q's dtype: softmax(scale * q K^T) V over each sequence's context, in fp32.
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-    TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [B, Hq, D]");
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
-                "paged_decode_attention: the CPU caches are contiguous fp32");
-    const int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
-    const int64_t bs = k_cache.size(1), hkv = k_cache.size(2), group = hq / hkv;
-    at::Tensor qf = q.to(at::kFloat).contiguous();
-    at::Tensor tables = block_tables.to(at::kInt).contiguous(), lens = context_lens.to(at::kInt).contiguous();
-    at::Tensor out = at::empty({b, hq, d}, qf.options());
-    const float* qp = qf.data_ptr<float>();
-    const float* kc = k_cache.data_ptr<float>();
-    const float* vc = v_cache.data_ptr<float>();
-    const int32_t* tp = tables.data_ptr<int32_t>();
-    const int32_t* lp = lens.data_ptr<int32_t>();
-    float* op = out.data_ptr<float>();
-    const int64_t width = tables.size(1);
-    const float sc = static_cast<float>(scale);
-    at::parallel_for(0, b * hkv, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> scores;
-        for (int64_t i = i0; i < i1; ++i) {
-            const int64_t seq = i / hkv, h = i % hkv, len = lp[seq];
-            const int32_t* table = tp + seq * width;
-            const float* q0 = qp + (seq * hq + h * group) * d;  // the group's queries, one after another
-            float* o0 = op + (seq * hq + h * group) * d;
-            scores.resize(group * len);
-            for (int64_t pos = 0; pos < len; ++pos) {  // scores of the group's queries against each key
-                const float* k = kc + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * hkv + h) * d;
-                for (int64_t g = 0; g < group; ++g) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t j = 0; j < d; j += 16) {
-                        const __mmask16 m = tg::tail_mask(d - j);
-                        acc = _mm512_fmadd_ps(tg::load16(q0 + g * d + j, m), tg::load16(k + j, m), acc);
-                    }
-                    scores[g * len + pos] = _mm512_reduce_add_ps(acc) * sc;
-                }
-            }
-            for (int64_t g = 0; g < group; ++g) {  // softmax of each query's row
-                float* s = scores.data() + g * len;
-                __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (int64_t pos = 0; pos < len; pos += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tg::tail_mask(len - pos), s + pos));
-                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-                __m512 sum = _mm512_setzero_ps();
-                for (int64_t pos = 0; pos < len; pos += 16) {
-                    const __mmask16 m = tg::tail_mask(len - pos);
-                    const __m512 e = _mm512_maskz_mov_ps(m, tg::exp16(_mm512_sub_ps(tg::load16(s + pos, m), top)));
-                    tg::store16(s + pos, e, m);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-                for (int64_t pos = 0; pos < len; pos += 16) {
-                    const __mmask16 m = tg::tail_mask(len - pos);
-                    tg::store16(s + pos, _mm512_mul_ps(tg::load16(s + pos, m), inv), m);
-                }
-                std::fill(o0 + g * d, o0 + (g + 1) * d, 0.0f);
-            }
-            for (int64_t pos = 0; pos < len; ++pos) {  // the weighted sum of the values
-                const float* v = vc + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * hkv + h) * d;
-                for (int64_t g = 0; g < group; ++g) {
-                    const __m512 p = _mm512_set1_ps(scores[g * len + pos]);
-                    float* o = o0 + g * d;
-                    for (int64_t j = 0; j < d; j += 16) {
-                        const __mmask16 m = tg::tail_mask(d - j);
-                        tg::store16(o + j, _mm512_fmadd_ps(p, tg::load16(v + j, m), tg::load16(o + j, m)), m);
-                    }
-                }
-            }
-        }
-    });
-    return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }

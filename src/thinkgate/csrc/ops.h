@@ -10,7 +10,7 @@
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                      const at::Tensor& mins, const c10::optional<at::Tensor>& bias);
 
-// decode_ops.cpp
+// decode_ops.cpp (paged_decode_attention: paged_attention.cpp)
 std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
                                  const c10::optional<at::Tensor>& residual);
 void qk_norm_rope_store(const at::Tensor& qkv, int64_t nq, int64_t nkv, const c10::optional<at::Tensor>& q_weight,

@@ -19,7 +19,8 @@ import torch
 log = logging.getLogger("thinkgate.kernels")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / name for name in ("q4_linear.cpp", "decode_ops.cpp", "decoder.cpp", "bindings.cpp")]
+SOURCES = [_CSRC / name for name in (
+    "q4_linear.cpp", "decode_ops.cpp", "paged_attention.cpp", "decoder.cpp", "bindings.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
 _lock = threading.Lock()
