@@ -205,13 +205,13 @@ def test_int4_kernel_model_is_as_close_to_bf16_as_torchs_int4(small_checkpoints)
     assert ours.item() < 1.3 * torchs.item() + 0.02, (ours, torchs)
 
 
-def _in_subprocess(code: str, env: dict) -> str:
+def _in_subprocess(code: str, env: dict, timeout: float = 300) -> str:
     import os
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout + r.stderr
 
@@ -246,3 +246,17 @@ def test_mixed_linear_sends_one_row_steps_to_the_int4_kernel():
     for rows, path in ((1, mixed.single), (2, mixed.batched), (16, mixed.batched)):
         x = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
         assert torch.equal(mixed(x), path(x)), rows
+
+
+def test_a_build_killed_midway_does_not_hang_later_starts(tmp_path):
+    """torch's builder leaves a `lock` file behind when a build is killed; the next start must not wait on it
+    forever. The built folder is copied to a fresh cache with such a leftover lock."""
+    import shutil
+
+    built = cpu_kernels._build_dir()
+    copy = tmp_path / "cache" / "kernels" / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").touch()
+    out = _in_subprocess("from thinkgate.layers import cpu_kernels\nprint(cpu_kernels.load() is not None)",
+                         {"THINKGATE_CACHE": str(tmp_path / "cache")}, timeout=90)
+    assert out.startswith("True") and not (copy / "lock").exists()

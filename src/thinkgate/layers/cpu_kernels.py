@@ -45,6 +45,8 @@ def _build_dir() -> Path:
     for src in sorted(_CSRC.iterdir()):  # the sources and the headers they include
         digest.update(src.name.encode() + src.read_bytes())
     digest.update(" ".join(FLAGS).encode())
+    # The build files name the sources by path: two checkouts sharing a folder would rebuild it in turn.
+    digest.update(str(_CSRC).encode())
     key = f"torch{torch.__version__}-{digest.hexdigest()[:12]}".replace("+", "_")
     return cache_dir() / "kernels" / key
 
@@ -59,13 +61,28 @@ def load():
         if os.environ.get("THINKGATE_CPU_KERNELS", "1") == "0" or not cpu_supports_vnni():
             return None
         try:
-            from torch.utils.cpp_extension import load as build
-
-            out = _build_dir()
-            out.mkdir(parents=True, exist_ok=True)
-            _module = build(name="thinkgate_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
-                            extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=False)
+            _module = _build(_build_dir())
         except Exception as exc:  # no compiler, no headers: torch's kernels still work, only slower
             log.warning("thinkgate's CPU kernels could not be built (%s); using torch's ops", exc)
             _module = None
         return _module
+
+
+def _build(out: Path):
+    """Compile (or just load) the module in `out`, one process at a time.
+
+    torch's builder guards its folder with a `lock` file that a killed build leaves behind, after which
+    every later start would wait on it forever. An OS file lock, which dies with its holder, serialises
+    our builds instead, and whoever holds it clears such a leftover."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load as build
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "thinkgate.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (out / "lock").unlink(missing_ok=True)
+        if not (out / "thinkgate_cpu_kernels.so").exists():
+            log.info("compiling thinkgate's CPU kernels into %s (once per machine, ~30-60 s)", out)
+        return build(name="thinkgate_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                     extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=False)
