@@ -95,8 +95,9 @@ void qk_norm_rope_store(const at::Tensor& qkv, int64_t nq, int64_t nkv, const c1
     TORCH_CHECK(heads == nq + 2 * nkv, "qk_norm_rope_store: head count mismatch");
     const bool has_norm = q_weight.has_value();
     at::Tensor pos = positions.to(at::kLong).contiguous(), slots = slot_mapping.to(at::kLong).contiguous();
-    at::Tensor qw = has_norm ? q_weight->to(at::kFloat).contiguous() : at::Tensor();
-    at::Tensor kw = has_norm ? k_weight->to(at::kFloat).contiguous() : at::Tensor();
+    // In the activation dtype, as the reference multiplies them (no copy when they already are: every step).
+    at::Tensor qw = has_norm ? q_weight->to(qkv.scalar_type()).contiguous() : at::Tensor();
+    at::Tensor kw = has_norm ? k_weight->to(qkv.scalar_type()).contiguous() : at::Tensor();
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
     const int64_t* pp = pos.data_ptr<int64_t>();
@@ -122,9 +123,9 @@ void qk_norm_rope_store(const at::Tensor& qkv, int64_t nq, int64_t nkv, const c1
                     continue;
                 }
                 __m512 rstd = _mm512_set1_ps(1.0f);
-                const float* w = nullptr;
+                const T* w = nullptr;
                 if (has_norm) {
-                    w = (h < nq ? qw : kw).data_ptr<float>();
+                    w = (h < nq ? qw : kw).data_ptr<T>();
                     __m512 ss = _mm512_setzero_ps();
                     for (int64_t j = 0; j < d; j += 16) {
                         const __m512 v = tg::load16(row + j, tg::tail_mask(d - j));

@@ -41,6 +41,28 @@ inline __m512 sum16(__m512* p) {
     return pick_add(l3[0], l3[1], s_lo, s_hi);
 }
 
+// Each of `rows` rows of `len` scores replaced by its softmax.
+void softmax_rows(float* scores, int64_t rows, int64_t len) {
+    for (int64_t g = 0; g < rows; ++g) {
+        float* s = scores + g * len;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t pos = 0; pos < len; pos += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tg::tail_mask(len - pos), s + pos));
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t pos = 0; pos < len; pos += 16) {
+            const __mmask16 m = tg::tail_mask(len - pos);
+            const __m512 e = _mm512_maskz_mov_ps(m, tg::exp16(_mm512_sub_ps(tg::load16(s + pos, m), top)));
+            tg::store16(s + pos, e, m);
+            sum = _mm512_add_ps(sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t pos = 0; pos < len; pos += 16) {
+            const __mmask16 m = tg::tail_mask(len - pos);
+            tg::store16(s + pos, _mm512_mul_ps(tg::load16(s + pos, m), inv), m);
+        }
+    }
+}
+
 template <int NV>  // head size / 16
 void attend_fast(const float* q0, float* o0, int64_t group, int64_t len, const int32_t* table, int64_t bs,
                  int64_t hkv, int64_t h, const float* kc, const float* vc, float sc, std::vector<float>& scores,
@@ -70,24 +92,7 @@ void attend_fast(const float* q0, float* o0, int64_t group, int64_t len, const i
                                   _mm512_mul_ps(sum16(part), _mm512_set1_ps(sc)));
         }
     }
-    for (int64_t g = 0; g < group; ++g) {  // softmax of each query's row
-        float* s = scores.data() + g * len;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t pos = 0; pos < len; pos += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tg::tail_mask(len - pos), s + pos));
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t pos = 0; pos < len; pos += 16) {
-            const __mmask16 m = tg::tail_mask(len - pos);
-            const __m512 e = _mm512_maskz_mov_ps(m, tg::exp16(_mm512_sub_ps(tg::load16(s + pos, m), top)));
-            tg::store16(s + pos, e, m);
-            sum = _mm512_add_ps(sum, e);
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-        for (int64_t pos = 0; pos < len; pos += 16) {
-            const __mmask16 m = tg::tail_mask(len - pos);
-            tg::store16(s + pos, _mm512_mul_ps(tg::load16(s + pos, m), inv), m);
-        }
-    }
+    softmax_rows(scores.data(), group, len);
     constexpr int64_t kChunk = NV >= 8 ? 2 : 4;  // queries whose outputs stay in registers
     for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
         const int64_t gc = std::min(kChunk, group - g0);
@@ -124,14 +129,8 @@ void attend_general(const float* q0, float* o0, int64_t group, int64_t len, int6
             scores[g * len + pos] = _mm512_reduce_add_ps(acc) * sc;
         }
     }
-    for (int64_t g = 0; g < group; ++g) {  // softmax of each query's row
-        float* s = scores.data() + g * len;
-        const float mx = *std::max_element(s, s + len);
-        float sum = 0.0f;
-        for (int64_t pos = 0; pos < len; ++pos) sum += (s[pos] = std::exp(s[pos] - mx));
-        for (int64_t pos = 0; pos < len; ++pos) s[pos] /= sum;
-        std::fill(o0 + g * d, o0 + (g + 1) * d, 0.0f);
-    }
+    softmax_rows(scores.data(), group, len);
+    std::fill(o0, o0 + group * d, 0.0f);
     for (int64_t pos = 0; pos < len; ++pos) {  // the weighted sum of the values
         const float* v = vc + ((static_cast<int64_t>(table[pos / bs]) * bs + pos % bs) * hkv + h) * d;
         for (int64_t g = 0; g < group; ++g) {
