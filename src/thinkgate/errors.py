@@ -1,6 +1,14 @@
-"""One exception hierarchy. Each error carries the OpenAI error `type`, the HTTP status and the parameter."""
+"""One exception hierarchy, and the one function that writes the OpenAI error body.
+
+Each error carries the OpenAI error `type`, the HTTP status and the parameter it is about."""
 
 from __future__ import annotations
+
+
+def error_body(message: str, type: str = "server_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    """`{"error": {...}}` as OpenAI sends it: every error this server returns, in a body or a stream, is this."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class ThinkgateError(Exception):
@@ -14,8 +22,7 @@ class ThinkgateError(Exception):
         self.code = code
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code if self.code is not None else self.status}}
+        return error_body(self.message, self.type, self.param, self.code if self.code is not None else self.status)
 
 
 class InvalidRequestError(ThinkgateError, ValueError):
@@ -31,8 +38,3 @@ class ModelNotFound(ThinkgateError):
 class PayloadTooLarge(ThinkgateError):
     status = 413
     type = "invalid_request_error"
-
-
-class ServiceUnavailable(ThinkgateError):
-    status = 503
-    type = "service_unavailable"

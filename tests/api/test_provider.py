@@ -3,7 +3,9 @@
 import asyncio
 
 from thinkgate.engine.async_engine import AsyncEngine
+from thinkgate.gateway.providers.base import RequestContext, UsageEvent
 from thinkgate.gateway.providers.local import LocalProvider
+from thinkgate.params import validate_chat
 from thinkgate.protocol import ChatCompletionRequest
 
 
@@ -24,19 +26,19 @@ def test_n_choices_prefill_the_prompt_once(engine_factory):
                                 max_tokens=4, seed=1)
 
     async def run():
-        prep = await provider.prepare(req)
-        chunks = [c async for c in provider.stream(req, prep, "chatcmpl-test", 0)]
-        return prep, chunks
+        prep = await provider.prepare(validate_chat(req))
+        events = [e async for e in provider.stream(prep, RequestContext("chatcmpl-test"))]
+        return prep, events
 
     try:
-        prep, chunks = asyncio.run(run())
+        prep, events = asyncio.run(run())
     finally:
         provider.engine.shutdown()
     full_blocks = (len(prep.prompt_ids) - 1) // 16 * 16
     assert full_blocks >= 96
     assert seen["chatcmpl-test-0"] == 0
     assert seen["chatcmpl-test-1"] == seen["chatcmpl-test-2"] == full_blocks
-    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    assert isinstance(events[-1], UsageEvent) and events[-1].record.completion_tokens == 12
 
 
 def test_grammars_compile_in_prepare_before_anything_is_queued(engine_factory):
@@ -51,7 +53,7 @@ def test_grammars_compile_in_prepare_before_anything_is_queued(engine_factory):
                                      response_format=rf)
 
     async def run():
-        return [await provider.prepare(req(rf)) for rf in (
+        return [await provider.prepare(validate_chat(req(rf))) for rf in (
             {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}, {"type": "json_object"},
             {"type": "text"}, None)]
 

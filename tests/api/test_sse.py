@@ -4,7 +4,7 @@ import asyncio
 
 import orjson
 
-from thinkgate.api.app import sse
+from thinkgate.api.sse import sse
 from thinkgate.errors import InvalidRequestError
 
 

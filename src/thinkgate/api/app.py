@@ -1,26 +1,30 @@
-"""The FastAPI app: routes stay thin; providers do the work; every error leaves in the OpenAI shape."""
+"""The FastAPI app: routes stay thin; providers do the work; every error leaves in the OpenAI shape.
+
+A chat request goes: parse (api/requests.py) -> validate once (thinkgate/params.py) -> route to a provider
+-> prepare (model-specific checks) -> a ProviderRun streams its events, whose usage record goes to the
+usage hook however the request ends -> chunks, as SSE or assembled into one completion."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
 
-import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from thinkgate.api.responses import assemble_completion
+from thinkgate.api.provider_run import ProviderRun, RunStreamingResponse, UsageHook, log_usage
+from thinkgate.api.requests import parse_chat_request, validation_error
+from thinkgate.api.responses import assemble_completion, render_chunks
+from thinkgate.api.sse import sse
 from thinkgate.config import ServerConfig
-from thinkgate.errors import InvalidRequestError, ModelNotFound, PayloadTooLarge, ThinkgateError
-from thinkgate.gateway.providers.base import ChatProvider
-from thinkgate.protocol import ChatCompletionRequest
+from thinkgate.errors import ModelNotFound, ThinkgateError, error_body
+from thinkgate.gateway.providers.base import ChatProvider, RequestContext
+from thinkgate.params import validate_chat
 
 log = logging.getLogger(__name__)
 BASES = ("/v1", "/api/gpt/v1")
@@ -30,34 +34,11 @@ def error_response(err: ThinkgateError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.status)
 
 
-def _param_from_loc(loc: tuple) -> str | None:
-    parts = [p for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p in ("str", "list[ContentPart]", "function-after", "literal['none','auto','required']"):
-            continue  # union branch names pydantic adds, not parameter names
-        else:
-            out += ("." if out else "") + str(p)
-    return out or None
-
-
-def validation_error(e: ValidationError) -> InvalidRequestError:
-    first = e.errors()[0]
-    param = _param_from_loc(tuple(first["loc"]))
-    msg = first["msg"]
-    if first["type"] == "missing":
-        return InvalidRequestError(f"missing required parameter: {param}", param=param)
-    value = first.get("input")
-    shown = repr(value)[:80] if not isinstance(value, dict) else "an object"
-    return InvalidRequestError(f"invalid value for {param}: {msg} (got {shown})", param=param)
-
-
-def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None = None) -> FastAPI:
+def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None = None,
+               on_usage: UsageHook = log_usage) -> FastAPI:
+    """`on_usage` receives one UsageRecord per chat request that reached a provider, however it ended."""
     config = config or ServerConfig()
     app = FastAPI(title="thinkgate", version="0.1.0")
-    app.state.providers = providers
 
     @app.exception_handler(ThinkgateError)
     async def _tg_error(request: Request, exc: ThinkgateError):
@@ -70,14 +51,12 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        body = {"error": {"message": str(exc.detail), "type": etype, "param": None, "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), etype, code=exc.status_code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        body = {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": 500}}
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(error_body("internal server error", code=500), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -98,23 +77,26 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         return provider_for(model_id).card()
 
     async def chat_completions(request: Request):
-        req = await parse_chat_request(request, config.max_body_bytes)
-        provider = provider_for(req.model)
-        prepared = await provider.prepare(req)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
-        stream = provider.stream(req, prepared, completion_id, created)
-        if req.stream:
-            return StreamingResponse(sse(stream, config.keepalive_s), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        chunks = await collect_unless_disconnected(request, stream)
+        params = validate_chat(await parse_chat_request(request, config.max_body_bytes))
+        provider = provider_for(params.model)
+        prepared = await provider.prepare(params)
+        ctx = RequestContext("chatcmpl-" + uuid.uuid4().hex)
+        run = ProviderRun(provider.stream(prepared, ctx), ctx, on_usage)
+        if params.stream:
+            chunks = render_chunks(run, ctx, provider.model_id, params.n, params.include_usage)
+            return RunStreamingResponse(sse(chunks, config.keepalive_s), run, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            chunks = await collect_unless_disconnected(
+                request, render_chunks(run, ctx, provider.model_id, params.n, include_usage=True))
+        finally:
+            run.abandon()
         if chunks is None:
             return Response(status_code=499)
         for ch in chunks:
             if "error" in ch:
-                err = ch["error"]
-                return JSONResponse({"error": {**err, "param": None}}, status_code=500)
-        body = assemble_completion(chunks, prepared.show_reasoning, prepared.mode)
+                return JSONResponse({"error": ch["error"]}, status_code=500)
+        body = assemble_completion(chunks, params.show_reasoning, prepared.reasoning_mode)
         return Response(orjson.dumps(body), media_type="application/json")
 
     for base in BASES:
@@ -124,35 +106,11 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
     return app
 
 
-async def parse_chat_request(request: Request, limit: int) -> ChatCompletionRequest:
-    ctype = request.headers.get("content-type", "")
-    if "json" not in ctype.lower():
-        raise InvalidRequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from None
-
-
-async def collect_unless_disconnected(request: Request, stream: AsyncIterator[dict]) -> list[dict] | None:
-    """Gather the whole chunk stream; if the client goes away first, cancel it (aborting the request)."""
+async def collect_unless_disconnected(request: Request, chunks) -> list[dict] | None:
+    """Gather the whole chunk stream, or None if the client goes away first (the caller abandons the run)."""
 
     async def collect():
-        return [c async for c in stream]
+        return [c async for c in chunks]
 
     task = asyncio.create_task(collect())
     try:
@@ -161,53 +119,6 @@ async def collect_unless_disconnected(request: Request, stream: AsyncIterator[di
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 return None
     finally:
-        await _close(task, stream)
-
-
-async def sse(stream: AsyncIterator[dict], keepalive_s: float) -> AsyncIterator[bytes]:
-    """SSE framing with keep-alive comments while the next chunk is not ready."""
-    it = stream.__aiter__()
-    nxt = asyncio.ensure_future(it.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({nxt}, timeout=keepalive_s)
-            if not done:
-                yield b": keep-alive\n\n"
-                continue
-            try:
-                chunk = nxt.result()
-            except StopAsyncIteration:
-                break
-            except ThinkgateError as e:
-                yield b"data: " + orjson.dumps(e.to_dict()) + b"\n\n"
-                break
-            except Exception as e:  # after the headers went out, errors travel in the stream
-                log.exception("stream failed")
-                body = {"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                                  "code": 500}}
-                yield b"data: " + orjson.dumps(body) + b"\n\n"
-                break
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            nxt = asyncio.ensure_future(it.__anext__())
-        yield b"data: [DONE]\n\n"
-    finally:
-        await _close(nxt, it)
-
-
-async def _close(pending: asyncio.Future, stream) -> None:
-    """Stop a half-consumed chunk stream: cancel the pending step, wait for it, then close the generator
-    (closing a generator whose step is still running fails). Shielded, because this runs while the client
-    disconnect is cancelling the request, and it is what aborts the engine request."""
-    with anyio.CancelScope(shield=True):
-        if not pending.done():
-            pending.cancel()
-        try:
-            await pending
-        except BaseException:  # noqa: BLE001 - cancelled, finished or failed: all we need is that it stopped
-            pass
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        task.cancel()  # only stops reading the queue; the provider run ends on its own after abandon()

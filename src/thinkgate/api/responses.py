@@ -1,6 +1,53 @@
-"""Build a `chat.completion` from the chunk stream, so streaming and non-streaming share one path."""
+"""Provider events -> `chat.completion.chunk` dicts, and a `chat.completion` assembled from those chunks,
+so streaming and non-streaming share one path."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from thinkgate.errors import error_body
+from thinkgate.gateway.providers.base import ChunkEvent, ErrorEvent, ProviderEvent, RequestContext, UsageEvent
+
+
+async def render_chunks(events: AsyncIterator[ProviderEvent], ctx: RequestContext, model: str, n: int,
+                        include_usage: bool) -> AsyncIterator[dict]:
+    """Chunks as OpenAI streams them. Usage goes where clients look for it: with
+    `stream_options.include_usage`, in an extra last chunk with empty `choices` (OpenAI's contract); without
+    it, on the last chunk that carries a `finish_reason`, so code that reads `chunk.choices[0]` of every
+    chunk never meets an empty list, and usage and cost still reach every client."""
+
+    def chunk(choices: list[dict], **extra) -> dict:
+        return {"id": ctx.request_id, "object": "chat.completion.chunk", "created": ctx.created, "model": model,
+                "choices": choices, **extra}
+
+    finishes = 0
+    held = None  # the chunk that finishes the last choice waits for the usage record
+    async for ev in events:
+        if isinstance(ev, UsageEvent):
+            usage = ev.record.openai_usage()
+            if held is not None and not include_usage:
+                held["usage"] = usage
+            if held is not None:
+                yield held
+                held = None
+            if include_usage:
+                yield chunk([], usage=usage)
+            continue
+        if isinstance(ev, ChunkEvent):
+            out = chunk(ev.choices)
+        else:
+            assert isinstance(ev, ErrorEvent)
+            out = chunk([ev.choice] if ev.choice else [], error=error_body(ev.message, ev.type, code=ev.code)["error"])
+        if held is not None:
+            yield held
+            held = None
+        finishes += sum(1 for c in out["choices"] if c.get("finish_reason"))
+        if finishes >= n and out["choices"] and any(c.get("finish_reason") for c in out["choices"]):
+            held = out
+        else:
+            yield out
+    if held is not None:
+        yield held
 
 
 def assemble_completion(chunks: list[dict], reasoning_visible: bool, reasoning_mode: str) -> dict:

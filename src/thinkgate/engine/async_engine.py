@@ -57,7 +57,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
                        reasoning_open: bool = False, grammar=None) -> AsyncIterator[RequestOutput]:
-        """Stream this request's outputs. Raises InvalidRequestError before anything is queued."""
+        """Stream this request's outputs, ending with a finished one (also after `abort`). Raises ValueError
+        (a prompt or parameters the engine cannot take) before anything is queued."""
         seq = self.engine.make_sequence(request_id, prompt_ids, params, cache_salt, reasoning_open, grammar)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
@@ -113,7 +114,11 @@ class AsyncEngine:
             if arg.request_id in self._streams:
                 self.engine.submit(arg)
         elif cmd == "abort":
-            self.engine.abort(arg)
+            # The abort's output carries the exact token counts up to now: the consumer's usage record
+            # needs it, so it is delivered like any other (dropped if the consumer is gone).
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._deliver([out])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their consumers: one wake-up per event loop per step, not per token."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
@@ -13,7 +14,7 @@ from thinkgate.engine.detokenizer import IncrementalDetokenizer
 from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
 from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
-from thinkgate.errors import InvalidRequestError
+from thinkgate.engine.thinking import ThinkingTracker
 from thinkgate.layers.cpu_fused import available as cpu_fused_available
 from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.loader import LoadedModel, load_model
@@ -56,9 +57,7 @@ class LLMEngine:
         # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None
         self._pending = None  # (batch, launched step) whose tokens the next step() accounts
-        self.think_start = self.tokenizer.token_id("<think>")
-        self.think_end = self.tokenizer.token_id("</think>")
-        self.think_close_ids = ([self.think_end] + self.tokenizer.encode("\n\n")) if self.think_end is not None else []
+        self.thinking = ThinkingTracker(self.tokenizer)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d", num_blocks, config.block_size,
                  num_blocks * per_block / 2**20, self.max_model_len)
 
@@ -94,23 +93,22 @@ class LLMEngine:
     def submit(self, seq: Sequence) -> None:
         """Queue a prepared sequence (engine thread only)."""
         if seq.request_id in self.seqs:
-            raise InvalidRequestError(f"duplicate request id {seq.request_id}")
+            raise ValueError(f"duplicate request id {seq.request_id}")
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
     def make_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams, cache_salt: str = "",
                       reasoning_open: bool = False, grammar=None) -> Sequence:
-        """Validate a request and build its state; touches no shared state, so any thread may call it."""
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param="messages")
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens, but this model's context length is {self.max_model_len} "
-                f"tokens (prompt plus at least one generated token)", param="messages", code="context_length_exceeded")
-        params = params.resolved(self.loaded.generation_defaults)
-        params.validate(vocab_size=self.tokenizer.vocab_size)
+        """Build a request's state; touches no shared state, so any thread may call it. Requests reach the
+        engine validated (thinkgate.params, then the provider): what is checked here are the engine's own
+        invariants, and a breach is a ValueError of the caller, not an API error."""
+        if not prompt_ids or len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"a prompt needs 1..{self.max_model_len - 1} tokens (room to generate one), "
+                             f"got {len(prompt_ids)}")
+        params.check(self.tokenizer.vocab_size)
         room = self.max_model_len - len(prompt_ids)
-        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        params = replace(params.resolved(self.loaded.generation_defaults),
+                         max_tokens=room if params.max_tokens is None else min(params.max_tokens, room))
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params,
                        detok=IncrementalDetokenizer(self.tokenizer, params.stop), cache_salt=cache_salt,
                        in_reasoning=reasoning_open, grammar=grammar)
@@ -233,24 +231,15 @@ class LLMEngine:
         and grammar state, and the ends that need no text: EOS, stop tokens and, for sequences without
         stop strings or grammars, the length). Returns (token, logprob entry, whether its text counts)."""
         p = seq.params
-        if seq.in_reasoning and not seq.forced and p.reasoning_budget is not None \
-                and seq.reasoning_tokens >= p.reasoning_budget and self.think_close_ids:
-            seq.forced = list(self.think_close_ids)  # budget spent: close the thinking block ourselves
+        self.thinking.enforce_budget(seq)
         forced = bool(seq.forced)
         if forced:
             token, lp = seq.forced.pop(0), None
         seq.output_ids.append(token)
         if lp is not None:  # the 4th field marks reasoning tokens (logprobs are reported for content only)
-            seq.logprobs.append((*lp, seq.in_reasoning or token == self.think_end))
-        if token == self.think_end and seq.in_reasoning:
-            seq.in_reasoning = False
-            if seq.grammar is not None and not forced:
-                seq.forced = self.think_close_ids[1:]  # the template's newlines, then the grammar takes over
-        elif token == self.think_start and len(seq.output_ids) == 1:
-            seq.in_reasoning = True
-        elif seq.in_reasoning:
-            seq.reasoning_tokens += 1
-        elif seq.grammar is not None and not forced and not seq.grammar.accept(token):
+            seq.logprobs.append((*lp, self.thinking.is_reasoning(seq, token)))
+        answer = self.thinking.advance(seq, token, forced)
+        if answer and seq.grammar is not None and not forced and not seq.grammar.accept(token):
             seq.finish_reason, seq.stop_reason = FinishReason.ERROR, "the output left its grammar"
         add_text = False
         if seq.finish_reason is not None:

@@ -1,39 +1,47 @@
-"""Serve a chat request on our own engine: template -> tokens -> engine -> reasoning/tool split -> chunks."""
+"""Serve a chat request on our own engine: template -> tokens -> engine -> reasoning/tool split -> events."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from thinkgate.chat.messages import to_template_messages
 from thinkgate.chat.template import render_chat, thinking_mode
-from thinkgate.chat.tools import tool_call_lark, validate_tools
+from thinkgate.chat.tools import tool_call_lark
 from thinkgate.engine.async_engine import AsyncEngine
 from thinkgate.engine.request import FinishReason, RequestOutput
 from thinkgate.errors import InvalidRequestError
+from thinkgate.gateway.providers.base import (
+    ChunkEvent,
+    ErrorEvent,
+    PreparedRequest,
+    ProviderEvent,
+    RequestContext,
+    UsageEvent,
+    UsageRecord,
+)
 from thinkgate.gateway.providers.choice_stream import ChoiceStream
-from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
+from thinkgate.params import EFFORT_FRACTION, ChatParams
 from thinkgate.sampling.params import SamplingParams
 from thinkgate.structured.backend import GrammarError, make_backend, resolve_grammar_backend
 
-EFFORT_FRACTION = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 0.95}
+log = logging.getLogger(__name__)
 SUPPORTED_PARAMETERS = [
     "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "top_a", "frequency_penalty",
     "presence_penalty", "repetition_penalty", "seed", "logit_bias", "logprobs", "top_logprobs", "stop", "n",
     "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
     "include_reasoning", "verbosity", "stream", "chat_template_kwargs",
 ]
+_CANCEL = object()  # queued when the client goes away
 
 
-@dataclass
-class Prepared:
+@dataclass(frozen=True)
+class LocalPrepared(PreparedRequest):
     prompt_ids: list[int]
-    params: SamplingParams
-    mode: str  # reasoning mode of the output: open | hybrid | none
-    show_reasoning: bool
-    n: int
-    tools: bool  # parse tool calls out of the answer
+    sampling: SamplingParams
     grammars: list | None  # one matcher per choice when the answer is constrained
 
 
@@ -65,18 +73,19 @@ class LocalProvider:
             self._grammar_backend = make_backend(self.tokenizer, list(engine.eos_ids), name)
         return self._grammar_backend
 
-    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
+    # -- prepare: what depends on this model ------------------------------------------------------
+    async def prepare(self, params: ChatParams) -> LocalPrepared:
         template = self.tokenizer.chat_template
         if not template:
             raise InvalidRequestError("this model has no chat template", param="model")
-        validate_tools(req)
-        use_tools = bool(req.tools) and req.tool_choice != "none"
+        self._check_token_ids(params)
+        req = params.request
         kwargs = dict(req.chat_template_kwargs or {})
-        if req.reasoning is not None and req.reasoning.enabled is False:
+        if params.thinking_enabled is False:
             kwargs.setdefault("enable_thinking", False)
         kwargs.setdefault("eos_token", self.tokenizer.eos_token)
         messages = to_template_messages(req.messages, req.verbosity)
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if params.use_tools else None
         # Rendering and tokenizing a long conversation takes milliseconds: keep it off the event loop.
         prompt = await asyncio.to_thread(render_chat, template, messages, tools, True, **kwargs)
         ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
@@ -86,118 +95,152 @@ class LocalProvider:
                 f"take {len(ids)} tokens (leaving no room to generate)", param="messages",
                 code="context_length_exceeded")
         mode = thinking_mode(prompt, template)
-        params = self._sampling_params(req, len(ids), mode)
-        if use_tools and req.parallel_tool_calls is False and req.tool_choice in (None, "auto"):
-            params.stop = params.stop + ["</tool_call>"]  # end the turn after the first call
-        n = req.n or 1
-        grammars = await asyncio.to_thread(self._grammars, req, use_tools, n)
-        show = not (req.include_reasoning is False or (req.reasoning is not None and req.reasoning.exclude))
-        return Prepared(ids, params, mode, show, n, use_tools, grammars)
+        sampling = self._sampling_params(params, len(ids), mode)
+        grammars = await asyncio.to_thread(self._grammars, params)
+        return LocalPrepared(params, mode, ids, sampling, grammars)
 
-    def _grammars(self, req: ChatCompletionRequest, use_tools: bool, n: int) -> list | None:
+    def _check_token_ids(self, params: ChatParams) -> None:
+        vocab = self.tokenizer.vocab_size
+        for token, _ in params.logit_bias:
+            if token >= vocab:
+                raise InvalidRequestError(f"logit_bias key {token} is not a token id of this model (0..{vocab - 1})",
+                                          param="logit_bias")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids holds an id outside this model's vocabulary (0..{vocab - 1})",
+                                      param="stop_token_ids")
+
+    def _grammars(self, params: ChatParams) -> list | None:
         """Compile the answer's constraint now, so a bad schema is a 400 before anything is queued."""
+        req = params.request
         rf = req.response_format
-        forced_tools = use_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
-        if forced_tools:
+        if params.forced_tools:
             tok = self.tokenizer
             lark = tool_call_lark(req, tok.token_id("<tool_call>"), tok.token_id("</tool_call>"))
             make, param = (lambda: self.grammar_backend.lark(lark)), "tools"
         elif rf is not None and rf.type == "json_object":
             make, param = self.grammar_backend.json_object, "response_format"
         elif rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise InvalidRequestError("response_format json_schema needs json_schema.schema",
-                                          param="response_format.json_schema")
             schema = rf.json_schema.schema_
             make, param = (lambda: self.grammar_backend.json_schema(schema)), "response_format.json_schema"
         else:
             return None
         try:
-            return [make() for _ in range(n)]
+            return [make() for _ in range(params.n)]
         except GrammarError as e:
             raise InvalidRequestError(f"unsupported or invalid schema: {e}", param=param) from None
 
-    def _sampling_params(self, req: ChatCompletionRequest, n_prompt: int, mode: str) -> SamplingParams:
-        bias = {}
-        for k, v in (req.logit_bias or {}).items():
-            try:
-                bias[int(k)] = v
-            except ValueError:
-                raise InvalidRequestError(f"logit_bias key {k!r} is not a token id", param="logit_bias") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidRequestError(f"{name} must be >= 1, got {max_tokens}", param=name)
+    def _sampling_params(self, params: ChatParams, n_prompt: int, mode: str) -> SamplingParams:
         room = self.max_model_len - n_prompt
-        cap = min(max_tokens, room) if max_tokens is not None else room  # a cap, not a demand
+        cap = min(params.max_tokens, room) if params.max_tokens is not None else room  # a cap, not a demand
         budget = None
-        r = req.reasoning
-        if mode != "none" and r is not None:
-            if r.max_tokens is not None:
-                if r.max_tokens < 0:
-                    raise InvalidRequestError(f"reasoning.max_tokens must be >= 0, got {r.max_tokens}",
-                                              param="reasoning.max_tokens")
-                budget = r.max_tokens
-            elif r.effort is not None:
-                budget = int(EFFORT_FRACTION[r.effort] * cap)
-            elif r.enabled is False and mode == "open":
+        if mode != "none":
+            if params.reasoning_max_tokens is not None:
+                budget = params.reasoning_max_tokens
+            elif params.reasoning_effort is not None:
+                budget = int(EFFORT_FRACTION[params.reasoning_effort] * cap)
+            elif params.thinking_enabled is False and mode == "open":
                 budget = 0
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        p = SamplingParams(
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-            top_a=req.top_a or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            presence_penalty=req.presence_penalty or 0.0, repetition_penalty=req.repetition_penalty,
-            seed=req.seed, max_tokens=cap, min_tokens=req.min_tokens or 0, logit_bias=bias, stop=stop,
-            stop_token_ids=list(req.stop_token_ids or []), logprobs=bool(req.logprobs),
-            top_logprobs=req.top_logprobs or 0, n=req.n if req.n is not None else 1,
-            ignore_eos=bool(req.ignore_eos), reasoning_budget=budget,
+        req = params.request
+        stop = list(params.stop)
+        if params.use_tools and req.parallel_tool_calls is False and req.tool_choice in (None, "auto"):
+            stop.append("</tool_call>")  # end the turn after the first call
+        return SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            top_a=params.top_a, frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+            repetition_penalty=params.repetition_penalty, seed=params.seed, max_tokens=cap,
+            min_tokens=params.min_tokens, logit_bias=dict(params.logit_bias), stop=stop,
+            stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs, top_logprobs=params.top_logprobs,
+            n=params.n, ignore_eos=params.ignore_eos, reasoning_budget=budget,
         )
-        p.validate(vocab_size=self.tokenizer.vocab_size)
-        return p
 
-    async def stream(self, req: ChatCompletionRequest, prep: Prepared, completion_id: str,
-                     created: int) -> AsyncIterator[dict]:
-        def chunk(choices: list[dict], **extra) -> dict:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.model_id, "choices": choices, **extra}
-
+    # -- stream: engine outputs -> events, always ending with the usage record ----------------------
+    async def stream(self, prep: LocalPrepared, ctx: RequestContext) -> AsyncIterator[ProviderEvent]:
+        n = prep.params.n
         queue: asyncio.Queue = asyncio.Queue()
         prefilled = asyncio.Event()  # choice 0 has its prompt in the cache: the others reuse it
-        tasks = [asyncio.create_task(self._pump(i, prep, completion_id, queue, prefilled)) for i in range(prep.n)]
-        choices = [ChoiceStream(i, prep.mode, prep.show_reasoning, prep.tools) for i in range(prep.n)]
-        last: list[RequestOutput | None] = [None] * prep.n
+        started = [False] * n  # the choice's request went to the engine (it will end with a final output)
+        tasks = [asyncio.create_task(self._pump(i, prep, ctx, queue, prefilled, started)) for i in range(n)]
+        watcher = asyncio.create_task(_queue_when_set(ctx.cancelled, queue))
+        choices = [ChoiceStream(i, prep.reasoning_mode, prep.params.show_reasoning, prep.params.use_tools)
+                   for i in range(n)]
+        last: list[RequestOutput | None] = [None] * n
+        pending = set(range(n))
+        ended_by, error, first_token = "finished", None, None
+
+        def stop_all() -> None:
+            """Abort what reached the engine (its final output still comes, with its counts); drop the rest."""
+            for i in list(pending):
+                if started[i]:
+                    self.engine.abort(f"{ctx.request_id}-{i}")
+                else:
+                    tasks[i].cancel()
+                    pending.discard(i)
+
         try:
-            for i in range(prep.n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            done = 0
-            while done < prep.n:
-                i, out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
+            for i in range(n):
+                yield ChunkEvent([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}])
+            while pending:
+                item = await queue.get()
+                if item is _CANCEL:
+                    if ended_by == "finished":
+                        ended_by = "client_disconnect"
+                    stop_all()
+                    continue
+                i, out = item
+                if isinstance(out, BaseException):  # the choice never reached the engine
+                    pending.discard(i)
+                    log.error("request %s choice %d failed: %r", ctx.request_id, i, out)
+                    if ended_by == "finished":
+                        ended_by = "error"
+                        error = ErrorEvent(f"internal error: {type(out).__name__}")
+                        stop_all()
+                    continue
                 last[i] = out
-                lp = self._logprobs(out) if prep.params.logprobs else None
-                deltas = choices[i].deltas(out)
-                for k, delta in enumerate(deltas or ([{}] if lp else [])):
-                    yield chunk([{"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
-                                  "finish_reason": None}])
+                if first_token is None and out.new_token_ids:
+                    first_token = time.monotonic()
                 if out.finished:
-                    done += 1
-                    fin = choices[i].finish(out)
-                    if out.finish_reason == FinishReason.ERROR:
-                        yield chunk([fin], error={"message": str(out.stop_reason), "type": "server_error",
-                                                  "code": 500})
-                    else:
-                        yield chunk([fin])
-            yield chunk([], usage=self._usage(last))
+                    pending.discard(i)
+                if ended_by != "finished":
+                    continue  # only counting what was generated now
+                try:
+                    events = self._events(choices[i], out, prep)
+                except Exception as e:  # our own output handling failed: stop, still account the tokens
+                    log.exception("request %s: output handling failed", ctx.request_id)
+                    ended_by, error = "error", ErrorEvent(f"internal error: {type(e).__name__}")
+                    stop_all()
+                    continue
+                for ev in events:
+                    if isinstance(ev, ErrorEvent) and ended_by == "finished":
+                        ended_by = "error"
+                    yield ev
+            if error is not None:
+                yield error
+            yield UsageEvent(self._record(prep, ctx, choices, last, ended_by, first_token))
         finally:
+            watcher.cancel()
             for t in tasks:
                 t.cancel()
 
-    async def _pump(self, i: int, prep: Prepared, completion_id: str, queue: asyncio.Queue,
-                    prefilled: asyncio.Event) -> None:
-        params = prep.params
-        if prep.n > 1 and params.seed is not None:
+    def _events(self, choice: ChoiceStream, out: RequestOutput, prep: LocalPrepared) -> list[ProviderEvent]:
+        lp = self._logprobs(out) if prep.sampling.logprobs else None
+        deltas = choice.deltas(out)
+        events: list[ProviderEvent] = [
+            ChunkEvent([{"index": choice.index, "delta": delta, "logprobs": lp if k == 0 else None,
+                         "finish_reason": None}])
+            for k, delta in enumerate(deltas or ([{}] if lp else []))]
+        if out.finished:
+            fin = choice.finish(out)
+            if out.finish_reason == FinishReason.ERROR:
+                events.append(ErrorEvent(str(out.stop_reason), choice=fin))
+            else:
+                events.append(ChunkEvent([fin]))
+        return events
+
+    async def _pump(self, i: int, prep: LocalPrepared, ctx: RequestContext, queue: asyncio.Queue,
+                    prefilled: asyncio.Event, started: list[bool]) -> None:
+        params = prep.sampling
+        if prep.params.n > 1 and params.seed is not None:
             params = replace(params, seed=params.seed + i)  # independent choices, still reproducible
         grammar = prep.grammars[i] if prep.grammars else None
         try:
@@ -205,8 +248,11 @@ class LocalProvider:
                 # Start after choice 0's prefill, so the prompt is computed once and shared through the
                 # prefix cache instead of n times in the same step.
                 await prefilled.wait()
-            async for out in self.engine.generate(f"{completion_id}-{i}", prep.prompt_ids, params,
-                                                  reasoning_open=prep.mode == "open", grammar=grammar):
+            # No await between this mark and the engine taking the request (generate registers it
+            # synchronously on the first iteration), so a cancel either sees it unstarted or aborts it.
+            started[i] = True
+            async for out in self.engine.generate(f"{ctx.request_id}-{i}", prep.prompt_ids, params,
+                                                  reasoning_open=prep.reasoning_mode == "open", grammar=grammar):
                 if i == 0:
                     prefilled.set()
                 queue.put_nowait((i, out))
@@ -217,6 +263,22 @@ class LocalProvider:
         finally:
             if i == 0:
                 prefilled.set()
+
+    def _record(self, prep: LocalPrepared, ctx: RequestContext, choices: list[ChoiceStream],
+                last: list[RequestOutput | None], ended_by: str, first_token: float | None) -> UsageRecord:
+        outs = [o for o in last if o is not None]
+        head = last[0]
+        fin = choices[0].finish(head) if head is not None and head.finished else None
+        return UsageRecord(
+            request_id=ctx.request_id, model=self.model_id, choices=prep.params.n,
+            prompt_tokens=outs[0].num_prompt_tokens if outs else 0,
+            cached_prompt_tokens=outs[0].num_cached_tokens if outs else 0,
+            completion_tokens=sum(o.num_output_tokens for o in outs),
+            reasoning_tokens=sum(o.num_reasoning_tokens for o in outs),
+            finish_reason=fin["finish_reason"] if fin else None,
+            native_finish_reason=fin["native_finish_reason"] if fin else None, ended_by=ended_by,
+            time_to_first_token_s=first_token - ctx.arrival if first_token is not None else None,
+            total_time_s=time.monotonic() - ctx.arrival)
 
     def _logprobs(self, out: RequestOutput) -> dict | None:
         entries = []
@@ -231,12 +293,7 @@ class LocalProvider:
         b = self.tokenizer.token_bytes(token)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
 
-    @staticmethod
-    def _usage(outs: list[RequestOutput | None]) -> dict:
-        outs = [o for o in outs if o is not None]
-        prompt = outs[0].num_prompt_tokens if outs else 0
-        completion = sum(o.num_output_tokens for o in outs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": outs[0].num_cached_tokens if outs else 0},
-                "completion_tokens_details": {"reasoning_tokens": sum(o.num_reasoning_tokens for o in outs)},
-                "cost": 0}
+
+async def _queue_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
+    await event.wait()
+    queue.put_nowait(_CANCEL)

@@ -1,0 +1,104 @@
+"""One request's provider stream, run apart from the HTTP response that shows it.
+
+The provider's stream is consumed by a task of its own, not by the response: a client that goes away
+mid-stream, before the first token, or before the response even started cannot close the stream early
+and lose its usage record. The response reads events from a queue; when it ends for any reason it calls
+`abandon()`, which tells the provider to stop (a no-op once the stream is done); the provider then ends
+its stream with the record of what was generated, and the record goes to the usage hook exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import StreamingResponse
+
+from thinkgate.gateway.providers.base import ProviderEvent, RequestContext, UsageEvent, UsageRecord
+
+log = logging.getLogger(__name__)
+UsageHook = Callable[[UsageRecord], Awaitable[None] | None]
+_END = object()
+_running: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to tasks
+
+
+def log_usage(record: UsageRecord) -> None:
+    """The hook until the gateway's ledger takes it: the record at debug level."""
+    log.debug("usage %s", record)
+
+
+class ProviderRun:
+    """Iterate it for the provider's events (the UsageEvent included, after the hook has seen it)."""
+
+    def __init__(self, stream: AsyncIterator[ProviderEvent], ctx: RequestContext, on_usage: UsageHook):
+        self.ctx = ctx
+        self.on_usage = on_usage
+        self.record: UsageRecord | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._consume(stream))
+        _running.add(self._task)
+        self._task.add_done_callback(_running.discard)
+
+    async def _consume(self, stream: AsyncIterator[ProviderEvent]) -> None:
+        try:
+            async for ev in stream:
+                if isinstance(ev, UsageEvent):
+                    await self._report(ev.record)
+                self._queue.put_nowait(ev)
+        except Exception as e:  # a provider bug: the response shows it as a server error
+            log.exception("provider stream of %s failed", self.ctx.request_id)
+            self._queue.put_nowait(e)
+        finally:
+            if self.record is None:
+                log.error("request %s ended without a usage record", self.ctx.request_id)
+            self._queue.put_nowait(_END)
+
+    async def _report(self, record: UsageRecord) -> None:
+        if self.record is not None:
+            raise RuntimeError(f"a second usage record for {record.request_id}")
+        self.record = record
+        try:
+            result = self.on_usage(record)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("the usage hook failed for %s", record.request_id)
+
+    def abandon(self) -> None:
+        """The response is over (the client went away, or it finished): stop generating if still running."""
+        if not self._task.done():
+            self.ctx.cancelled.set()
+
+    async def wait(self) -> UsageRecord | None:
+        """Until the provider's stream has ended (tests and shutdown)."""
+        await asyncio.shield(self._task)
+        return self.record
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> ProviderEvent:
+        ev = await self._queue.get()
+        if ev is _END:
+            self._queue.put_nowait(_END)  # stay exhausted
+            raise StopAsyncIteration
+        if isinstance(ev, BaseException):
+            raise ev
+        return ev
+
+
+class RunStreamingResponse(StreamingResponse):
+    """A streaming response that abandons its provider run however it ends (finished, client gone, or
+    never started because the client left before the headers)."""
+
+    def __init__(self, content, run: ProviderRun, **kw):
+        super().__init__(content, **kw)
+        self.run = run
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.abandon()

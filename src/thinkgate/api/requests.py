@@ -1,0 +1,58 @@
+"""Read a request body into the typed request: size limit, JSON, pydantic type checks -> 4xx naming the field."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import Request
+from pydantic import ValidationError
+
+from thinkgate.errors import InvalidRequestError, PayloadTooLarge
+from thinkgate.protocol import ChatCompletionRequest
+
+
+def _param_from_loc(loc: tuple) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("str", "list[ContentPart]", "function-after", "literal['none','auto','required']"):
+            continue  # union branch names pydantic adds, not parameter names
+        else:
+            out += ("." if out else "") + str(p)
+    return out or None
+
+
+def validation_error(e: ValidationError) -> InvalidRequestError:
+    first = e.errors()[0]
+    param = _param_from_loc(tuple(first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "missing":
+        return InvalidRequestError(f"missing required parameter: {param}", param=param)
+    value = first.get("input")
+    shown = repr(value)[:80] if not isinstance(value, dict) else "an object"
+    return InvalidRequestError(f"invalid value for {param}: {msg} (got {shown})", param=param)
+
+
+async def parse_chat_request(request: Request, limit: int) -> ChatCompletionRequest:
+    ctype = request.headers.get("content-type", "")
+    if "json" not in ctype.lower():
+        raise InvalidRequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
