@@ -1,7 +1,7 @@
 """The chat completions request body (OpenAI + the seed page's OpenRouter-style fields).
 
-Unknown top-level fields are ignored; known fields are type-checked here and range-checked when the
-request becomes SamplingParams. Shared by the API layer and the providers.
+Unknown top-level fields are ignored; known fields are type-checked here, then range-checked once by
+`thinkgate.params.validate_chat`, which turns the request into frozen ChatParams for the providers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)  # validated once, then read-only
 
 
 class ContentPart(_Lenient):

@@ -119,7 +119,6 @@ class ToolCallParser:
         self.esc = False
         self.num_calls = 0
         self.malformed = False
-        self._text_seen = False
 
     def feed(self, delta: str) -> list[ToolEvent]:
         events: list[ToolEvent] = []

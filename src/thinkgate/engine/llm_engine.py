@@ -127,9 +127,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._pending is not None
 
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an exception inside a step)."""
         outs = []

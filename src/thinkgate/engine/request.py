@@ -48,7 +48,6 @@ class Sequence:
     in_reasoning: bool = False
     reasoning_tokens: int = 0
     num_preemptions: int = 0
-    first_token_time: float | None = None
     grammar: object | None = None  # a structured.Matcher when the output is constrained
     logprobs: list = field(default_factory=list)  # (token, logprob, top) per output token, when asked
 
