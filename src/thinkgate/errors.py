@@ -15,11 +15,13 @@ class ThinkgateError(Exception):
     status = 500
     type = "server_error"
 
-    def __init__(self, message: str, param: str | None = None, code: str | int | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # sent with the error response (Retry-After, x-ratelimit-*)
 
     def to_dict(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code if self.code is not None else self.status)
@@ -38,3 +40,25 @@ class ModelNotFound(ThinkgateError):
 class PayloadTooLarge(ThinkgateError):
     status = 413
     type = "invalid_request_error"
+
+
+class AuthenticationError(ThinkgateError):
+    """Missing, unknown, revoked or expired key: one message for all, so a caller learns nothing about keys."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class PaymentRequired(ThinkgateError):
+    status = 402
+    type = "insufficient_quota"
+
+
+class PermissionDenied(ThinkgateError):
+    status = 403
+    type = "permission_error"
+
+
+class RateLimited(ThinkgateError):
+    status = 429
+    type = "rate_limit_error"
