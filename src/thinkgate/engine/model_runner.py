@@ -7,7 +7,7 @@ import torch
 from thinkgate.engine.cuda_graphs import DecodeGraphs
 from thinkgate.engine.scheduler import ScheduledBatch
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
-from thinkgate.models.qwen import QwenForCausalLM
+from thinkgate.models.qwen import QwenForCausalLM, build_cpu_decoder
 from thinkgate.sampling.sampler import Sampler, SampleResult, SamplingRow
 
 
@@ -49,7 +49,7 @@ class ModelRunner:
             self.model.attn_backend = ops.CpuPagedAttention(backend.scale, backend.compute_dtype)
             graphs = "off"
             # One sequence decoding: the whole layer stack in one C++ call, where every layer fits it.
-            self.cpu_decoder = ops.build_decoder(self.model, self.kv_caches) if fused else None
+            self.cpu_decoder = build_cpu_decoder(self.model, self.kv_caches) if fused else None
         else:
             import thinkgate.layers.triton_fused as ops
             from thinkgate.layers.triton_attention import TritonPagedAttention

