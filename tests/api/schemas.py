@@ -1,11 +1,16 @@
-"""Validate bodies against OpenAI's published schemas (OpenAPI 3.0 `nullable` read as "or null")."""
+"""Validate bodies against OpenAI's published schemas (OpenAPI 3.0 `nullable` read as "or null").
+
+Each file in tests/data is the closure of some components of openai/openai-openapi's openapi.json: `chat`
+(chat completions, models, errors), `responses` (Response, its stream events, CreateResponse) and
+`completions` (the legacy text completions)."""
 
 import json
+from functools import cache
 from pathlib import Path
 
 import jsonschema
 
-_DOC = json.loads((Path(__file__).parents[1] / "data" / "openai-chat-schemas.json").read_text())
+_DATA = Path(__file__).parents[1] / "data"
 
 
 def _nullable(node):
@@ -19,9 +24,16 @@ def _nullable(node):
     return node
 
 
-_COMPONENTS = _nullable(_DOC["components"])
+@cache
+def _components(doc: str) -> dict:
+    return _nullable(json.loads((_DATA / f"openai-{doc}-schemas.json").read_text())["components"])
 
 
-def validate(body: dict, schema: str) -> None:
-    root = {"$ref": f"#/components/schemas/{schema}", "components": _COMPONENTS}
-    jsonschema.Draft202012Validator(root).validate(body)
+@cache
+def _validator(doc: str, schema: str):
+    root = {"$ref": f"#/components/schemas/{schema}", "components": _components(doc)}
+    return jsonschema.Draft202012Validator(root)
+
+
+def validate(body: dict, schema: str, doc: str = "chat") -> None:
+    _validator(doc, schema).validate(body)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import orjson
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from thinkgate.errors import InvalidRequestError, PayloadTooLarge
 from thinkgate.protocol import ChatCompletionRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _is_branch(p: str) -> bool:
+    """A union branch name pydantic puts in an error's location (`str`, `list[ContentPart]`,
+    `function-after[...]`, `literal['none','auto']`, a model class name), not a parameter name."""
+    return p in ("str", "int", "float", "bool", "dict") or any(c in p for c in "[-'") or p[:1].isupper()
 
 
 def _param_from_loc(loc: tuple) -> str | None:
@@ -16,8 +26,8 @@ def _param_from_loc(loc: tuple) -> str | None:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in ("str", "list[ContentPart]", "function-after", "literal['none','auto','required']"):
-            continue  # union branch names pydantic adds, not parameter names
+        elif _is_branch(str(p)):
+            continue
         else:
             out += ("." if out else "") + str(p)
     return out or None
@@ -35,6 +45,11 @@ def validation_error(e: ValidationError) -> InvalidRequestError:
 
 
 async def parse_chat_request(request: Request, limit: int) -> ChatCompletionRequest:
+    return await parse_body(request, limit, ChatCompletionRequest)
+
+
+async def parse_body(request: Request, limit: int, model: type[M]) -> M:
+    """The JSON body of `request` as `model` (any endpoint's request type), or a 4xx naming the field."""
     ctype = request.headers.get("content-type", "")
     if "json" not in ctype.lower():
         raise InvalidRequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}")
@@ -53,6 +68,6 @@ async def parse_chat_request(request: Request, limit: int) -> ChatCompletionRequ
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None

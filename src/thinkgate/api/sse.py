@@ -1,5 +1,6 @@
 """Server-sent events: `data:` frames, keep-alive comments while the next chunk is not ready, errors after
-the headers went out travel in the stream, and `[DONE]` last."""
+the headers went out travel in the stream, and `[DONE]` last (chat and text completions). The Responses API
+frames each event as `event: <type>` + `data:` and sends no `[DONE]` (`typed_events=True`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from thinkgate.errors import ThinkgateError, error_body
 log = logging.getLogger(__name__)
 
 
-async def sse(stream: AsyncIterator[dict], keepalive_s: float) -> AsyncIterator[bytes]:
+async def sse(stream: AsyncIterator[dict], keepalive_s: float, typed_events: bool = False) -> AsyncIterator[bytes]:
     it = stream.__aiter__()
     nxt = asyncio.ensure_future(it.__anext__())
     try:
@@ -35,9 +36,11 @@ async def sse(stream: AsyncIterator[dict], keepalive_s: float) -> AsyncIterator[
                 log.exception("stream failed")
                 yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}", code=500)) + b"\n\n"
                 break
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            event = b"event: " + chunk["type"].encode() + b"\n" if typed_events else b""
+            yield event + b"data: " + orjson.dumps(chunk) + b"\n\n"
             nxt = asyncio.ensure_future(it.__anext__())
-        yield b"data: [DONE]\n\n"
+        if not typed_events:
+            yield b"data: [DONE]\n\n"
     finally:
         await _close(nxt, it)
 
