@@ -90,7 +90,7 @@ def transformers_generate(gguf: Path, repeats: int = 3) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from thinkgate.models.gguf_export import gguf_to_hf_dir
+    from thinkgate.devtools.gguf_export import gguf_to_hf_dir
 
     d = gguf_to_hf_dir(gguf, Path(tempfile.mkdtemp()) / "hf")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()

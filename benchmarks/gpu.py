@@ -110,7 +110,7 @@ def hf_random_model(preset: str, arch: str):
     """transformers' model class for a preset, random weights built on the GPU in bf16."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from thinkgate.models.presets import hf_config
+    from thinkgate.devtools.presets import hf_config
 
     cfg = hf_config(arch, preset, 151936, "bfloat16")
     conf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})

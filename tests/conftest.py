@@ -25,7 +25,7 @@ ARCHS = ("qwen2", "qwen3", "qwen3_moe")
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    from thinkgate.models.random_checkpoint import write_random_checkpoint
+    from thinkgate.devtools.random_checkpoint import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
     return {a: write_random_checkpoint(root / a, arch=a, preset="tiny", dtype="fp32", seed=7) for a in ARCHS}

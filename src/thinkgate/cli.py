@@ -88,7 +88,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_random(args) -> int:
-    from thinkgate.models.random_checkpoint import write_random_checkpoint
+    from thinkgate.devtools.random_checkpoint import write_random_checkpoint
 
     out = write_random_checkpoint(args.out, arch=args.arch, preset=args.preset, seed=args.seed, dtype=args.dtype)
     print(out)

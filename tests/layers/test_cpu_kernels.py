@@ -131,7 +131,7 @@ def test_engine_on_the_cpu_kernels_keeps_greedy_outputs(engine_factory, arch):
 
 @pytest.fixture(scope="module")
 def small_checkpoints(tmp_path_factory):
-    from thinkgate.models.random_checkpoint import write_random_checkpoint
+    from thinkgate.devtools.random_checkpoint import write_random_checkpoint
 
     root = tmp_path_factory.mktemp("small")
     return {a: write_random_checkpoint(root / a, arch=a, preset="small", dtype="fp32", seed=3) for a in ("qwen2", "qwen3")}

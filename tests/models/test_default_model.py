@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from thinkgate.chat.template import render_chat
+from thinkgate.devtools.gguf_export import gguf_to_hf_dir
 from thinkgate.models import default_model
-from thinkgate.models.gguf_export import gguf_to_hf_dir
 from thinkgate.sampling.params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]

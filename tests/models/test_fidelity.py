@@ -100,8 +100,8 @@ def test_random_spec_builds_real_shapes_in_memory():
     assert lm.config.num_experts == 8 and lm.model.layers[0].mlp.w13.shape == (8, 64, 64)
     eng = LLMEngine(lm, EngineConfig(kv_cache_memory=8 * 2**20))
     assert len(eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]) == 5
+    from thinkgate.devtools.presets import hf_config, tensor_shapes
     from thinkgate.models.config import ModelConfig
-    from thinkgate.models.presets import hf_config, tensor_shapes
 
     cfg = hf_config("qwen3", "qwen3-0.6b", 151936, "bfloat16")
     big = ModelConfig.from_hf(cfg)

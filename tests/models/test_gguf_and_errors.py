@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.models.gguf_fixture import write_gguf
+from thinkgate.devtools.gguf_export import gguf_to_hf_dir
 from thinkgate.models.config import UnsupportedModelError
-from thinkgate.models.gguf_export import gguf_to_hf_dir
 from thinkgate.models.hub import ModelNotFoundError
 from thinkgate.models.loader import load_model
 from thinkgate.models.weights import CheckpointError

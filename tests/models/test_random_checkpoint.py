@@ -5,9 +5,9 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import ARCHS
-from thinkgate.models.random_checkpoint import write_random_checkpoint
+from thinkgate.devtools.random_checkpoint import write_random_checkpoint
+from thinkgate.devtools.tokenizer_builder import ADDED_TOKENS
 from thinkgate.models.tokenizer import ModelTokenizer
-from thinkgate.models.tokenizer_builder import ADDED_TOKENS
 
 
 def _names(path):
@@ -48,7 +48,7 @@ def test_tensor_names_match_real_checkpoints(checkpoints):
 
 
 def test_named_preset_shapes_without_writing(tmp_path):
-    from thinkgate.models.presets import hf_config, tensor_shapes
+    from thinkgate.devtools.presets import hf_config, tensor_shapes
 
     cfg = hf_config("qwen3_moe", "qwen3-30b-a3b", 151936, "bfloat16")
     shapes = tensor_shapes(cfg)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, models
 
 from thinkgate.models.config import UnsupportedModelError
-from thinkgate.models.tokenizer import ModelTokenizer
-from thinkgate.models.tokenizer_builder import QWEN_SPLIT
+from thinkgate.models.tokenizer import ModelTokenizer, qwen_byte_level
 
 GGUF_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -116,13 +115,8 @@ class GGUFModel:
         merges_field = self.meta["tokenizer.ggml.merges"]
         merges = [tuple(bytes(merges_field.parts[i]).decode("utf-8").split(" ", 1)) for i in merges_field.data]
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ])
-        tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        tok = qwen_byte_level(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
+                                         byte_fallback=False))
         # token_type: 1 normal, 3 control (special), 4 user-defined (added but not special).
         added = [AddedToken(tokens[i], special=types[i] == 3, normalized=False)
                  for i in range(len(tokens)) if types[i] in (3, 4)]

@@ -171,9 +171,9 @@ def _load_gguf(path: Path, dtype, dev, max_model_len) -> LoadedModel:
 def _load_random(spec: str, dtype, dev, max_model_len) -> LoadedModel:
     """`random:PRESET[:ARCH]`: random weights in real shapes, built directly in device memory (no files),
     like vLLM's dummy load format; for benchmarks of shapes too big to write to disk."""
-    from thinkgate.models.presets import ARCHITECTURES, PRESETS, hf_config
-    from thinkgate.models.random_checkpoint import thinking_template
-    from thinkgate.models.tokenizer_builder import build_tokenizer
+    from thinkgate.devtools.presets import ARCHITECTURES, PRESETS, hf_config
+    from thinkgate.devtools.random_checkpoint import thinking_template
+    from thinkgate.devtools.tokenizer_builder import build_tokenizer
 
     parts = spec.split(":")
     preset = parts[1] if len(parts) > 1 else "tiny"

@@ -6,7 +6,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+# Qwen's pre-tokenizer split pattern (digits one at a time).
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def qwen_byte_level(bpe: models.BPE) -> Tokenizer:
+    """`bpe` inside Qwen's pipeline, as its tokenizer.json has it: NFC normaliser, Qwen's split, byte-level
+    pieces and decoder, no BOS/EOS added (GGUF vocabularies and the test tokenizer are built on it)."""
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return tok
 
 
 @dataclass

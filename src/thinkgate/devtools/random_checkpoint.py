@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from thinkgate.models.presets import hf_config, tensor_shapes
-from thinkgate.models.tokenizer_builder import build_tokenizer, tokenizer_config
+from thinkgate.devtools.presets import hf_config, tensor_shapes
+from thinkgate.devtools.tokenizer_builder import build_tokenizer, tokenizer_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -1,7 +1,8 @@
 """Train a small Qwen-style byte-level BPE tokenizer offline, for random-weight test checkpoints.
 
 The pipeline mirrors Qwen's tokenizer.json (NFC normaliser, Qwen's split regex, byte-level BPE, no
-BOS/EOS added) so code that handles the real tokenizer handles this one the same way.
+BOS/EOS added; models/tokenizer.py's qwen_byte_level) so code that handles the real tokenizer handles
+this one the same way.
 """
 
 from __future__ import annotations
@@ -9,12 +10,9 @@ from __future__ import annotations
 import json
 import random
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-# Qwen's pre-tokenizer split pattern (digits one at a time).
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from thinkgate.models.tokenizer import qwen_byte_level
 
 # Qwen's added tokens in id order, with the `special` flag the real tokenizer gives them.
 ADDED_TOKENS: list[tuple[str, bool]] = [
@@ -84,13 +82,7 @@ def training_corpus(seed: int = 0, n_lines: int = 3000) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1000, seed: int = 0) -> Tokenizer:
     """A byte-level BPE with `vocab_size` regular tokens followed by Qwen's added tokens."""
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = qwen_byte_level(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
