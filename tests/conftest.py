@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers started by tests keep their gateway database (SQLite, by default under the user's data directory)
+# in a folder of this run, never in the developer's own.
+os.environ.setdefault("THINKGATE_DATA_DIR", tempfile.mkdtemp(prefix="thinkgate-test-data-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels (the GPU decode path) run on CPU through Triton's interpreter, which Triton reads from the
 # environment when it is imported: set it before anything imports triton. On a GPU they compile as usual.

@@ -1,9 +1,10 @@
-"""`thinkgate serve | version | model random | pull`."""
+"""`thinkgate serve | version | model random | pull | bench | db | accounts | keys | codes`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from thinkgate import __version__
@@ -16,8 +17,16 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=s.host)
     p.add_argument("--port", type=int, default=s.port)
     p.add_argument("--config", default=None, help="TOML catalog of models (gateway; see the spec)")
-    p.add_argument("--db", default=None, help="database URL for keys and the ledger (gateway)")
-    p.add_argument("--no-auth", action="store_true", help="serve without API keys")
+    p.add_argument("--db", default=None, help="database URL for accounts, keys and the ledger (default: SQLite "
+                                              "under the user's data directory; or postgresql+psycopg://...)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--auth", action="store_true", help="require API keys (the default with --config)")
+    auth.add_argument("--no-auth", action="store_true", help="serve without API keys (usage is still metered)")
+    p.add_argument("--admin-token", default=None, help="enables /admin/... (default: $THINKGATE_ADMIN_TOKEN)")
+    p.add_argument("--redis", default=None, help="redis://... URL: rate-limit counters shared by gateway processes")
+    p.add_argument("--price-input", default=None, help="CNY per 1000 prompt tokens of --model (e.g. 0.00275)")
+    p.add_argument("--price-output", default=None, help="CNY per 1000 completion tokens, reasoning included")
+    p.add_argument("--price-cached-input", default=None, help="CNY per 1000 cached prompt tokens (default: input)")
     p.add_argument("--served-model-name", default=None, help="the id clients send as `model`")
     p.add_argument("--dtype", default=e.dtype, choices=["auto", "bfloat16", "float32"])
     p.add_argument("--device", default=e.device, choices=["auto", "cpu", "cuda"])
@@ -40,7 +49,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def model_id_for(spec: str | None, loaded_name: str) -> str:
+def model_id_for(spec: str | None) -> str:
     from pathlib import Path
 
     from thinkgate.models.default_model import DEFAULT_MODEL_ALIASES
@@ -58,8 +67,9 @@ def build_app(args):
     from thinkgate.engine.llm_engine import LLMEngine
     from thinkgate.gateway.providers.local import LocalProvider
 
-    if args.config or args.db:
-        raise SystemExit("--config and --db arrive with the gateway; serve one model with --model for now")
+    if args.config:
+        raise SystemExit("--config (the catalog) is not supported yet: serve one model with --model")
+    require_keys = keys_required(args)
     from thinkgate.structured.backend import xgrammar_installed
 
     if args.grammar_backend == "xgrammar" and not xgrammar_installed():
@@ -72,10 +82,61 @@ def build_app(args):
         enforce_eager=args.enforce_eager, cpu_kernels=not args.no_cpu_kernels, grammar_backend=args.grammar_backend,
     )
     async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
-    model_id = args.served_model_name or model_id_for(args.model, async_engine.engine.loaded.name)
+    model_id = args.served_model_name or model_id_for(args.model)
     provider = LocalProvider(async_engine, model_id)
-    scfg = ServerConfig(host=args.host, port=args.port, no_auth=args.no_auth)
-    return create_app({model_id: provider}, scfg), model_id
+    gateway = build_gateway(args, {model_id: price_from_args(args, model_id, require_keys)}, require_keys)
+    scfg = ServerConfig(host=args.host, port=args.port)
+    admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
+    return create_app({model_id: provider}, scfg, gateway=gateway, admin_token=admin_token), model_id
+
+
+def keys_required(args) -> bool:
+    """Open like vLLM and Ollama for one local model on loopback; keyed with --auth or a catalog; never open on
+    a public address by accident."""
+    import ipaddress
+
+    if args.auth:
+        return True
+    if args.no_auth:
+        return False
+    if args.config:
+        return True
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"refusing to serve without API keys on {args.host}: add --auth (keys required) or "
+                         "--no-auth (open to anyone who can reach it)")
+    return False
+
+
+def price_from_args(args, model_id: str, require_keys: bool):
+    from thinkgate.gateway.money import Price
+
+    given = (args.price_input, args.price_output, args.price_cached_input)
+    if all(v is None for v in given):
+        if require_keys:
+            raise SystemExit(f"a keyed server charges for {model_id!r}, which has no price: give --price-input "
+                             "and --price-output (CNY per 1000 tokens; 0 is a price)")
+        return Price()
+    try:
+        return Price.cny(args.price_input or "0", args.price_output or "0", args.price_cached_input)
+    except ValueError as e:
+        raise SystemExit(f"invalid price: {e}") from None
+
+
+def build_gateway(args, prices: dict, require_keys: bool):
+    from thinkgate.gateway.limits import make_rate_limiter
+    from thinkgate.gateway.service import Gateway
+    from thinkgate.storage.db import Database, redact
+
+    db = Database(args.db)
+    logging.getLogger("thinkgate").info("gateway database: %s (keys %s)", redact(db.url),
+                                        "required" if require_keys else "not required")
+    gateway = Gateway(db, prices, require_keys, make_rate_limiter(args.redis))
+    gateway.start_sync()
+    return gateway
 
 
 def cmd_serve(args) -> int:
@@ -171,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
     be.add_argument("--no-cpu-kernels", action="store_true", help="CPU: torch's ops only (the comparison run)")
     be.set_defaults(fn=cmd_bench_engine)
+    from thinkgate.cli_gateway import add_gateway_commands
+
+    add_gateway_commands(sub)  # db, accounts, keys, codes
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

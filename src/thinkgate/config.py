@@ -39,5 +39,4 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 32 * 1024 * 1024
-    no_auth: bool = False
     keepalive_s: float = 5.0

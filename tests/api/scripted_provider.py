@@ -49,7 +49,7 @@ class ScriptedProvider:
         return self.active
 
     async def prepare(self, params: ChatParams) -> Scripted:
-        return Scripted(params, "none")
+        return Scripted(params, "none", prompt_tokens=7, max_tokens=params.max_tokens or 100)
 
     async def stream(self, prep: Scripted, ctx: RequestContext):
         n = prep.params.n

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+from contextlib import asynccontextmanager
 
 import orjson
 from fastapi import FastAPI, Request
@@ -17,13 +17,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from thinkgate.api.provider_run import ProviderRun, RunStreamingResponse, UsageHook, log_usage
+from thinkgate.api.account import add_account_routes
+from thinkgate.api.admin import add_admin_routes
+from thinkgate.api.dispatch import Dispatcher
+from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usage
 from thinkgate.api.requests import parse_chat_request, validation_error
 from thinkgate.api.responses import assemble_completion, render_chunks
 from thinkgate.api.sse import sse
 from thinkgate.config import ServerConfig
-from thinkgate.errors import ModelNotFound, ThinkgateError, error_body
-from thinkgate.gateway.providers.base import ChatProvider, RequestContext
+from thinkgate.errors import ThinkgateError, error_body
+from thinkgate.gateway.providers.base import ChatProvider
+from thinkgate.gateway.service import Gateway
 from thinkgate.params import validate_chat
 
 log = logging.getLogger(__name__)
@@ -31,14 +35,28 @@ BASES = ("/v1", "/api/gpt/v1")
 
 
 def error_response(err: ThinkgateError) -> JSONResponse:
-    return JSONResponse(err.to_dict(), status_code=err.status)
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers)
 
 
 def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None = None,
-               on_usage: UsageHook = log_usage) -> FastAPI:
-    """`on_usage` receives one UsageRecord per chat request that reached a provider, however it ended."""
+               on_usage: UsageHook = log_usage, gateway: Gateway | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """`on_usage` receives one UsageRecord per request that reached a provider, however it ended (priced and
+    captured first when a `gateway` is given: keys, limits, billing, the caller and admin endpoints; without
+    one the API is open and unmetered)."""
     config = config or ServerConfig()
-    app = FastAPI(title="thinkgate", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        beat = asyncio.create_task(gateway.run_heartbeat()) if gateway is not None else None
+        try:
+            yield
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await gateway.limiter.aclose()
+
+    app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan)
 
     @app.exception_handler(ThinkgateError)
     async def _tg_error(request: Request, exc: ThinkgateError):
@@ -63,32 +81,30 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         return {"status": "ok", "models": list(providers),
                 "active_requests": sum(p.num_active() for p in providers.values())}
 
-    def provider_for(model: str) -> ChatProvider:
-        p = providers.get(model)
-        if p is None:
-            raise ModelNotFound(f"the model {model!r} does not exist; available: {', '.join(providers)}",
-                                param="model", code="model_not_found")
-        return p
+    dispatch = Dispatcher(providers, gateway, on_usage)
+    app.state.dispatch = dispatch  # for the routes other modules add
 
-    async def list_models():
+    async def list_models(request: Request):
+        await dispatch.caller(request)
         return {"object": "list", "data": [p.card() for p in providers.values()]}
 
-    async def get_model(model_id: str):
-        return provider_for(model_id).card()
+    async def get_model(request: Request, model_id: str):
+        await dispatch.caller(request)
+        return dispatch.provider_for(model_id).card()
 
     async def chat_completions(request: Request):
+        caller = await dispatch.caller(request)
         params = validate_chat(await parse_chat_request(request, config.max_body_bytes))
-        provider = provider_for(params.model)
-        prepared = await provider.prepare(params)
-        ctx = RequestContext("chatcmpl-" + uuid.uuid4().hex)
-        run = ProviderRun(provider.stream(prepared, ctx), ctx, on_usage)
+        started = await dispatch.start(caller, params)
+        run, ctx = started.run, started.ctx
+        model = started.provider.model_id
         if params.stream:
-            chunks = render_chunks(run, ctx, provider.model_id, params.n, params.include_usage)
+            chunks = render_chunks(run, ctx, model, params.n, params.include_usage)
             return RunStreamingResponse(sse(chunks, config.keepalive_s), run, media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                 **started.headers})
         try:
-            chunks = await collect_unless_disconnected(
-                request, render_chunks(run, ctx, provider.model_id, params.n, include_usage=True))
+            chunks = await collect_unless_disconnected(request, render_chunks(run, ctx, model, params.n, True))
         finally:
             run.abandon()
         if chunks is None:
@@ -96,9 +112,12 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         for ch in chunks:
             if "error" in ch:
                 return JSONResponse({"error": ch["error"]}, status_code=500)
-        body = assemble_completion(chunks, params.show_reasoning, prepared.reasoning_mode)
-        return Response(orjson.dumps(body), media_type="application/json")
+        body = assemble_completion(chunks, params.show_reasoning, started.prepared.reasoning_mode)
+        return Response(orjson.dumps(body), media_type="application/json", headers=started.headers)
 
+    if gateway is not None:
+        add_account_routes(app, gateway.store, gateway.ledger)
+        add_admin_routes(app, gateway.store, gateway.ledger, admin_token)
     for base in BASES:
         app.add_api_route(f"{base}/chat/completions", chat_completions, methods=["POST"])
         app.add_api_route(f"{base}/models", list_models, methods=["GET"])

@@ -19,7 +19,9 @@ from starlette.responses import StreamingResponse
 from thinkgate.gateway.providers.base import ProviderEvent, RequestContext, UsageEvent, UsageRecord
 
 log = logging.getLogger(__name__)
-UsageHook = Callable[[UsageRecord], Awaitable[None] | None]
+# Called once per request with its record; may return the record priced (cost set), which is then what the
+# client sees in `usage`.
+UsageHook = Callable[[UsageRecord], Awaitable[UsageRecord | None] | UsageRecord | None]
 _END = object()
 _running: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to tasks
 
@@ -45,7 +47,7 @@ class ProviderRun:
         try:
             async for ev in stream:
                 if isinstance(ev, UsageEvent):
-                    await self._report(ev.record)
+                    ev = UsageEvent(await self._report(ev.record))
                 self._queue.put_nowait(ev)
         except Exception as e:  # a provider bug: the response shows it as a server error
             log.exception("provider stream of %s failed", self.ctx.request_id)
@@ -55,16 +57,20 @@ class ProviderRun:
                 log.error("request %s ended without a usage record", self.ctx.request_id)
             self._queue.put_nowait(_END)
 
-    async def _report(self, record: UsageRecord) -> None:
+    async def _report(self, record: UsageRecord) -> UsageRecord:
         if self.record is not None:
             raise RuntimeError(f"a second usage record for {record.request_id}")
         self.record = record
         try:
             result = self.on_usage(record)
             if inspect.isawaitable(result):
-                await result
+                result = await result
         except Exception:
             log.exception("the usage hook failed for %s", record.request_id)
+            return record
+        if result is not None:
+            self.record = result
+        return self.record
 
     def abandon(self) -> None:
         """The response is over (the client went away, or it finished): stop generating if still running."""

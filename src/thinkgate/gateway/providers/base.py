@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Protocol
 
 from thinkgate.params import ChatParams
@@ -24,6 +25,12 @@ class PreparedRequest:
 
     params: ChatParams
     reasoning_mode: str  # how the output carries reasoning: open (starts thinking) | hybrid | none
+    prompt_tokens: int  # as the backend counts them (what a hold is sized by)
+    max_tokens: int  # the cap on each choice's completion tokens, as the backend will apply it
+
+    def capped(self, max_tokens: int) -> PreparedRequest:
+        """The same request with a lower completion cap (what the caller's balance can pay for)."""
+        return replace(self, max_tokens=min(self.max_tokens, max_tokens))
 
 
 @dataclass
@@ -54,13 +61,15 @@ class UsageRecord:
     ended_by: str  # "finished" | "client_disconnect" | "error"
     time_to_first_token_s: float | None  # from arrival to the first generated token; None if none came
     total_time_s: float
+    cost: Decimal = Decimal(0)  # CNY, set by the gateway when it captures the charge
 
     def openai_usage(self) -> dict:
-        """The `usage` object of a chat completion (cost: the gateway prices it; local models are free)."""
+        """The `usage` object of a chat completion; `cost` is a JSON number with the capture's exact digits."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
-                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}, "cost": 0}
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                "cost": float(self.cost)}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class LocalPrepared(PreparedRequest):
     sampling: SamplingParams
     grammars: list | None  # one matcher per choice when the answer is constrained
 
+    def capped(self, max_tokens: int) -> LocalPrepared:
+        cap = min(self.max_tokens, max_tokens)
+        return replace(self, max_tokens=cap, sampling=replace(self.sampling, max_tokens=cap))
+
 
 class LocalProvider:
     def __init__(self, engine: AsyncEngine, model_id: str, description: str = ""):
@@ -97,7 +101,7 @@ class LocalProvider:
         mode = thinking_mode(prompt, template)
         sampling = self._sampling_params(params, len(ids), mode)
         grammars = await asyncio.to_thread(self._grammars, params)
-        return LocalPrepared(params, mode, ids, sampling, grammars)
+        return LocalPrepared(params, mode, len(ids), sampling.max_tokens, ids, sampling, grammars)
 
     def _check_token_ids(self, params: ChatParams) -> None:
         vocab = self.tokenizer.vocab_size

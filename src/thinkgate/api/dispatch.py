@@ -1,0 +1,72 @@
+"""From a validated request to a running provider stream, through the gateway: who calls, may they use the
+model, prepare, admit (rate limits, the hold), then a ProviderRun whose usage record is settled (captured)
+and handed to the app's usage hook. Every endpoint that generates (chat, responses, completions) starts here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from thinkgate.api.provider_run import ProviderRun, UsageHook
+from thinkgate.errors import ModelNotFound
+from thinkgate.gateway.providers.base import ChatProvider, PreparedRequest, RequestContext, UsageRecord
+from thinkgate.gateway.service import Caller, Gateway
+from thinkgate.params import ChatParams
+
+
+@dataclass
+class Started:
+    run: ProviderRun
+    ctx: RequestContext
+    provider: ChatProvider
+    prepared: PreparedRequest
+    headers: dict[str, str]  # for the response (x-ratelimit-*)
+
+
+class Dispatcher:
+    def __init__(self, providers: dict[str, ChatProvider], gateway: Gateway | None, on_usage: UsageHook):
+        self.providers = providers
+        self.gateway = gateway
+        self.on_usage = on_usage
+
+    async def caller(self, request: Request) -> Caller | None:
+        """Authenticate (401/403) before anything else is read; None when the app runs without a gateway."""
+        if self.gateway is None:
+            return None
+        ip = request.client.host if request.client is not None else None
+        return await self.gateway.authenticate(request.headers.get("authorization"), dict(request.query_params), ip)
+
+    def provider_for(self, model: str) -> ChatProvider:
+        p = self.providers.get(model)
+        if p is None:
+            raise ModelNotFound(f"the model {model!r} does not exist; available: {', '.join(self.providers)}",
+                                param="model", code="model_not_found")
+        return p
+
+    async def start(self, caller: Caller | None, params: ChatParams, id_prefix: str = "chatcmpl-",
+                    prepare=None) -> Started:
+        """`prepare(provider)` overrides how the provider prepares the request (e.g. a raw text prompt)."""
+        provider = self.provider_for(params.model)
+        gw = self.gateway
+        price = gw.authorize_model(caller, params.model) if gw is not None else None
+        prepared = await (prepare(provider) if prepare is not None else provider.prepare(params))
+        ctx = RequestContext(id_prefix + uuid.uuid4().hex)
+        admission = None
+        if gw is not None:
+            admission = await gw.admit(caller, ctx.request_id, params.model, price, prepared, params.request.user)
+            prepared = admission.prepared
+
+        async def settle_then_report(record: UsageRecord) -> UsageRecord:
+            if admission is not None:
+                record = await gw.settle(admission, record)
+            result = self.on_usage(record)
+            if inspect.isawaitable(result):
+                await result
+            return record
+
+        run = ProviderRun(provider.stream(prepared, ctx), ctx, settle_then_report)
+        return Started(run, ctx, provider, prepared, admission.headers if admission is not None else {})

@@ -1,0 +1,237 @@
+"""The gateway's decisions for one request: who calls (key or anonymous), may they use this model from this
+address, rate limits, the hold that guarantees payment, and the capture when the request ends.
+
+No SQL here (storage/ does that) and no HTTP (the API turns the errors raised here into 401/402/403/429).
+Blocking database calls run in worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass, replace
+
+from thinkgate.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PaymentRequired,
+    PermissionDenied,
+    RateLimited,
+)
+from thinkgate.gateway.keys import hash_secret, looks_like_key
+from thinkgate.gateway.limits import KeyLimits, LimitExceeded, Permit, RateLimiter
+from thinkgate.gateway.money import Price, to_cny
+from thinkgate.gateway.providers.base import PreparedRequest, UsageRecord
+from thinkgate.storage.accounts import Account, AccountStore, Key, now
+from thinkgate.storage.db import Database
+from thinkgate.storage.ledger import Ledger
+
+log = logging.getLogger(__name__)
+BAD_KEY = "invalid API key: it is unknown, revoked or expired"  # one message for every case
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 60.0  # an instance silent this long is dead: its open holds are released
+QUERY_KEY_NAMES = ("key", "api_key", "api-key", "apikey", "token", "access_token")
+
+
+@dataclass(frozen=True)
+class Caller:
+    account: Account
+    key: Key | None  # None: an open server's anonymous caller
+
+
+@dataclass
+class Admission:
+    """A request the gateway let through: its permit, its hold, and the (maybe lowered) prepared request."""
+
+    caller: Caller
+    request_id: str
+    model: str
+    price: Price
+    prepared: PreparedRequest
+    permit: Permit | None
+    held_units: int | None  # None: nothing held (anonymous, metered only)
+    user: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.permit.headers) if self.permit is not None else {}
+
+
+class Gateway:
+    def __init__(self, db: Database, prices: dict[str, Price], require_keys: bool, limiter: RateLimiter):
+        self.db = db
+        self.store = AccountStore(db)
+        self.ledger = Ledger(db)
+        self.prices = prices
+        self.require_keys = require_keys
+        self.limiter = limiter
+        self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._anonymous: Account | None = None
+        self._heartbeat: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start_sync(self) -> None:
+        """Migrate, register this instance and release the holds of dead ones (before serving)."""
+        self.db.upgrade()
+        self.ledger.register(self.instance_id, socket.gethostname(), os.getpid())
+        reaped = self.ledger.reap(self._is_dead)
+        if reaped:
+            log.warning("released %d holds left open by a gateway process that stopped without settling", reaped)
+        if not self.require_keys:
+            self._anonymous = self.store.anonymous()
+
+    async def run_heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await asyncio.to_thread(self.ledger.heartbeat, self.instance_id)
+                await asyncio.to_thread(self.ledger.reap, self._is_dead)
+            except Exception:
+                log.exception("gateway heartbeat failed")
+
+    @staticmethod
+    def _is_dead(host: str, pid: int, heartbeat_at: dt.datetime) -> bool:
+        if host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid):
+            return True
+        return (now() - heartbeat_at).total_seconds() > STALE_AFTER_S
+
+    # -- who calls --------------------------------------------------------------------------------
+    async def authenticate(self, authorization: str | None, query: dict[str, str], client_ip: str | None) -> Caller:
+        for name, value in query.items():
+            if name.lower() in QUERY_KEY_NAMES or looks_like_key(value):
+                raise InvalidRequestError("API keys are not accepted in the URL (they end up in logs); send "
+                                          "them as 'Authorization: Bearer <key>'", param=name)
+        if not self.require_keys:
+            return Caller(self._anonymous, None)
+        secret = _bearer(authorization)
+        if secret is None:
+            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        key = await asyncio.to_thread(self.store.key_by_hash, hash_secret(secret))
+        if key is None or not key.usable(now()):
+            raise AuthenticationError(BAD_KEY, code="invalid_api_key")
+        if key.ips and not _ip_allowed(client_ip, key.ips):
+            raise PermissionDenied("this key may not be used from this address", code="ip_not_allowed")
+        account = await asyncio.to_thread(self.store.account_by_id, key.account_id)
+        return Caller(account, key)
+
+    def authorize_model(self, caller: Caller, model: str) -> Price:
+        if caller.key is not None and caller.key.models and model not in caller.key.models:
+            raise PermissionDenied(f"this key may not use the model {model!r}", param="model",
+                                   code="model_not_allowed")
+        price = self.prices.get(model)
+        if price is None:
+            if self.require_keys:
+                raise PermissionDenied(f"the model {model!r} has no price on this server", param="model",
+                                       code="model_not_priced")
+            price = Price()
+        return price
+
+    # -- before generation: limits and the hold -----------------------------------------------------
+    async def admit(self, caller: Caller, request_id: str, model: str, price: Price, prepared: PreparedRequest,
+                    user: str | None = None) -> Admission:
+        permit = None
+        if caller.key is not None:
+            k = caller.key
+            try:
+                permit = await self.limiter.acquire(str(k.id), KeyLimits(k.rpm, k.tpm, k.concurrency))
+            except LimitExceeded as e:
+                raise RateLimited(f"rate limit reached for {e.limit}: retry after {e.retry_after_s} s",
+                                  code=f"rate_limit_{e.limit}",
+                                  headers={"Retry-After": str(e.retry_after_s), **e.headers}) from None
+        adm = Admission(caller, request_id, model, price, prepared, permit, None, user)
+        if caller.key is None:
+            return adm
+        n = prepared.params.n
+        want = prepared.max_tokens * n
+        granted: list[int] = []
+
+        def plan(available: int) -> int | None:
+            tokens = _affordable(price, prepared.prompt_tokens, want, available)
+            if tokens // n < 1:
+                return None
+            granted.append(tokens // n)
+            return price.cost(prepared.prompt_tokens, tokens // n * n)
+
+        try:
+            held = await asyncio.to_thread(self.ledger.hold, request_id, caller.account.id, caller.key.id,
+                                           self.instance_id, plan)
+        except BaseException:
+            await self.limiter.release(permit, 0)
+            raise
+        if held is None:
+            await self.limiter.release(permit, 0)
+            raise PaymentRequired("the balance cannot pay for this request's prompt and one output token "
+                                  f"at {model!r}'s prices", code="insufficient_balance")
+        adm.held_units = held
+        if granted[0] < prepared.max_tokens:
+            adm.prepared = prepared.capped(granted[0])  # the balance pays this much: finish "length" at the cap
+        return adm
+
+    # -- after: capture --------------------------------------------------------------------------
+    async def settle(self, adm: Admission, record: UsageRecord) -> UsageRecord:
+        cost = adm.price.cost(record.prompt_tokens, record.completion_tokens, record.cached_prompt_tokens)
+        row = {"model": adm.model, "prompt_tokens": record.prompt_tokens,
+               "cached_tokens": record.cached_prompt_tokens, "completion_tokens": record.completion_tokens,
+               "reasoning_tokens": record.reasoning_tokens, "price_input_per_1k": adm.price.input_per_1k,
+               "price_output_per_1k": adm.price.output_per_1k, "price_cached_per_1k": adm.price.cached_input_per_1k,
+               "finish_reason": record.finish_reason, "native_finish_reason": record.native_finish_reason,
+               "ended_by": record.ended_by, "cancelled": record.ended_by == "client_disconnect",
+               "latency_ms": record.total_time_s * 1000,
+               "ttft_ms": None if record.time_to_first_token_s is None else record.time_to_first_token_s * 1000,
+               "user": adm.user}
+        try:
+            if adm.held_units is None:
+                await asyncio.to_thread(self.ledger.record, adm.request_id, adm.caller.account.id, None, cost, row)
+            else:
+                cost = (await asyncio.to_thread(self.ledger.settle, adm.request_id, cost, row)).cost_units
+        finally:
+            if adm.permit is not None:
+                await self.limiter.release(adm.permit, record.prompt_tokens + record.completion_tokens)
+        return replace(record, cost=to_cny(cost) if adm.held_units is not None else to_cny(0))
+
+    async def abandon(self, adm: Admission) -> None:
+        """The request failed before its provider started: settle it as nothing generated."""
+        empty = UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None, "error", None,
+                            0.0)
+        await self.settle(adm, empty)
+
+
+def _affordable(price: Price, prompt: int, want: int, available: int) -> int:
+    """The most completion tokens (<= want) that `available` units pay for after the prompt."""
+    if price.output_per_1k == 0:
+        return want if price.cost(prompt, 0) <= available else 0
+    room = available * 1000 - prompt * price.input_per_1k  # cost(p, t) <= available <=> p*in + t*out <= 1000*avail
+    return max(0, min(want, room // price.output_per_1k))
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _ip_allowed(ip: str | None, cidrs: list[str]) -> bool:
+    if ip is None:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
