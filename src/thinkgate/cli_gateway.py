@@ -97,11 +97,11 @@ def _command(sub, name: str, fn: Callable, help: str) -> argparse.ArgumentParser
 
 
 def _run(args, fn: Callable) -> int:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # not its INFO lines (plugins, context) on each command
     from thinkgate.storage.accounts import AccountStore, AlreadyExists, NotFound
     from thinkgate.storage.db import Database, redact
     from thinkgate.storage.ledger import Ledger
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # not a line per command about the migration context
     db = Database(args.db)
     try:
         try:
