@@ -24,6 +24,7 @@ from thinkgate.gateway.providers.base import (
     UsageRecord,
 )
 from thinkgate.gateway.providers.choice_stream import ChoiceStream
+from thinkgate.gateway.providers.merge import merge_prompt_streams, sub_context
 from thinkgate.params import EFFORT_FRACTION, ChatParams
 from thinkgate.sampling.params import SamplingParams
 from thinkgate.structured.backend import GrammarError, make_backend, resolve_grammar_backend
@@ -47,6 +48,19 @@ class LocalPrepared(PreparedRequest):
     def capped(self, max_tokens: int) -> LocalPrepared:
         cap = min(self.max_tokens, max_tokens)
         return replace(self, max_tokens=cap, sampling=replace(self.sampling, max_tokens=cap))
+
+
+@dataclass(frozen=True)
+class TextPrepared(PreparedRequest):
+    """A text completion: raw prompts, no chat template, one LocalPrepared per prompt (`params.n` counts the
+    choices of all prompts; each part's own params keep the request's n)."""
+
+    parts: tuple[LocalPrepared, ...]
+    texts: tuple[str, ...]  # each prompt as text (what `echo` shows)
+
+    def capped(self, max_tokens: int) -> TextPrepared:
+        parts = tuple(p.capped(max_tokens) for p in self.parts)
+        return replace(self, parts=parts, max_tokens=max(p.max_tokens for p in parts))
 
 
 class LocalProvider:
@@ -157,8 +171,45 @@ class LocalProvider:
             n=params.n, ignore_eos=params.ignore_eos, reasoning_budget=budget,
         )
 
+    # -- text completions: raw prompts (text or token ids), no chat template --------------------------
+    async def prepare_text(self, params: ChatParams, prompts: list[str | list[int]]) -> TextPrepared:
+        """`params` are the request's sampling settings (its chat form, validated; no messages are read)."""
+        self._check_token_ids(params)
+        vocab = self.tokenizer.vocab_size
+        parts, texts = [], []
+        for k, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = await asyncio.to_thread(self.tokenizer.encode, prompt)
+            elif any(not 0 <= t < vocab for t in prompt):
+                raise InvalidRequestError(f"prompt {k} holds a token id outside this model's vocabulary "
+                                          f"(0..{vocab - 1})", param="prompt")
+            else:
+                ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError(f"prompt {k} is empty: a completion needs at least one prompt token",
+                                          param="prompt")
+            if len(ids) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"this model's maximum context length is {self.max_model_len} tokens, but prompt {k} takes "
+                    f"{len(ids)} tokens (leaving no room to generate)", param="prompt", code="context_length_exceeded")
+            sampling = self._sampling_params(params, len(ids), "none")
+            parts.append(LocalPrepared(params, "none", len(ids), sampling.max_tokens, ids, sampling, None))
+            texts.append(prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False))
+        return TextPrepared(replace(params, n=params.n * len(parts)), "none", sum(p.prompt_tokens for p in parts),
+                            max(p.max_tokens for p in parts), tuple(parts), tuple(texts))
+
+    def _stream_text(self, prep: TextPrepared, ctx: RequestContext) -> AsyncIterator[ProviderEvent]:
+        if len(prep.parts) == 1:
+            return self.stream(prep.parts[0], ctx)
+        streams = [self.stream(part, sub_context(ctx, k)) for k, part in enumerate(prep.parts)]
+        return merge_prompt_streams(streams, prep.parts[0].params.n, ctx, self.model_id)
+
     # -- stream: engine outputs -> events, always ending with the usage record ----------------------
-    async def stream(self, prep: LocalPrepared, ctx: RequestContext) -> AsyncIterator[ProviderEvent]:
+    async def stream(self, prep: LocalPrepared | TextPrepared, ctx: RequestContext) -> AsyncIterator[ProviderEvent]:
+        if isinstance(prep, TextPrepared):
+            async for ev in self._stream_text(prep, ctx):
+                yield ev
+            return
         n = prep.params.n
         queue: asyncio.Queue = asyncio.Queue()
         prefilled = asyncio.Event()  # choice 0 has its prompt in the cache: the others reuse it
