@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from thinkgate.api.account import add_account_routes
 from thinkgate.api.admin import add_admin_routes
 from thinkgate.api.dispatch import Dispatcher
+from thinkgate.api.openai_responses import add_responses_routes
 from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usage
 from thinkgate.api.requests import parse_chat_request, validation_error
 from thinkgate.api.responses import assemble_completion, render_chunks
@@ -122,6 +123,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         app.add_api_route(f"{base}/chat/completions", chat_completions, methods=["POST"])
         app.add_api_route(f"{base}/models", list_models, methods=["GET"])
         app.add_api_route(base + "/models/{model_id:path}", get_model, methods=["GET"])
+    add_responses_routes(app, BASES, config)
     return app
 
 
