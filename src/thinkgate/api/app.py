@@ -25,6 +25,7 @@ from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usag
 from thinkgate.api.requests import parse_chat_request, validation_error
 from thinkgate.api.responses import assemble_completion, render_chunks
 from thinkgate.api.sse import sse
+from thinkgate.api.text_completions import add_text_completion_routes
 from thinkgate.config import ServerConfig
 from thinkgate.errors import ThinkgateError, error_body
 from thinkgate.gateway.providers.base import ChatProvider
@@ -124,6 +125,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         app.add_api_route(f"{base}/models", list_models, methods=["GET"])
         app.add_api_route(base + "/models/{model_id:path}", get_model, methods=["GET"])
     add_responses_routes(app, BASES, config)
+    add_text_completion_routes(app, BASES, config)
     return app
 
 
