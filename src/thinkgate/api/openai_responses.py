@@ -28,9 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from thinkgate.api.provider_run import RunStreamingResponse
-from thinkgate.api.requests import parse_body, validation_error
-from thinkgate.api.sse import sse
+from thinkgate.api.delivery import accepted, collected, streamed
+from thinkgate.api.requests import validation_error
 from thinkgate.config import ServerConfig
 from thinkgate.errors import InvalidRequestError, error_body
 from thinkgate.gateway.providers.base import ChunkEvent, ErrorEvent, ProviderEvent, RequestContext, UsageEvent
@@ -396,28 +395,17 @@ class ResponseStream:
 
 # -- the route -----------------------------------------------------------------------------------------------
 def add_responses_routes(app: FastAPI, bases: tuple[str, ...], config: ServerConfig) -> None:
-    from thinkgate.api.app import collect_unless_disconnected  # app.py imports this module
-
     async def create_response(request: Request):
-        dispatch = request.app.state.dispatch
-        caller = await dispatch.caller(request)
-        req = await parse_body(request, config.max_body_bytes, CreateResponseRequest)
+        dispatch, caller, req = await accepted(request, CreateResponseRequest, config.max_body_bytes)
         params = validate_response_request(req)
         try:
             started = await dispatch.start(caller, params, id_prefix="resp_")
         except InvalidRequestError as e:
             raise responses_error(e) from None
-        run = started.run
         out = ResponseStream(started.ctx, echo_fields(req, started.provider.model_id))
         if params.stream:
-            return RunStreamingResponse(sse(out.events(run), config.keepalive_s, typed_events=True), run,
-                                        media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                                 **started.headers})
-        try:
-            events = await collect_unless_disconnected(request, out.events(run))
-        finally:
-            run.abandon()
+            return streamed(out.events(started.run), started, config.keepalive_s, typed_events=True)
+        events = await collected(request, started, out.events(started.run))
         if events is None:
             return Response(status_code=499)
         if out.error is not None:

@@ -18,10 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from thinkgate.api.provider_run import RunStreamingResponse
-from thinkgate.api.requests import parse_body, validation_error
+from thinkgate.api.delivery import accepted, collected, streamed
+from thinkgate.api.requests import validation_error
 from thinkgate.api.responses import render_chunks
-from thinkgate.api.sse import sse
 from thinkgate.config import ServerConfig
 from thinkgate.errors import InvalidRequestError, ModelNotFound
 from thinkgate.params import MAX_TOP_LOGPROBS, ChatParams, check_number, validate_chat
@@ -150,12 +149,8 @@ def assemble_text_completion(chunks: list[dict]) -> dict:
 
 
 def add_text_completion_routes(app: FastAPI, bases: tuple[str, ...], config: ServerConfig) -> None:
-    from thinkgate.api.app import collect_unless_disconnected  # app.py imports this module
-
     async def completions(request: Request):
-        dispatch = request.app.state.dispatch
-        caller = await dispatch.caller(request)
-        req = await parse_body(request, config.max_body_bytes, CompletionRequest)
+        dispatch, caller, req = await accepted(request, CompletionRequest, config.max_body_bytes)
         prompts = prompts_of(req)
         params = text_params(req)
         if not hasattr(dispatch.provider_for(req.model), "prepare_text"):
@@ -167,19 +162,14 @@ def add_text_completion_routes(app: FastAPI, bases: tuple[str, ...], config: Ser
         conv = TextChunks(started.prepared.texts, params.n, bool(req.echo), req.logprobs is not None)
         if params.stream:
             chunks = text_chunks(render_chunks(run, ctx, model, total, params.include_usage), conv.convert)
-            return RunStreamingResponse(sse(chunks, config.keepalive_s), run, media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                                 **started.headers})
-        try:
-            chunks = await collect_unless_disconnected(
-                request, text_chunks(render_chunks(run, ctx, model, total, True), conv.convert))
-        finally:
-            run.abandon()
+            return streamed(chunks, started, config.keepalive_s)
+        chunks = await collected(request, started, text_chunks(render_chunks(run, ctx, model, total, True),
+                                                               conv.convert))
         if chunks is None:
             return Response(status_code=499)
-        for ch in chunks:
-            if "error" in ch:
-                return JSONResponse({"error": ch["error"]}, status_code=500)
+        error = next((ch["error"] for ch in chunks if "error" in ch), None)
+        if error is not None:
+            return JSONResponse({"error": error}, status_code=500)
         return Response(orjson.dumps(assemble_text_completion(chunks)), media_type="application/json",
                         headers=started.headers)
 
