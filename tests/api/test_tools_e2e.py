@@ -6,6 +6,8 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.api.schemas import validate
+
 TOOL_SCHEMAS = [
     {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]},
     {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]},
@@ -90,6 +92,87 @@ def test_required_always_calls_and_parallel_false_calls_once(server):
                                       parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=seed,
                                       extra_body={"reasoning": {"max_tokens": 2}})
         assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+
+
+@pytest.fixture(scope="module")
+def tok(checkpoints):
+    from thinkgate.models.tokenizer import ModelTokenizer
+
+    return ModelTokenizer.from_dir(checkpoints["qwen3"])
+
+
+def test_required_with_parallel_calls_may_end_after_any_call(server, tok):
+    """A newline after `</tool_call>` no longer forces another call: the turn may end after any complete
+    call (before this, the grammar's only way on from a newline was the next `<tool_call>`)."""
+    c = server.client()
+    nl, eos, close = tok.encode("\n")[0], tok.token_id("<|im_end|>"), tok.token_id("</tool_call>")
+    kw = dict(model=server.model_id, messages=MSG, tools=TOOLS[:3], max_tokens=300, temperature=0, logprobs=True)
+    # The newline is the first choice wherever the grammar allows it, the end of the turn the second (no
+    # thinking, where nothing constrains them).
+    bias = {str(nl): 50, str(eos): 30}
+    r = c.chat.completions.create(tool_choice="required", **kw,
+                                  extra_body={"reasoning": {"max_tokens": 0}, "logit_bias": bias})
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.native_finish_reason == "eos"
+    assert len(ch.message.tool_calls) == 1 and ch.message.content is None
+    last = [e.token for e in ch.logprobs.content[-2:]]
+    assert last == [tok.decode([close]), "\n"]  # the newline came, then the end
+    assert r.usage.completion_tokens < 60
+    # Without the newline the end is allowed right after the call.
+    r = c.chat.completions.create(tool_choice="required", **kw,
+                                  extra_body={"reasoning": {"max_tokens": 0}, "logit_bias": {str(eos): 30}})
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+    assert ch.logprobs.content[-1].token == tok.decode([close])
+    # A named function: the grammar is done after its one call, and generation stops there.
+    r = c.chat.completions.create(tool_choice={"type": "function", "function": {"name": "t2"}}, **kw,
+                                  extra_body={"reasoning": {"max_tokens": 0}, "logit_bias": bias})
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.native_finish_reason == "grammar"
+    assert [t.function.name for t in ch.message.tool_calls] == ["t2"]
+
+
+NOTE = tool("note", {"type": "object", "properties": {"text": {"type": "string", "minLength": 30,
+                                                                 "maxLength": 40}}, "required": ["text"]})
+NOTE_CHOICE = {"type": "function", "function": {"name": "note"}}
+
+
+def test_cut_call_is_a_call_with_finish_length_and_no_markup_in_content(server):
+    c = server.client()
+    kw = dict(model=server.model_id, messages=MSG, tools=[NOTE], tool_choice=NOTE_CHOICE, max_tokens=30,
+              temperature=1.0, seed=3, extra_body={"reasoning": {"max_tokens": 2}})
+    raw = c.chat.completions.with_raw_response.create(**kw)
+    body = raw.http_response.json()
+    validate(body, "CreateChatCompletionResponse")
+    ch = body["choices"][0]
+    assert ch["finish_reason"] == "length" and ch["native_finish_reason"] == "max_tokens"
+    assert ch["message"]["content"] is None  # null, not "", and never the call's markup
+    (call,) = ch["message"]["tool_calls"]
+    args = call["function"]["arguments"]
+    assert call["function"]["name"] == "note" and args.startswith('{"text":"') and len(args) > len('{"text":"')
+    with pytest.raises(ValueError):
+        json.loads(args)  # cut: the arguments written so far
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    assert all(not ch.choices[0].delta.content for ch in chunks if ch.choices)
+    assert [(x["name"], x["arguments"]) for x in _calls_from_stream(chunks)] == [("note", args)]
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+
+
+def test_arguments_stream_as_written_and_equal_the_message(server):
+    c = server.client()
+    kw = dict(model=server.model_id, messages=MSG, tools=[NOTE], tool_choice=NOTE_CHOICE, max_tokens=200,
+              temperature=1.0, seed=5, extra_body={"reasoning": {"max_tokens": 2}})
+    r = c.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    args = r.choices[0].message.tool_calls[0].function.arguments
+    assert len(json.loads(args)["text"]) >= 30
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    head, frags = deltas[0], [d.function.arguments for d in deltas[1:]]
+    assert head.id and head.function.name == "note" and head.function.arguments == ""
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert len(frags) > 10 and "".join(frags) == args  # token by token, not the whole call cut up at its end
 
 
 def test_tool_choice_none_offers_no_tools_and_history_renders(server):

@@ -84,7 +84,10 @@ def assemble_completion(chunks: list[dict], reasoning_visible: bool, reasoning_m
         reasoning = "".join(st["reasoning"]) if reasoning_visible and reasoning_mode != "none" else None
         if reasoning == "" and reasoning_mode == "hybrid":
             reasoning = None
-        msg = {"role": "assistant", "content": "".join(st["content"]), "refusal": None,
+        content = "".join(st["content"])
+        if content == "" and st["tool_calls"]:
+            content = None  # a message of tool calls only, as OpenAI writes it
+        msg = {"role": "assistant", "content": content, "refusal": None,
                "reasoning": reasoning, "reasoning_content": reasoning}
         if st["tool_calls"]:
             msg["tool_calls"] = [st["tool_calls"][k] for k in sorted(st["tool_calls"])]

@@ -54,5 +54,8 @@ def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int
     open_tag = f"<[{start_id}]>" if start_id is not None else json.dumps("<tool_call>")
     close_tag = f"<[{end_id}]>" if end_id is not None else json.dumps("</tool_call>")
     many = req.parallel_tool_calls is not False and not isinstance(req.tool_choice, NamedToolChoice)
-    start = 'start: call ("\\n" call)*' if many else "start: call"
+    # After any complete call the turn may end (end of sequence is allowed wherever the grammar accepts):
+    # the template writes a newline before each further call, so a newline may follow a call and then
+    # either another call or the end. One call only: the grammar is done after it, and generation stops.
+    start = 'start: call ("\\n" call)* "\\n"?' if many else "start: call"
     return f'{start}\ncall: {open_tag} "\\n" body "\\n" {close_tag}\nbody: %json {json.dumps(schema)}\n'

@@ -9,7 +9,6 @@ from thinkgate.engine.request import FinishReason, RequestOutput
 FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.STOP_TOKEN: "stop",
           FinishReason.GRAMMAR: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "stop",
           FinishReason.ERROR: "error"}
-ARG_FRAGMENT = 24  # characters per streamed arguments fragment
 
 
 class ChoiceStream:
@@ -41,23 +40,21 @@ class ChoiceStream:
         return _merge_text(result)
 
     def _event(self, e: ToolEvent) -> list[dict]:
-        if e.call is None:
-            return [{"content": e.text}]
-        i = self.num_calls
-        self.num_calls += 1
-        args = e.call.arguments
-        head = {"tool_calls": [{"index": i, "id": e.call.id, "type": "function",
-                                "function": {"name": e.call.name, "arguments": ""}}]}
-        frags = [args[k:k + ARG_FRAGMENT] for k in range(0, len(args), ARG_FRAGMENT)]
-        return [head] + [{"tool_calls": [{"index": i, "function": {"arguments": f}}]} for f in frags]
+        if e.call is not None:  # a call begins: index, id, type and name once, as OpenAI streams it
+            self.num_calls += 1
+            return [{"tool_calls": [{"index": self.num_calls - 1, "id": e.call.id, "type": "function",
+                                     "function": {"name": e.call.name, "arguments": ""}}]}]
+        if e.arguments:  # the arguments as the model writes them
+            return [{"tool_calls": [{"index": self.num_calls - 1, "function": {"arguments": e.arguments}}]}]
+        return [{"content": e.text}]
 
     def finish(self, out: RequestOutput) -> dict:
         reason = FINISH[out.finish_reason]
         native = out.finish_reason.value
         if self.num_calls and reason == "stop":
             reason = "tool_calls"
-        if self.tools is not None and self.tools.malformed:
-            native = "malformed_tool_call"  # the call's text was returned as content
+        if self.tools is not None and self.tools.malformed and reason != "length":
+            native = "malformed_tool_call"  # a call's JSON was malformed (a call cut by the cap is "length")
         return {"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason,
                 "native_finish_reason": native}
 
