@@ -1,4 +1,5 @@
-"""The tiny qwen3 model served in-process by a real uvicorn server, with the app's usage hook recording."""
+"""The tiny qwen3 model served in-process by a real uvicorn server, with the app's usage hook recording;
+optionally behind the keyed gateway (on SQLite), for the endpoints' billing."""
 
 from __future__ import annotations
 
@@ -6,21 +7,38 @@ import time
 from contextlib import contextmanager
 
 from tests.api.inprocess import InProcessServer
+from tests.gateway.dbs import fresh_database
 from thinkgate.api.app import create_app
 from thinkgate.engine.async_engine import AsyncEngine
+from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
+from thinkgate.gateway.limits import MemoryRateLimiter
+from thinkgate.gateway.money import Price, to_units
 from thinkgate.gateway.providers.local import LocalProvider
+from thinkgate.gateway.service import Gateway
 
 MODEL = "tiny"
+PRICE = Price.cny("1", "2")  # CNY per 1000 tokens
 
 
 class Served:
-    def __init__(self, server: InProcessServer, records: list):
+    def __init__(self, server: InProcessServer, records: list, gateway: Gateway | None):
         self.server = server
         self.records = records
+        self.gateway = gateway
         self.base = server.base
 
-    def client(self):
-        return self.server.client()
+    def client(self, secret: str = "sk-test"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base + "/v1", api_key=secret, max_retries=0, timeout=60)
+
+    def key(self, account: str, balance: str) -> str:
+        """A new key of a new account holding `balance` CNY (with the gateway)."""
+        store = self.gateway.store
+        store.create_account(account, balance_units=to_units(balance))
+        secret = new_secret()
+        store.create_key(account, account + "-key", hash_secret(secret), display_prefix(secret))
+        return secret
 
     def record_after(self, seen: int, timeout: float = 30):
         """The one usage record that arrived after the first `seen` (waits for it; fails on none or several)."""
@@ -33,12 +51,21 @@ class Served:
 
 
 @contextmanager
-def served_tiny(engine_factory):
+def served_tiny(engine_factory, gateway_dir=None):
+    """`gateway_dir`: a folder for the gateway's SQLite database; keys are then required."""
     async_engine = AsyncEngine(engine_factory("qwen3"))
     records: list = []
-    server = InProcessServer(create_app({MODEL: LocalProvider(async_engine, MODEL)}, on_usage=records.append))
+    gateway = db = None
+    if gateway_dir is not None:
+        db = fresh_database("sqlite", gateway_dir)
+        gateway = Gateway(db, {MODEL: PRICE}, require_keys=True, limiter=MemoryRateLimiter())
+        gateway.start_sync()
+    app = create_app({MODEL: LocalProvider(async_engine, MODEL)}, on_usage=records.append, gateway=gateway)
+    server = InProcessServer(app)
     try:
-        yield Served(server, records)
+        yield Served(server, records, gateway)
     finally:
         server.stop()
         async_engine.shutdown()
+        if db is not None:
+            db.dispose()

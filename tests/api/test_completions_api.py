@@ -6,6 +6,7 @@ schema; what cannot be served is a 400 naming the parameter; `/v1/embeddings` is
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import httpx
 import openai
@@ -193,3 +194,18 @@ def test_one_usage_record_per_request_summed_over_prompts_and_on_disconnect(engi
         rec = s.record_after(1)
         assert rec.request_id.startswith("cmpl-") and rec.ended_by == "client_disconnect" and rec.choices == 2
         assert 2 <= rec.completion_tokens < 6000
+
+
+def test_keyed_gateway_holds_for_every_choice_of_every_prompt(engine_factory, tmp_path, tok):
+    with served_tiny(engine_factory, gateway_dir=tmp_path) as s:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("sk-unknown").completions.create(model=MODEL, prompt=PROMPT)
+        # Enough for the prompts and 4 completion tokens in all: two prompts x two choices get one token each.
+        prompts = [PROMPT, "The weather"]
+        prompt_units = sum(len(tok.encode(p)) for p in prompts) * 100_000
+        secret = s.key("poor", str(Decimal(prompt_units + 4 * 200_000) / 10**8))
+        r = s.client(secret).completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=50,
+                                                extra_body={"ignore_eos": True})
+        assert [ch.finish_reason for ch in r.choices] == ["length"] * 4
+        assert r.usage.completion_tokens == 4 and s.record_after(0).choices == 4
+        assert s.gateway.store.account("poor").balance_units == 0

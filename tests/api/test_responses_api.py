@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from tests.api.schemas import validate
-from tests.api.served import MODEL, served_tiny
+from tests.api.served import MODEL, PRICE, served_tiny
+from thinkgate.gateway.money import to_units
 from thinkgate.models.tokenizer import ModelTokenizer
 from thinkgate.params import EFFORT_FRACTION
 
@@ -300,6 +301,20 @@ def test_usage_reaches_the_hook_once_also_when_the_client_leaves(engine_factory)
         rec = s.record_after(1)
         assert rec.request_id.startswith("resp_") and rec.ended_by == "client_disconnect"
         assert 3 <= rec.completion_tokens < 3000
+
+
+def test_keyed_gateway_bills_a_response_exactly(engine_factory, tmp_path):
+    with served_tiny(engine_factory, gateway_dir=tmp_path) as s:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("sk-unknown").responses.create(model=MODEL, input=ASK, max_output_tokens=2)
+        secret = s.key("acct", "10")
+        r = s.client(secret).responses.create(model=MODEL, input=ASK, max_output_tokens=6,
+                                              extra_body={"ignore_eos": True})
+        rec = s.record_after(0)
+        cost = PRICE.cost(r.usage.input_tokens, r.usage.output_tokens, r.usage.input_tokens_details.cached_tokens)
+        assert r.usage.output_tokens == 6 and rec.completion_tokens == 6
+        assert to_units(str(r.usage.model_extra["cost"])) == cost
+        assert s.gateway.store.account("acct").balance_units == to_units("10") - cost
 
 
 def test_langchain_chat_openai_on_the_responses_api(server):
