@@ -111,12 +111,12 @@ class Gateway:
         secret = _bearer(authorization)
         if secret is None:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        key = await asyncio.to_thread(self.store.key_by_hash, hash_secret(secret))
-        if key is None or not key.usable(now()):
+        found = await asyncio.to_thread(self.store.caller_by_hash, hash_secret(secret))
+        if found is None or not found[0].usable(now()):
             raise AuthenticationError(BAD_KEY, code="invalid_api_key")
+        key, account = found
         if key.ips and not _ip_allowed(client_ip, key.ips):
             raise PermissionDenied("this key may not be used from this address", code="ip_not_allowed")
-        account = await asyncio.to_thread(self.store.account_by_id, key.account_id)
         return Caller(account, key)
 
     def authorize_model(self, caller: Caller, model: str) -> Price:

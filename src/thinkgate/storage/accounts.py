@@ -64,6 +64,14 @@ class Key:
         return self.revoked_at is None and (self.expires_at is None or at < self.expires_at)
 
 
+# Built once: constructing a statement per request costs more than running it.
+_KEY_BY_HASH = sa.select(api_keys).where(api_keys.c.secret_hash == sa.bindparam("h"))
+_CALLER_BY_HASH = sa.select(
+    api_keys, accounts.c.name.label("account_name"), accounts.c.email.label("account_email"),
+    accounts.c.balance_units, accounts.c.anonymous, accounts.c.created_at.label("account_created_at"),
+).join(accounts, accounts.c.id == api_keys.c.account_id).where(api_keys.c.secret_hash == sa.bindparam("h"))
+
+
 def _account(row) -> Account:
     return Account(row.id, row.name, row.email, row.balance_units, row.anonymous, aware(row.created_at))
 
@@ -146,8 +154,19 @@ class AccountStore:
 
     def key_by_hash(self, secret_hash: str) -> Key | None:
         with self.db.engine.connect() as c:  # a read: no write lock
-            row = c.execute(sa.select(api_keys).where(api_keys.c.secret_hash == secret_hash)).first()
+            row = c.execute(_KEY_BY_HASH, {"h": secret_hash}).first()
         return _key(row) if row is not None else None
+
+    def caller_by_hash(self, secret_hash: str) -> tuple[Key, Account] | None:
+        """The key and its account in one read (every keyed request does this)."""
+        with self.db.engine.connect() as c:
+            row = c.execute(_CALLER_BY_HASH, {"h": secret_hash}).first()
+        if row is None:
+            return None
+        m = row._mapping
+        account = Account(m["account_id"], m["account_name"], m["account_email"], m["balance_units"],
+                          m["anonymous"], aware(m["account_created_at"]))
+        return _key(row), account
 
     def keys(self, account: str | None = None) -> list[Key]:
         q = sa.select(api_keys).order_by(api_keys.c.id)

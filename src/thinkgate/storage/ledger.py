@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from thinkgate.storage.accounts import aware, now
 from thinkgate.storage.db import Database
-from thinkgate.storage.schema import accounts, api_keys, instances, ledger, usage
+from thinkgate.storage.schema import instances, ledger, usage
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +27,51 @@ class Settled:
     first: bool  # False when the request had already been settled (an idempotent repeat)
 
 
+# The hot path (every request holds once and settles once) as plain SQL: building SQLAlchemy expressions per
+# call cost more than the database work (measured: ~8 ms of Python per settlement, ~0.7 ms of SQLite).
+_HOLD_ROW_KEY = """SELECT a.balance_units, k.limit_units, k.spent_units, k.held_units FROM accounts a
+JOIN api_keys k ON k.account_id = a.id WHERE a.id = :account_id AND k.id = :key_id"""
+_HOLD_ROW = """SELECT balance_units, NULL AS limit_units FROM accounts WHERE id = :account_id"""
+_TIME = sa.bindparam("created_at", type_=sa.DateTime(timezone=True))  # stored as SQLAlchemy stores datetimes
+_INSERT_ENTRY = sa.text("""INSERT INTO ledger (account_id, key_id, request_id, kind, amount_units, owner, note,
+created_at) VALUES (:account_id, :key_id, :request_id, :kind, :amount_units, :owner, :note, :created_at)"""
+                        ).bindparams(_TIME)
+_MOVE_BALANCE = sa.text("UPDATE accounts SET balance_units = balance_units + :d WHERE id = :id")
+_MOVE_KEY = sa.text("UPDATE api_keys SET held_units = held_units + :held, spent_units = spent_units + :spent "
+                    "WHERE id = :id")
+_ENTRIES_OF = sa.text("SELECT kind, amount_units, account_id, key_id FROM ledger WHERE request_id = :r")
+_USAGE_COLUMNS = [c.name for c in usage.columns]
+_QUOTED = ", ".join(f'"{c}"' for c in _USAGE_COLUMNS)  # "user" is a reserved word in PostgreSQL
+_INSERT_USAGE = sa.text(f"INSERT INTO usage ({_QUOTED}) VALUES "
+                        f"({', '.join(':' + c for c in _USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
+                        ).bindparams(_TIME, sa.bindparam("cancelled", type_=sa.Boolean))
+
+
 class Ledger:
     def __init__(self, db: Database):
         self.db = db
+        lock = "" if db.is_sqlite else " FOR UPDATE"  # SQLite: BEGIN IMMEDIATE already holds the write lock
+        self._hold_row_key = sa.text(_HOLD_ROW_KEY + lock)
+        self._hold_row = sa.text(_HOLD_ROW + lock)
+        self._entries_locked = sa.text(_ENTRIES_OF.text + lock)
 
     def hold(self, request_id: str, account_id: int, key_id: int | None, owner: str,
              plan: Callable[[int], int | None]) -> int | None:
         """Lock the account (and key), call `plan(available units)`, and hold what it returns; None from
         `plan` holds nothing. Returns the units held, or None."""
         with self.db.begin() as c:
-            balance = c.execute(sa.select(accounts.c.balance_units).where(accounts.c.id == account_id)
-                                .with_for_update()).scalar_one()
-            available = balance
-            if key_id is not None:
-                k = c.execute(sa.select(api_keys.c.limit_units, api_keys.c.spent_units, api_keys.c.held_units)
-                              .where(api_keys.c.id == key_id).with_for_update()).one()
-                if k.limit_units is not None:
-                    available = min(available, k.limit_units - k.spent_units - k.held_units)
+            if key_id is None:
+                r = c.execute(self._hold_row, {"account_id": account_id}).one()
+            else:
+                r = c.execute(self._hold_row_key, {"key_id": key_id, "account_id": account_id}).one()
+            available = r.balance_units
+            if r.limit_units is not None:
+                available = min(available, r.limit_units - r.spent_units - r.held_units)
             units = plan(max(available, 0))
             if units is None:
                 return None
             assert 0 <= units <= available, (units, available)
-            c.execute(ledger.insert().values(account_id=account_id, key_id=key_id, request_id=request_id, kind="hold",
-                                             amount_units=units, owner=owner, created_at=now()))
+            c.execute(_INSERT_ENTRY, _entry(account_id, key_id, request_id, "hold", units, owner=owner))
             _move(c, account_id, key_id, balance=-units, held=units)
             return units
 
@@ -57,39 +79,32 @@ class Ledger:
         """Capture the cost (at most the hold), release the rest and write the usage row, in one transaction.
         Idempotent by request id: a repeat returns the first settlement."""
         with self.db.begin() as c:
-            hold = c.execute(sa.select(ledger).where(ledger.c.request_id == request_id, ledger.c.kind == "hold")
-                             .with_for_update()).first()
+            entries = {e.kind: e for e in c.execute(self._entries_locked, {"r": request_id})}
+            hold = entries.get("hold")
             if hold is None:
                 raise LookupError(f"no hold for {request_id}")
-            done = c.execute(sa.select(ledger.c.amount_units).where(ledger.c.request_id == request_id,
-                                                                     ledger.c.kind == "capture")).first()
-            if done is not None:
-                return Settled(done.amount_units, first=False)
-            if c.execute(sa.select(ledger.c.id).where(ledger.c.request_id == request_id,
-                                                       ledger.c.kind == "release")).first() is not None:
+            if "capture" in entries:
+                return Settled(entries["capture"].amount_units, first=False)
+            if "release" in entries:
                 return Settled(0, first=False)  # reaped: released whole, nothing captured
             if cost_units > hold.amount_units:
                 # Cannot happen for requests whose cap the hold covered; never let it take the balance below 0.
                 log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units,
                           hold.amount_units)
                 cost_units = hold.amount_units
-            entries = [{"kind": "capture", "amount_units": cost_units},
-                       {"kind": "release", "amount_units": hold.amount_units - cost_units}]
-            c.execute(ledger.insert(), [{"account_id": hold.account_id, "key_id": hold.key_id,
-                                         "request_id": request_id, "created_at": now(), **e} for e in entries])
+            c.execute(_INSERT_ENTRY, [_entry(hold.account_id, hold.key_id, request_id, "capture", cost_units),
+                                      _entry(hold.account_id, hold.key_id, request_id, "release",
+                                             hold.amount_units - cost_units)])
             _move(c, hold.account_id, hold.key_id, balance=hold.amount_units - cost_units,
                   held=-hold.amount_units, spent=cost_units)
-            c.execute(usage.insert().values(request_id=request_id, account_id=hold.account_id, key_id=hold.key_id,
-                                            cost_units=cost_units, created_at=now(), **row))
+            c.execute(_INSERT_USAGE, _usage(request_id, hold.account_id, hold.key_id, cost_units, row))
             return Settled(cost_units, first=True)
 
     def record(self, request_id: str, account_id: int, key_id: int | None, cost_units: int, row: dict) -> None:
         """A usage row for a request that held nothing (an open server's anonymous account): metered, not
         charged. Idempotent by request id."""
         with self.db.begin() as c:
-            if c.execute(sa.select(usage.c.request_id).where(usage.c.request_id == request_id)).first() is None:
-                c.execute(usage.insert().values(request_id=request_id, account_id=account_id, key_id=key_id,
-                                                cost_units=cost_units, created_at=now(), **row))
+            c.execute(_INSERT_USAGE, _usage(request_id, account_id, key_id, cost_units, row))
 
     # -- instances and the reaper -----------------------------------------------------------------
     def register(self, instance_id: str, host: str, pid: int) -> None:
@@ -152,13 +167,21 @@ class Ledger:
                                                         .order_by(ledger.c.id))]
 
 
+def _entry(account_id, key_id, request_id, kind, units, owner=None, note=None) -> dict:
+    return {"account_id": account_id, "key_id": key_id, "request_id": request_id, "kind": kind,
+            "amount_units": units, "owner": owner, "note": note, "created_at": now()}
+
+
+def _usage(request_id, account_id, key_id, cost_units, row: dict) -> dict:
+    return {"request_id": request_id, "account_id": account_id, "key_id": key_id, "cost_units": cost_units,
+            "created_at": now(), **row}
+
+
 def _move(c, account_id: int, key_id: int | None, balance: int = 0, held: int = 0, spent: int = 0) -> None:
     if balance:
-        c.execute(accounts.update().where(accounts.c.id == account_id)
-                  .values(balance_units=accounts.c.balance_units + balance))
+        c.execute(_MOVE_BALANCE, {"d": balance, "id": account_id})
     if key_id is not None and (held or spent):
-        c.execute(api_keys.update().where(api_keys.c.id == key_id).values(
-            held_units=api_keys.c.held_units + held, spent_units=api_keys.c.spent_units + spent))
+        c.execute(_MOVE_KEY, {"held": held, "spent": spent, "id": key_id})
 
 
 def _is_open(h):

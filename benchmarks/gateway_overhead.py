@@ -1,0 +1,180 @@
+"""What the gateway path (auth, limits, hold, capture) adds to a request, with a provider that answers at once.
+
+    python benchmarks/gateway_overhead.py [--requests 1000] [--concurrency 16] [--postgres URL]
+
+Each configuration runs in a server process of its own (uvicorn, as `thinkgate serve` runs it); this process
+is the client. Configurations: no gateway at all; `--no-auth` (usage metered under the anonymous account);
+keys required on SQLite; keys required on PostgreSQL (with --postgres). Latency: sequential requests on one
+keep-alive connection (p50, p99); throughput: `--concurrency` clients at once (requests per second).
+Results print as JSON lines; the median of `--repeats` runs of each figure is what BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def serve(mode: str, db_url: str | None, port: int) -> None:
+    import uvicorn
+
+    from thinkgate.api.app import create_app
+    from thinkgate.gateway.limits import MemoryRateLimiter
+    from thinkgate.gateway.money import Price
+    from thinkgate.gateway.providers.base import ChunkEvent, PreparedRequest, UsageEvent, UsageRecord
+    from thinkgate.gateway.service import Gateway
+    from thinkgate.storage.db import Database
+
+    class Instant:
+        """Answers every request at once: what remains is the API's and the gateway's own time."""
+
+        model_id = "fast"
+
+        def card(self):
+            return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "bench"}
+
+        def num_active(self):
+            return 0
+
+        async def prepare(self, params):
+            return PreparedRequest(params, "none", prompt_tokens=10, max_tokens=params.max_tokens or 16)
+
+        async def stream(self, prep, ctx):
+            yield ChunkEvent([{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "logprobs": None,
+                               "finish_reason": None}])
+            yield ChunkEvent([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop",
+                               "native_finish_reason": "eos"}])
+            yield UsageEvent(UsageRecord(ctx.request_id, self.model_id, 1, 10, 0, 1, 0, "stop", "eos", "finished",
+                                         0.0, 0.0))
+
+    gateway = None
+    if mode != "none":
+        db = Database(db_url)
+        gateway = Gateway(db, {"fast": Price.cny("0.00275", "0.0095")}, require_keys=mode == "keys",
+                          limiter=MemoryRateLimiter())
+        gateway.start_sync()
+    app = create_app({"fast": Instant()}, gateway=gateway)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def make_key(db_url: str) -> str:
+    from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
+    from thinkgate.gateway.money import to_units
+    from thinkgate.storage.accounts import AccountStore
+    from thinkgate.storage.db import Database
+
+    db = Database(db_url)
+    db.upgrade()
+    store = AccountStore(db)
+    name = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    store.create_account(name, balance_units=to_units("1000000"))
+    secret = new_secret()
+    store.create_key(name, name, hash_secret(secret), display_prefix(secret), rpm=10**6, tpm=10**9,
+                     concurrency=1000)
+    db.dispose()
+    return secret
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(mode: str, db_url: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", mode, "--port", str(port)]
+                            + (["--db", db_url] if db_url else []))
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{mode} server did not start")
+
+
+def latency(base: str, headers: dict, n: int) -> list[float]:
+    body = {"model": "fast", "messages": MSGS, "max_tokens": 16}
+    out = []
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+        for i in range(n + 50):
+            t = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=body)
+            dt = time.perf_counter() - t
+            assert r.status_code == 200, r.text
+            if i >= 50:  # warm-up
+                out.append(dt * 1000)
+    return out
+
+
+async def throughput(base: str, headers: dict, n: int, concurrency: int) -> float:
+    body = {"model": "fast", "messages": MSGS, "max_tokens": 16}
+    todo = iter(range(n))
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30,
+                                 limits=httpx.Limits(max_connections=concurrency)) as c:
+        async def worker():
+            for _ in todo:
+                r = await c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / (time.perf_counter() - t)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", default=None)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--db", default=None)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--postgres", default=os.environ.get("THINKGATE_TEST_POSTGRES_URL"))
+    args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve, args.db, args.port)
+    tmp = tempfile.mkdtemp(prefix="thinkgate-bench-")
+    configs = [("no gateway", "none", None), ("--no-auth (metered)", "open", f"sqlite:///{tmp}/open.db"),
+               ("keys, SQLite", "keys", f"sqlite:///{tmp}/keys.db")]
+    if args.postgres:
+        configs.append(("keys, PostgreSQL", "keys", args.postgres))
+    for name, mode, db_url in configs:
+        runs = []
+        for _ in range(args.repeats):
+            headers = {"Authorization": f"Bearer {make_key(db_url)}"} if mode == "keys" else {}
+            proc, base = start(mode, db_url)
+            try:
+                lat = latency(base, headers, args.requests)
+                rps = asyncio.run(throughput(base, headers, args.requests, args.concurrency))
+            finally:
+                proc.terminate()
+                proc.wait()
+            runs.append((statistics.median(lat), pct(lat, 0.99), rps))
+        p50, p99, rps = (statistics.median(r[k] for r in runs) for k in range(3))
+        print(json.dumps({"config": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                          "requests_per_s": round(rps, 1), "runs": args.repeats,
+                          "requests": args.requests, "concurrency": args.concurrency}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
