@@ -36,8 +36,8 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from thinkgate.api.requests import validation_error
-from thinkgate.errors import AuthenticationError, InvalidRequestError, PayloadTooLarge, ThinkgateError
+from thinkgate.api.requests import as_model, read_limited, validation_error
+from thinkgate.errors import AuthenticationError, InvalidRequestError, ThinkgateError
 from thinkgate.gateway import manage
 from thinkgate.storage.accounts import AccountStore, AlreadyExists, NotFound
 from thinkgate.storage.ledger import Ledger
@@ -120,22 +120,12 @@ def body_error(e: ValidationError) -> InvalidRequestError:
 async def read_json(request: Request, model: type[M]) -> M:
     """The JSON object body as `model`, or a 400 naming the field. JSON numbers become Decimals from their
     text, so an amount sent as 12345678.12345678 arrives exact."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {MAX_BODY} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise PayloadTooLarge(f"request body exceeds the limit of {MAX_BODY} bytes")
+    raw = await read_limited(request, MAX_BODY)
     try:
         data = json.loads(raw or b"{}", parse_float=Decimal, parse_constant=_fail)
     except ValueError:
         raise InvalidRequestError("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise body_error(e) from None
+    return as_model(data, model, body_error)
 
 
 def json_body(model: type[BaseModel]):

@@ -53,6 +53,16 @@ async def parse_body(request: Request, limit: int, model: type[M]) -> M:
     ctype = request.headers.get("content-type", "")
     if "json" not in ctype.lower():
         raise InvalidRequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}")
+    body = await read_limited(request, limit)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    return as_model(data, model)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to exceed `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -61,13 +71,14 @@ async def parse_body(request: Request, limit: int, model: type[M]) -> M:
         body += piece
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    return bytes(body)
+
+
+def as_model(data, model: type[M], to_error=validation_error) -> M:
+    """A decoded JSON body as `model`: a 400 unless it is an object that validates."""
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise validation_error(e) from None
+        raise to_error(e) from None
