@@ -5,6 +5,7 @@ usage hook and disconnects, errors naming the Responses parameter, and LangChain
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -12,8 +13,11 @@ import jsonschema
 import openai
 import pytest
 
+from tests.api.inprocess import asgi_client
 from tests.api.schemas import validate
+from tests.api.scripted_provider import ScriptedProvider
 from tests.api.served import MODEL, PRICE, served_tiny
+from thinkgate.api.app import create_app
 from thinkgate.gateway.money import to_units
 from thinkgate.models.tokenizer import ModelTokenizer
 from thinkgate.params import EFFORT_FRACTION
@@ -301,6 +305,29 @@ def test_usage_reaches_the_hook_once_also_when_the_client_leaves(engine_factory)
         rec = s.record_after(1)
         assert rec.request_id.startswith("resp_") and rec.ended_by == "client_disconnect"
         assert 3 <= rec.completion_tokens < 3000
+
+
+def test_a_provider_error_fails_the_response():
+    records = []
+    app = create_app({"scripted": ScriptedProvider(fail_with="the backend broke")}, on_usage=records.append)
+
+    async def run():
+        async with asgi_client(app) as http:
+            body = {"model": "scripted", "input": "hi"}
+            whole = await http.post("/v1/responses", json=body)
+            streamed = await http.post("/v1/responses", json={**body, "stream": True})
+            return whole, streamed
+
+    whole, streamed = asyncio.run(run())
+    assert whole.status_code == 500 and whole.json()["error"]["message"] == "the backend broke"
+    events = [json.loads(ln[6:]) for ln in streamed.text.splitlines() if ln.startswith("data: ")]
+    for ev in events:
+        validate(ev, "ResponseStreamEvent", "responses")
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and final["status"] == "failed"
+    assert final["error"] == {"code": "server_error", "message": "the backend broke"}
+    assert final["output"][0]["status"] == "incomplete" and final["usage"]["output_tokens"] == 2
+    assert len(records) == 2 and all(r.ended_by == "error" for r in records)
 
 
 def test_keyed_gateway_bills_a_response_exactly(engine_factory, tmp_path):
