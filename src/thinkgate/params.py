@@ -18,7 +18,8 @@ from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 8
 MAX_STOP = 4
-# Fraction of the room left for the answer that each `reasoning.effort` allows the thinking block.
+# Fraction of the room left for the answer that each effort (`reasoning.effort`, else `reasoning_effort`)
+# allows the thinking block.
 EFFORT_FRACTION = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 0.95}
 
 
@@ -69,7 +70,7 @@ class ChatParams:
     forced_tools: bool  # tool_choice "required" or a named function: the answer is calls only
     reasoning_max_tokens: int | None
     reasoning_effort: str | None
-    thinking_enabled: bool | None  # reasoning.enabled
+    thinking_enabled: bool | None  # reasoning.enabled (False also for an effort of "none")
     show_reasoning: bool
     stream: bool
     include_usage: bool  # stream_options.include_usage
@@ -130,6 +131,12 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
         raise InvalidRequestError("response_format json_schema needs json_schema.schema",
                                   param="response_format.json_schema")
     show = not (req.include_reasoning is False or (r is not None and r.exclude))
+    # `reasoning.effort` wins over OpenAI's top-level `reasoning_effort`; "none" turns thinking off, as
+    # `reasoning.enabled: false` does, unless `reasoning.enabled` says otherwise.
+    effort = r.effort if r is not None and r.effort is not None else req.reasoning_effort
+    enabled = r.enabled if r is not None else None
+    if enabled is None and effort == "none":
+        enabled = False
     return ChatParams(
         request=req, n=req.n if req.n is not None else 1, max_tokens=max_tokens, max_tokens_param=max_name,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, top_a=req.top_a or 0.0,
@@ -139,7 +146,6 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
         stop_token_ids=tuple(req.stop_token_ids or ()), logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs or 0, use_tools=use_tools, forced_tools=forced,
         reasoning_max_tokens=r.max_tokens if r is not None else None,
-        reasoning_effort=r.effort if r is not None else None,
-        thinking_enabled=r.enabled if r is not None else None, show_reasoning=show, stream=req.stream,
+        reasoning_effort=effort, thinking_enabled=enabled, show_reasoning=show, stream=req.stream,
         include_usage=bool(req.stream_options is not None and req.stream_options.include_usage),
     )

@@ -128,6 +128,27 @@ def test_thinking_budget_closes_reasoning_then_answers(server, tok):
     assert kinds and "c" in kinds and "".join(kinds).rstrip("c").count("c") == 0  # reasoning first, then content
 
 
+def test_reasoning_effort_top_level_sets_the_thinking_budget(server, tok):
+    """OpenAI's `reasoning_effort` (what LangChain and LiteLLM send) maps to the same budget as
+    `reasoning.effort`: a fraction of the room left for the answer (here max_tokens=40)."""
+    c = server.client()
+    think_end = tok.token_id("</think>")
+
+    def reasoning_tokens(**kw):
+        r = c.chat.completions.create(model=server.model_id, messages=MSGS, max_tokens=40, seed=5, **kw)
+        assert r.usage.completion_tokens == 40
+        return r.usage.completion_tokens_details.reasoning_tokens
+
+    body = {"ignore_eos": True, "logit_bias": {str(think_end): -100}}  # the model itself never closes
+    assert reasoning_tokens(reasoning_effort="low", extra_body=body) == 8  # 0.2 of 40
+    assert reasoning_tokens(reasoning_effort="high", extra_body=body) == 32  # 0.8 of 40
+    assert reasoning_tokens(reasoning_effort="none", extra_body=body) == 0
+    # Both given: `reasoning.effort` wins.
+    assert reasoning_tokens(reasoning_effort="high", extra_body={**body, "reasoning": {"effort": "low"}}) == 8
+    # No effort at all: the model thinks as long as it likes.
+    assert reasoning_tokens(extra_body=body) == 40
+
+
 def test_reasoning_exclude_hides_but_bills(server):
     c = server.client()
     resp = c.chat.completions.create(model=server.model_id, messages=MSGS, max_tokens=8, seed=1,
