@@ -6,8 +6,10 @@ from __future__ import annotations
 
 
 def error_body(message: str, type: str = "server_error", param: str | None = None,
-               code: str | int | None = None) -> dict:
-    """`{"error": {...}}` as OpenAI sends it: every error this server returns, in a body or a stream, is this."""
+               code: str | None = None) -> dict:
+    """`{"error": {...}}` as OpenAI sends it: every error this server returns, in a body or a stream, is this.
+    `code` is a string naming the case (e.g. "context_length_exceeded", "model_not_found") or null, as OpenAI
+    writes it; the HTTP status is the response's own."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -15,7 +17,7 @@ class ThinkgateError(Exception):
     status = 500
     type = "server_error"
 
-    def __init__(self, message: str, param: str | None = None, code: str | int | None = None,
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
@@ -24,7 +26,7 @@ class ThinkgateError(Exception):
         self.headers = headers  # sent with the error response (Retry-After, x-ratelimit-*)
 
     def to_dict(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code if self.code is not None else self.status)
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 class InvalidRequestError(ThinkgateError, ValueError):

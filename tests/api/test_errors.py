@@ -62,6 +62,7 @@ CASES = [
     ("response_format bad type", ok(response_format={"type": "xml"}), None, 400, "response_format"),
     ("reasoning effort unknown", ok(reasoning={"effort": "extreme"}), None, 400, "reasoning.effort"),
     ("reasoning max_tokens negative", ok(reasoning={"max_tokens": -1}), None, 400, "reasoning.max_tokens"),
+    ("reasoning_effort unknown", ok(reasoning_effort="extreme"), None, 400, "reasoning_effort"),
     ("verbosity unknown", ok(verbosity="loud"), None, 400, "verbosity"),
     ("tool_choice unknown string", ok(tool_choice="sometimes"), None, 400, "tool_choice"),
     ("min_tokens over max_tokens", ok(min_tokens=10, max_tokens=2), None, 400, "min_tokens"),
@@ -82,6 +83,7 @@ def test_bad_request(server, name, body, headers, status, param):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
+    assert err["code"] is None or isinstance(err["code"], str), err  # as OpenAI: a string or null
     if param is not None:
         assert err["param"] is not None and param in err["param"], err
         head = param.split(".")[-1].split("[")[0]
@@ -91,8 +93,19 @@ def test_bad_request(server, name, body, headers, status, param):
 def test_context_error_names_both_numbers(server):
     r = httpx.post(server.base + "/v1/chat/completions",
                    json={"model": M, "messages": [{"role": "user", "content": "word " * 6000}]}, timeout=60)
-    msg = r.json()["error"]["message"]
-    assert "4096" in msg and "tokens" in msg
+    err = r.json()["error"]
+    assert "4096" in err["message"] and "tokens" in err["message"]
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_error_codes_are_strings_or_null(server):
+    r = httpx.post(server.base + "/v1/chat/completions", json=ok(model="gpt-9"), timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(server.base + "/v1/chat/completions", json=ok(temperature=5), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] is None
+    r = httpx.get(server.base + "/v1/nothing-here", timeout=60)
+    assert r.status_code == 404 and r.json()["error"] == {"message": "Not Found", "type": "not_found_error",
+                                                          "param": None, "code": None}
 
 
 def test_unknown_fields_are_ignored_and_server_keeps_serving(server):

@@ -71,12 +71,12 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), etype, code=exc.status_code), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), etype), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", code=500), status_code=500)
+        return JSONResponse(error_body("internal server error"), status_code=500)
 
     @app.get("/health")
     async def health():

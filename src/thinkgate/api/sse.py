@@ -34,7 +34,7 @@ async def sse(stream: AsyncIterator[dict], keepalive_s: float, typed_events: boo
                 break
             except Exception as e:  # after the headers went out, errors travel in the stream
                 log.exception("stream failed")
-                yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}", code=500)) + b"\n\n"
+                yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}")) + b"\n\n"
                 break
             event = b"event: " + chunk["type"].encode() + b"\n" if typed_events else b""
             yield event + b"data: " + orjson.dumps(chunk) + b"\n\n"

@@ -85,7 +85,7 @@ class ErrorEvent:
 
     message: str
     type: str = "server_error"
-    code: str | int | None = 500
+    code: str | None = None
     choice: dict | None = None
 
 
