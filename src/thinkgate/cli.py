@@ -62,14 +62,13 @@ def model_id_for(spec: str | None) -> str:
 
 
 def build_app(args):
+    require_keys = keys_required(args)
+    catalog = load_catalog_for(args, require_keys) if args.config else None  # mistakes stop the start at once
     from thinkgate.api.app import create_app
+    from thinkgate.catalog import pricing_card
     from thinkgate.engine.async_engine import AsyncEngine
     from thinkgate.engine.llm_engine import LLMEngine
     from thinkgate.gateway.providers.local import LocalProvider
-
-    if args.config:
-        raise SystemExit("--config (the catalog) is not supported yet: serve one model with --model")
-    require_keys = keys_required(args)
     from thinkgate.structured.backend import xgrammar_installed
 
     if args.grammar_backend == "xgrammar" and not xgrammar_installed():
@@ -81,13 +80,41 @@ def build_app(args):
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
         enforce_eager=args.enforce_eager, cpu_kernels=not args.no_cpu_kernels, grammar_backend=args.grammar_backend,
     )
-    async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
-    model_id = args.served_model_name or model_id_for(args.model)
-    provider = LocalProvider(async_engine, model_id)
-    gateway = build_gateway(args, {model_id: price_from_args(args, model_id, require_keys)}, require_keys)
+    if catalog is not None:  # engine options the catalog leaves out come from the command line
+        from thinkgate.catalog import CatalogError, local_providers
+
+        prices = catalog.prices(require_keys)
+        try:
+            providers = local_providers(catalog, ecfg)
+        except CatalogError as e:
+            raise SystemExit(str(e)) from None
+    else:
+        model_id = args.served_model_name or model_id_for(args.model)
+        prices = {model_id: price_from_args(args, model_id, require_keys)}
+        async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
+        providers = {model_id: LocalProvider(async_engine, model_id, pricing=pricing_card(prices[model_id]))}
+    gateway = build_gateway(args, prices, require_keys)
     scfg = ServerConfig(host=args.host, port=args.port)
     admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
-    return create_app({model_id: provider}, scfg, gateway=gateway, admin_token=admin_token), model_id
+    return create_app(providers, scfg, gateway=gateway, admin_token=admin_token), ", ".join(providers)
+
+
+def load_catalog_for(args, require_keys: bool):
+    """--config: the catalog, checked (a model without a price under keys included) before anything loads."""
+    from thinkgate.catalog import CatalogError, load_catalog
+
+    one_model = [opt for opt, v in (("--model", args.model), ("--served-model-name", args.served_model_name),
+                                    ("--price-input", args.price_input), ("--price-output", args.price_output),
+                                    ("--price-cached-input", args.price_cached_input)) if v is not None]
+    if one_model:
+        raise SystemExit(f"{', '.join(one_model)} cannot be used with --config: the catalog names the models and "
+                         "their prices")
+    try:
+        catalog = load_catalog(args.config)
+        catalog.prices(require_keys)
+        return catalog
+    except CatalogError as e:
+        raise SystemExit(str(e)) from None
 
 
 def keys_required(args) -> bool:

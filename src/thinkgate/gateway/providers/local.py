@@ -64,19 +64,23 @@ class TextPrepared(PreparedRequest):
 
 
 class LocalProvider:
-    def __init__(self, engine: AsyncEngine, model_id: str, description: str = ""):
+    def __init__(self, engine: AsyncEngine, model_id: str, description: str = "", *, name: str | None = None,
+                 context_length: int | None = None, pricing: dict | None = None):
+        """`context_length` (the catalog's) lowers the engine's limit; `pricing` is the card's (catalog.pricing_card)."""
         self.engine = engine
         self.model_id = model_id
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = min(engine.engine.max_model_len, context_length or engine.engine.max_model_len)
         self.description = description
+        self.name = name or model_id
+        self.pricing = pricing or {"prompt": "0", "completion": "0", "currency": "CNY", "unit": "1K tokens"}
         self._grammar_backend = None
 
     def card(self) -> dict:
         return {
             "id": self.model_id, "object": "model", "created": 0, "owned_by": "thinkgate",
-            "name": self.model_id, "description": self.description, "context_length": self.max_model_len,
-            "pricing": {"prompt": "0", "completion": "0", "currency": "CNY", "unit": "1K tokens"},
+            "name": self.name, "description": self.description, "context_length": self.max_model_len,
+            "pricing": self.pricing,
             "supported_parameters": SUPPORTED_PARAMETERS,
         }
 
