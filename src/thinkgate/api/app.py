@@ -22,6 +22,7 @@ from thinkgate.api.admin import add_admin_routes
 from thinkgate.api.dispatch import Dispatcher
 from thinkgate.api.openai_responses import add_responses_routes
 from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usage
+from thinkgate.api.request_id import install_request_id
 from thinkgate.api.requests import parse_chat_request, validation_error
 from thinkgate.api.responses import assemble_completion, render_chunks
 from thinkgate.api.sse import sse
@@ -59,6 +60,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
                 await gateway.limiter.aclose()
 
     app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan)
+    install_request_id(app)  # x-request-id on every answer
 
     @app.exception_handler(ThinkgateError)
     async def _tg_error(request: Request, exc: ThinkgateError):

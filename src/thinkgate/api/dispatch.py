@@ -24,7 +24,7 @@ class Started:
     ctx: RequestContext
     provider: ChatProvider
     prepared: PreparedRequest
-    headers: dict[str, str]  # for the response (x-ratelimit-*)
+    headers: dict[str, str]  # for the response (x-ratelimit-*, x-request-id)
 
 
 class Dispatcher:
@@ -69,4 +69,5 @@ class Dispatcher:
             return record
 
         run = ProviderRun(provider.stream(prepared, ctx), ctx, settle_then_report)
-        return Started(run, ctx, provider, prepared, admission.headers if admission is not None else {})
+        headers = {**(admission.headers if admission is not None else {}), "x-request-id": ctx.request_id}
+        return Started(run, ctx, provider, prepared, headers)
