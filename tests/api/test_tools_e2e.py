@@ -213,13 +213,25 @@ def test_agent_loop_with_real_model(default_gguf):
             "name": "get_weather", "description": "Get the current weather in a city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
         messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-        # parallel_tool_calls=False: left free after one call, this small model keeps calling for more cities.
+        # Parallel calls allowed (the default, and what pydantic-ai and LangChain's tool_choice="any" send):
+        # the model writes a newline after its call, then ends the turn (before, the newline forced another
+        # call, and this model went on with London, Tokyo... up to the cap).
         r = c.chat.completions.create(model="coder", messages=messages, tools=[weather], tool_choice="required",
-                                      parallel_tool_calls=False, temperature=0, max_tokens=80)
-        call = r.choices[0].message.tool_calls[0]
+                                      temperature=0, max_tokens=500)
+        (call,) = r.choices[0].message.tool_calls
         assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        assert r.choices[0].message.content is None and r.usage.completion_tokens < 40  # well under the cap
         args = json.loads(call.function.arguments)
         assert "paris" in args["city"].lower()
+        # The same through LangChain's bind_tools(..., tool_choice="any"), with no max_tokens at all.
+        from langchain_openai import ChatOpenAI
+
+        llm = ChatOpenAI(model="coder", base_url=s.base + "/v1", api_key="sk-test", max_retries=0, temperature=0,
+                         timeout=300)
+        msg = llm.bind_tools([weather], tool_choice="any").invoke(messages[0]["content"])
+        assert [tc["name"] for tc in msg.tool_calls] == ["get_weather"]
+        assert "paris" in msg.tool_calls[0]["args"]["city"].lower()
+        assert msg.response_metadata["finish_reason"] == "tool_calls"
         messages += [r.choices[0].message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "sunny"}'}]
         r2 = c.chat.completions.create(model="coder", messages=messages, tools=[weather], tool_choice="none",
