@@ -148,36 +148,47 @@ def _string_end(text: str, start: int, stop: int) -> int | None:
     return None
 
 
+class _Strings:
+    """Whether a JSON text is inside a string, read one character at a time."""
+
+    def __init__(self):
+        self.in_str = self.esc = False
+
+    def quoted(self, ch: str) -> bool:
+        """True if `ch` belongs to a string (its quotes included)."""
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif ch == "\\":
+                self.esc = True
+            elif ch == '"':
+                self.in_str = False
+            return True
+        self.in_str = ch == '"'
+        return self.in_str
+
+
 class _Call:
     """One call being read: its body so far and where each scan of it stands."""
 
     def __init__(self):
         self.body = ""
-        self.scan, self.in_str, self.esc = 0, False, False  # the search for the end tag
+        self.scan, self.strings = 0, _Strings()  # the search for the end tag
         self.mode = "head"  # head -> args -> tail as it is written; "whole": decoded at the end
         self.step, self.pos = 0, 0  # where reading the head (`_HEAD`) stands
         self.head: ParsedToolCall | None = None
         self.args_start = self.sent = 0  # the arguments object starts at args_start; body[:sent] was sent
-        self.depth, self.a_str, self.a_esc = 0, False, False  # the scan of the arguments (up to `sent`)
+        self.depth, self.arg_strings = 0, _Strings()  # the scan of the arguments (up to `sent`)
 
     def find_end(self) -> int | None:
         """Where the end tag starts, or None; `scan` stops short of what may be the start of the tag."""
         b = self.body
         while self.scan < len(b):
-            ch = b[self.scan]
-            if self.in_str:
-                if self.esc:
-                    self.esc = False
-                elif ch == "\\":
-                    self.esc = True
-                elif ch == '"':
-                    self.in_str = False
-            elif ch == '"':
-                self.in_str = True
-            elif b.startswith(END, self.scan):
-                return self.scan
-            elif END.startswith(b[self.scan:]):
-                return None  # maybe the start of the end tag: wait for more
+            if not self.strings.quoted(b[self.scan]):
+                if b.startswith(END, self.scan):
+                    return self.scan
+                if END.startswith(b[self.scan:]):
+                    return None  # maybe the start of the end tag: wait for more (the scan stays here)
             self.scan += 1
         return None
 
@@ -229,16 +240,9 @@ class _Call:
         while i < stop:
             ch = b[i]
             i += 1
-            if self.a_str:
-                if self.a_esc:
-                    self.a_esc = False
-                elif ch == "\\":
-                    self.a_esc = True
-                elif ch == '"':
-                    self.a_str = False
-            elif ch == '"':
-                self.a_str = True
-            elif ch in "{[":
+            if self.arg_strings.quoted(ch):
+                continue
+            if ch in "{[":
                 self.depth += 1
             elif ch in "}]":
                 self.depth -= 1
