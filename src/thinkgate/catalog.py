@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import tomllib
 from decimal import Decimal
@@ -82,7 +83,12 @@ class OpenAIBackend(_Strict):
     base_url: str  # ends before /chat/completions, e.g. http://vllm.internal:8000/v1
     api_key_env: str | None = None  # the name of the environment variable holding its key
     remote_model: str | None = Field(default=None, min_length=1)  # what the upstream calls it (default: the id)
-    timeout_s: float = Field(default=600, gt=0)
+    timeout_s: float = Field(default=600, gt=0)  # the longest wait between two reads of its stream
+    first_byte_timeout_s: float = Field(default=60, gt=0)  # before it, a slow backend is failed over
+    name: str | None = Field(default=None, min_length=1)  # for provider.order (default: the URL's host:port)
+    # The backend sends reasoning as <think>...</think> inside `content` (MiniMax M2 style, or a vLLM started
+    # without a reasoning parser): split it with our own parser.
+    think_in_content: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -225,19 +231,12 @@ class Catalog(_Strict):
         return out
 
     def servable(self) -> list[ModelEntry]:
-        """The entries this server can serve now (those with a local backend); each other one is logged."""
-        out = []
+        """The entries this server serves: each on its local engine, or on its upstreams in order."""
         for m in self.models:
-            if m.local_backend is not None:
-                if len(m.backends) > 1:
-                    log.warning("%s: serving its local backend only (upstream fallbacks are not available yet)",
-                                self.where(m))
-                out.append(m)
-            else:
-                log.warning("%s: skipped: its backends are upstreams (type %s), and upstream providers are not "
-                            "available yet; it is not listed in /v1/models", self.where(m),
-                            ", ".join(sorted({b.type for b in m.backends})))
-        return out
+            if m.local_backend is not None and len(m.backends) > 1:
+                log.warning("%s: serving its local backend only (a local model has no upstream fallbacks)",
+                            self.where(m))
+        return list(self.models)
 
 
 def parse_catalog(data: dict, source: str = "<catalog>", directory: Path | None = None) -> Catalog:
@@ -322,10 +321,12 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
 
     entries = catalog.servable()
     if not entries:
-        raise CatalogError(f"catalog {catalog.source}: no model can be served: none has a local backend, and "
-                           "upstream providers are not available yet")
+        raise CatalogError(f"catalog {catalog.source}: lists no model")
     providers = {}
     for m in entries:
+        if m.local_backend is None:
+            providers[m.id] = upstream_provider(m)
+            continue
         ecfg = m.local_backend.engine_config(base_engine_config, catalog.directory)
         try:
             engine = AsyncEngine.build(lambda ecfg=ecfg: LLMEngine.from_config(ecfg))
@@ -336,3 +337,21 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
         providers[m.id] = LocalProvider(engine, m.id, m.description, name=m.display_name,
                                         context_length=m.context_length, pricing=pricing_card(m.price))
     return providers
+
+
+def upstream_provider(m: ModelEntry):
+    """An UpstreamProvider for an entry whose backends are OpenAI-compatible upstreams, tried in order."""
+    from thinkgate.gateway.providers.upstream import UpstreamBackend, UpstreamProvider
+
+    backends = []
+    for k, b in enumerate(m.backends):
+        key = os.environ.get(b.api_key_env) if b.api_key_env else None
+        if b.api_key_env and not key:
+            log.warning("%s: backend %d: $%s is not set: calling it without a key", m.id, k, b.api_key_env)
+        name = b.name or urlsplit(b.base_url).netloc or f"backend{k}"
+        backends.append(UpstreamBackend(name=name, base_url=b.base_url, remote_model=b.remote_model or m.id,
+                                        api_key=key, timeout_s=b.timeout_s,
+                                        first_byte_timeout_s=b.first_byte_timeout_s,
+                                        think_in_content=b.think_in_content))
+    card = {"name": m.display_name, "description": m.description, "pricing": pricing_card(m.price)}
+    return UpstreamProvider(m.id, backends, card=card, context_length=m.context_length or 32768)

@@ -64,3 +64,13 @@ class PermissionDenied(ThinkgateError):
 class RateLimited(ThinkgateError):
     status = 429
     type = "rate_limit_error"
+
+
+class ProviderError(ThinkgateError):
+    """A provider failed before its first chunk (an upstream down, timed out or rate limited): the response
+    carries the provider's status (502, 503, 504, 429) instead of a stream."""
+
+    def __init__(self, message: str, status: int, type: str, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message, code=code, headers=headers)
+        self.status, self.type = status, type

@@ -115,7 +115,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
             return Response(status_code=499)
         for ch in chunks:
             if "error" in ch:
-                return JSONResponse({"error": ch["error"]}, status_code=500)
+                return JSONResponse({"error": ch["error"]}, status_code=run.error.status if run.error else 500)
         body = assemble_completion(chunks, params.show_reasoning, started.prepared.reasoning_mode)
         return Response(orjson.dumps(body), media_type="application/json", headers=started.headers)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from thinkgate.api.provider_run import ProviderRun, UsageHook
-from thinkgate.errors import ModelNotFound
+from thinkgate.errors import ModelNotFound, ProviderError
 from thinkgate.gateway.providers.base import ChatProvider, PreparedRequest, RequestContext, UsageRecord
 from thinkgate.gateway.service import Caller, Gateway
 from thinkgate.params import ChatParams
@@ -69,5 +69,9 @@ class Dispatcher:
             return record
 
         run = ProviderRun(provider.stream(prepared, ctx), ctx, settle_then_report)
+        early = await run.first_error()
+        if early is not None:  # nothing was streamed yet: answer with the provider's status
+            run.abandon()
+            raise ProviderError(early.message, early.status, early.type, early.code, early.headers)
         headers = {**(admission.headers if admission is not None else {}), "x-request-id": ctx.request_id}
         return Started(run, ctx, provider, prepared, headers)

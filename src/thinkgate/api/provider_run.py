@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import StreamingResponse
 
-from thinkgate.gateway.providers.base import ProviderEvent, RequestContext, UsageEvent, UsageRecord
+from thinkgate.gateway.providers.base import (
+    ErrorEvent,
+    ProviderEvent,
+    RequestContext,
+    UsageEvent,
+    UsageRecord,
+)
 
 log = logging.getLogger(__name__)
 # Called once per request with its record; may return the record priced (cost set), which is then what the
@@ -39,6 +45,8 @@ class ProviderRun:
         self.on_usage = on_usage
         self.record: UsageRecord | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._peeked = None
+        self.error: ErrorEvent | None = None  # the first error the provider reported
         self._task = asyncio.create_task(self._consume(stream))
         _running.add(self._task)
         self._task.add_done_callback(_running.discard)
@@ -48,6 +56,8 @@ class ProviderRun:
             async for ev in stream:
                 if isinstance(ev, UsageEvent):
                     ev = UsageEvent(await self._report(ev.record))
+                elif isinstance(ev, ErrorEvent) and self.error is None:
+                    self.error = ev
                 self._queue.put_nowait(ev)
         except Exception as e:  # a provider bug: the response shows it as a server error
             log.exception("provider stream of %s failed", self.ctx.request_id)
@@ -85,8 +95,18 @@ class ProviderRun:
     def __aiter__(self):
         return self
 
+    async def first_error(self) -> ErrorEvent | None:
+        """Wait for the first event; the error it is, if it is one (a provider that failed before its first
+        chunk, e.g. every upstream down: the API answers with the error's status instead of a stream)."""
+        if self._peeked is None:
+            self._peeked = await self._queue.get()
+        return self._peeked if isinstance(self._peeked, ErrorEvent) else None
+
     async def __anext__(self) -> ProviderEvent:
-        ev = await self._queue.get()
+        if self._peeked is not None:
+            ev, self._peeked = self._peeked, None
+        else:
+            ev = await self._queue.get()
         if ev is _END:
             self._queue.put_nowait(_END)  # stay exhausted
             raise StopAsyncIteration

@@ -183,7 +183,7 @@ class Gateway:
                "ended_by": record.ended_by, "cancelled": record.ended_by == "client_disconnect",
                "latency_ms": record.total_time_s * 1000,
                "ttft_ms": None if record.time_to_first_token_s is None else record.time_to_first_token_s * 1000,
-               "user": adm.user}
+               "user": adm.user, "usage_source": record.usage_source, "backend": record.backend}
         try:
             if adm.held_units is None:
                 await asyncio.to_thread(self.ledger.record, adm.request_id, adm.caller.account.id, None, cost, row)

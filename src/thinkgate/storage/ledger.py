@@ -174,7 +174,7 @@ def _entry(account_id, key_id, request_id, kind, units, owner=None, note=None) -
 
 def _usage(request_id, account_id, key_id, cost_units, row: dict) -> dict:
     return {"request_id": request_id, "account_id": account_id, "key_id": key_id, "cost_units": cost_units,
-            "created_at": now(), **row}
+            "created_at": now(), "usage_source": "engine", "backend": None, **row}
 
 
 def _move(c, account_id: int, key_id: int | None, balance: int = 0, held: int = 0, spent: int = 0) -> None:

@@ -98,6 +98,9 @@ usage = Table(
     Column("ttft_ms", Float),
     Column("user", String(256)),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    # Where the token counts come from: engine | upstream | tokenizer / estimate (an upstream sent none).
+    Column("usage_source", String(16), nullable=False, server_default="engine"),
+    Column("backend", String(128)),  # the upstream backend that served it
 )
 
 topup_codes = Table(

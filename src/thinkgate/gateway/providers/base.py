@@ -62,6 +62,8 @@ class UsageRecord:
     time_to_first_token_s: float | None  # from arrival to the first generated token; None if none came
     total_time_s: float
     cost: Decimal = Decimal(0)  # CNY, set by the gateway when it captures the charge
+    usage_source: str = "engine"  # engine | upstream | tokenizer (upstream sent none) | estimate
+    backend: str | None = None  # the upstream backend that served it
 
     def openai_usage(self) -> dict:
         """The `usage` object of a chat completion; `cost` is a JSON number with the capture's exact digits."""
@@ -87,6 +89,8 @@ class ErrorEvent:
     type: str = "server_error"
     code: str | None = None
     choice: dict | None = None
+    status: int = 500  # the HTTP status when it comes before any chunk (the API answers with it)
+    headers: dict[str, str] | None = None  # e.g. Retry-After for an upstream's 429
 
 
 @dataclass(frozen=True)
