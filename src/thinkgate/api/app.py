@@ -21,8 +21,10 @@ from thinkgate.api.account import add_account_routes
 from thinkgate.api.admin import add_admin_routes
 from thinkgate.api.dispatch import Dispatcher
 from thinkgate.api.openai_responses import add_responses_routes
+from thinkgate.api.operations import Operations
 from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usage
 from thinkgate.api.request_id import install_request_id
+from thinkgate.api.request_log import note_error
 from thinkgate.api.requests import parse_chat_request, validation_error
 from thinkgate.api.responses import assemble_completion, render_chunks
 from thinkgate.api.sse import sse
@@ -61,9 +63,12 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
 
     app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan)
     install_request_id(app)  # x-request-id on every answer
+    ops = Operations(providers, gateway, config)
+    ops.install(app)  # /metrics; each API request counted and logged once (outside the x-request-id layer)
 
     @app.exception_handler(ThinkgateError)
     async def _tg_error(request: Request, exc: ThinkgateError):
+        note_error(exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -85,7 +90,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         return {"status": "ok", "models": list(providers),
                 "active_requests": sum(p.num_active() for p in providers.values())}
 
-    dispatch = Dispatcher(providers, gateway, on_usage)
+    dispatch = Dispatcher(providers, gateway, on_usage, ops)
     app.state.dispatch = dispatch  # for the routes other modules add
 
     async def list_models(request: Request):

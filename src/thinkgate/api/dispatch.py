@@ -8,14 +8,19 @@ from __future__ import annotations
 import inspect
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from thinkgate.api.provider_run import ProviderRun, UsageHook
+from thinkgate.api.request_log import current_request
 from thinkgate.errors import ModelNotFound, ProviderError
 from thinkgate.gateway.providers.base import ChatProvider, PreparedRequest, RequestContext, UsageRecord
 from thinkgate.gateway.service import Caller, Gateway
 from thinkgate.params import ChatParams
+
+if TYPE_CHECKING:
+    from thinkgate.api.operations import Operations
 
 
 @dataclass
@@ -28,17 +33,23 @@ class Started:
 
 
 class Dispatcher:
-    def __init__(self, providers: dict[str, ChatProvider], gateway: Gateway | None, on_usage: UsageHook):
+    def __init__(self, providers: dict[str, ChatProvider], gateway: Gateway | None, on_usage: UsageHook,
+                 ops: Operations | None = None):
         self.providers = providers
         self.gateway = gateway
         self.on_usage = on_usage
+        self.ops = ops  # metrics and the request log
 
     async def caller(self, request: Request) -> Caller | None:
         """Authenticate (401/403) before anything else is read; None when the app runs without a gateway."""
-        if self.gateway is None:
-            return None
-        ip = request.client.host if request.client is not None else None
-        return await self.gateway.authenticate(request.headers.get("authorization"), dict(request.query_params), ip)
+        caller = None
+        if self.gateway is not None:
+            ip = request.client.host if request.client is not None else None
+            caller = await self.gateway.authenticate(request.headers.get("authorization"),
+                                                     dict(request.query_params), ip)
+        if (info := current_request()) is not None:
+            info.note_caller(caller)
+        return caller
 
     def provider_for(self, model: str) -> ChatProvider:
         p = self.providers.get(model)
@@ -51,6 +62,8 @@ class Dispatcher:
                     prepare=None) -> Started:
         """`prepare(provider)` overrides how the provider prepares the request (e.g. a raw text prompt)."""
         provider = self.provider_for(params.model)
+        if (info := current_request()) is not None:
+            info.model = provider.model_id
         gw = self.gateway
         price = gw.authorize_model(caller, params.model) if gw is not None else None
         prepared = await (prepare(provider) if prepare is not None else provider.prepare(params))
@@ -61,14 +74,20 @@ class Dispatcher:
             prepared = admission.prepared
 
         async def settle_then_report(record: UsageRecord) -> UsageRecord:
-            if admission is not None:
-                record = await gw.settle(admission, record)
+            try:
+                if admission is not None:
+                    record = await gw.settle(admission, record)
+            finally:
+                if self.ops is not None:
+                    self.ops.settled(info, caller, record)
             result = self.on_usage(record)
             if inspect.isawaitable(result):
                 await result
             return record
 
         run = ProviderRun(provider.stream(prepared, ctx), ctx, settle_then_report)
+        if info is not None:
+            info.run_started = True  # it finishes when the record is settled
         early = await run.first_error()
         if early is not None:  # nothing was streamed yet: answer with the provider's status
             run.abandon()

@@ -29,6 +29,9 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
+        # Called on the engine thread with each queued sequence (`added(seq)`) and each step's outputs
+        # (`delivered(outputs)`): the metrics' timings. It must not raise.
+        self.observer = None
         self._thread = threading.Thread(target=self._main, args=(factory,), name="thinkgate-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -113,6 +116,8 @@ class AsyncEngine:
         if cmd == "add":
             if arg.request_id in self._streams:
                 self.engine.submit(arg)
+                if self.observer is not None:
+                    self.observer.added(arg)
         elif cmd == "abort":
             # The abort's output carries the exact token counts up to now: the consumer's usage record
             # needs it, so it is delivered like any other (dropped if the consumer is gone).
@@ -122,6 +127,8 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their consumers: one wake-up per event loop per step, not per token."""
+        if self.observer is not None:
+            self.observer.delivered(outputs)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)

@@ -36,6 +36,7 @@ class Sequence:
     detok: IncrementalDetokenizer
     cache_salt: str = ""
     arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # when it first entered the running batch (queue time = this - arrival)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)

@@ -9,6 +9,7 @@ while budget, sequence slots and blocks last.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -81,6 +82,8 @@ class Scheduler:
             self.waiting.popleft()
             self.bm.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             self.running.append(seq)
             seqs.append(seq)
             num_new.append(n)
