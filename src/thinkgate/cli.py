@@ -46,6 +46,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: torch's ops only, not thinkgate's C++ kernels (built on first use, ~40 s)")
     p.add_argument("--grammar-backend", default=e.grammar_backend, choices=["auto", "llguidance", "xgrammar"],
                    help="structured outputs (auto: xgrammar on a GPU if installed, else llguidance)")
+    p.add_argument("--max-waiting", type=int, default=s.max_waiting,
+                   help="sequences each engine may hold waiting beyond its batch (--max-num-seqs); past that a "
+                        "request gets 429 with Retry-After at once")
     p.add_argument("--log-level", default="info")
 
 
@@ -94,7 +97,7 @@ def build_app(args):
         async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
         providers = {model_id: LocalProvider(async_engine, model_id, pricing=pricing_card(prices[model_id]))}
     gateway = build_gateway(args, prices, require_keys)
-    scfg = ServerConfig(host=args.host, port=args.port)
+    scfg = ServerConfig(host=args.host, port=args.port, max_waiting=args.max_waiting)
     admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
     return create_app(providers, scfg, gateway=gateway, admin_token=admin_token), ", ".join(providers)
 

@@ -40,3 +40,7 @@ class ServerConfig:
     port: int = 8000
     max_body_bytes: int = 32 * 1024 * 1024
     keepalive_s: float = 5.0
+    # Admission control: each engine takes its batch (max_num_seqs) plus this many waiting sequences; past
+    # that a request is refused at once with 429 and Retry-After, before anything is held or queued.
+    max_waiting: int = 128
+    request_timeout_s: float | None = None  # a request running longer ends (error chunk or 504), billed

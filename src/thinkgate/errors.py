@@ -74,3 +74,10 @@ class ProviderError(ThinkgateError):
                  headers: dict[str, str] | None = None):
         super().__init__(message, code=code, headers=headers)
         self.status, self.type = status, type
+
+
+class ServiceUnavailable(ThinkgateError):
+    """The model cannot be served now (its engine stopped, or the server is shutting down)."""
+
+    status = 503
+    type = "server_error"

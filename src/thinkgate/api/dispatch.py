@@ -68,9 +68,15 @@ class Dispatcher:
         price = gw.authorize_model(caller, params.model) if gw is not None else None
         prepared = await (prepare(provider) if prepare is not None else provider.prepare(params))
         ctx = RequestContext(id_prefix + uuid.uuid4().hex)
+        slot = self.ops.admit(provider, prepared, ctx) if self.ops is not None else None  # 429/503, nothing held
         admission = None
         if gw is not None:
-            admission = await gw.admit(caller, ctx.request_id, params.model, price, prepared, params.request.user)
+            try:
+                admission = await gw.admit(caller, ctx.request_id, params.model, price, prepared, params.request.user)
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
             prepared = admission.prepared
 
         async def settle_then_report(record: UsageRecord) -> UsageRecord:
@@ -85,7 +91,8 @@ class Dispatcher:
                 await result
             return record
 
-        run = ProviderRun(provider.stream(prepared, ctx), ctx, settle_then_report)
+        stream = provider.stream(prepared, ctx)
+        run = ProviderRun(slot.watch(stream) if slot is not None else stream, ctx, settle_then_report)
         if info is not None:
             info.run_started = True  # it finishes when the record is settled
         early = await run.first_error()

@@ -1,5 +1,6 @@
 """What an operator needs around the request path: `GET /metrics`, each request counted once (and logged,
-see api/request_log.py), from the same usage records the gateway bills."""
+see api/request_log.py) from the same usage records the gateway bills, and admission control with
+per-request timeouts (api/admission.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from thinkgate.api.admission import AdmissionControl, Slot
 from thinkgate.api.metrics import Metrics
 from thinkgate.api.request_log import RequestInfo, complete, install, key_name
 from thinkgate.config import ServerConfig
-from thinkgate.gateway.providers.base import UsageRecord
+from thinkgate.gateway.providers.base import PreparedRequest, RequestContext, UsageRecord
 
 log = logging.getLogger(__name__)
 REJECTED = {402, 429, 503}  # statuses whose error code is a rejection reason
@@ -25,6 +27,7 @@ class Operations:
         self.config = config
         self.metrics = Metrics(providers)
         self.metrics.ready.set(1)
+        self.admission = AdmissionControl(providers, config)
 
     def install(self, app: FastAPI) -> None:
         """The routes, and the request log around everything (call after the app's other outer wrappers)."""
@@ -35,6 +38,11 @@ class Operations:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- one request ----------------------------------------------------------------------------------
+    def admit(self, provider, prepared: PreparedRequest, ctx: RequestContext) -> Slot:
+        """Room in the model's engine (429 queue_full) and a model that can be served (503), before the
+        gateway holds anything."""
+        return self.admission.admit(provider, prepared, ctx)
+
     def settled(self, info: RequestInfo | None, caller, record: UsageRecord) -> None:
         """A request's usage record, captured: the counters of what it used and cost."""
         try:

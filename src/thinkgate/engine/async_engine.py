@@ -87,6 +87,10 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self.engine.seqs)
 
+    def alive(self) -> bool:
+        """The engine thread runs and takes requests (false after shutdown or if the thread died)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._commands.put(("noop", None))
