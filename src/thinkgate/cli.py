@@ -49,6 +49,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=s.max_waiting,
                    help="sequences each engine may hold waiting beyond its batch (--max-num-seqs); past that a "
                         "request gets 429 with Retry-After at once")
+    p.add_argument("--request-timeout", type=float, default=s.request_timeout_s, metavar="S",
+                   help="end a request running longer than S seconds (an error chunk, or 504), billed for what it "
+                        "generated (default: no timeout)")
     p.add_argument("--log-level", default="info")
 
 
@@ -97,7 +100,8 @@ def build_app(args):
         async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))
         providers = {model_id: LocalProvider(async_engine, model_id, pricing=pricing_card(prices[model_id]))}
     gateway = build_gateway(args, prices, require_keys)
-    scfg = ServerConfig(host=args.host, port=args.port, max_waiting=args.max_waiting)
+    scfg = ServerConfig(host=args.host, port=args.port, max_waiting=args.max_waiting,
+                        request_timeout_s=args.request_timeout)
     admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
     return create_app(providers, scfg, gateway=gateway, admin_token=admin_token), ", ".join(providers)
 

@@ -409,7 +409,8 @@ def add_responses_routes(app: FastAPI, bases: tuple[str, ...], config: ServerCon
         if events is None:
             return Response(status_code=499)
         if out.error is not None:
-            return JSONResponse(error_body(out.error.message, out.error.type, code=out.error.code), status_code=500)
+            return JSONResponse(error_body(out.error.message, out.error.type, code=out.error.code),
+                                status_code=out.error.status)
         return Response(orjson.dumps(events[-1]["response"]), media_type="application/json",
                         headers=started.headers)
 

@@ -169,7 +169,7 @@ def add_text_completion_routes(app: FastAPI, bases: tuple[str, ...], config: Ser
             return Response(status_code=499)
         error = next((ch["error"] for ch in chunks if "error" in ch), None)
         if error is not None:
-            return JSONResponse({"error": error}, status_code=500)
+            return JSONResponse({"error": error}, status_code=run.error.status if run.error else 500)
         return Response(orjson.dumps(assemble_text_completion(chunks)), media_type="application/json",
                         headers=started.headers)
 
