@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -27,84 +29,119 @@ class Settled:
     first: bool  # False when the request had already been settled (an idempotent repeat)
 
 
-# The hot path (every request holds once and settles once) as plain SQL: building SQLAlchemy expressions per
-# call cost more than the database work (measured: ~8 ms of Python per settlement, ~0.7 ms of SQLite).
+# The hot path (every request holds once and settles once) runs on the driver's own cursor: SQLAlchemy's
+# statement machinery cost more than the database work (measured: a settlement took ~8 ms of Python built
+# from expressions, ~1.2 ms as text() statements, against ~0.3 ms of SQLite). Written in SQLite's
+# named-parameter style, turned into psycopg's for PostgreSQL.
 _HOLD_ROW_KEY = """SELECT a.balance_units, k.limit_units, k.spent_units, k.held_units FROM accounts a
 JOIN api_keys k ON k.account_id = a.id WHERE a.id = :account_id AND k.id = :key_id"""
-_HOLD_ROW = """SELECT balance_units, NULL AS limit_units FROM accounts WHERE id = :account_id"""
-_TIME = sa.bindparam("created_at", type_=sa.DateTime(timezone=True))  # stored as SQLAlchemy stores datetimes
-_INSERT_ENTRY = sa.text("""INSERT INTO ledger (account_id, key_id, request_id, kind, amount_units, owner, note,
-created_at) VALUES (:account_id, :key_id, :request_id, :kind, :amount_units, :owner, :note, :created_at)"""
-                        ).bindparams(_TIME)
-_MOVE_BALANCE = sa.text("UPDATE accounts SET balance_units = balance_units + :d WHERE id = :id")
-_MOVE_KEY = sa.text("UPDATE api_keys SET held_units = held_units + :held, spent_units = spent_units + :spent "
-                    "WHERE id = :id")
-_ENTRIES_OF = sa.text("SELECT kind, amount_units, account_id, key_id FROM ledger WHERE request_id = :r")
+_HOLD_ROW = "SELECT balance_units, NULL, 0, 0 FROM accounts WHERE id = :account_id"
+_INSERT_ENTRY = """INSERT INTO ledger (account_id, key_id, request_id, kind, amount_units, owner, note, created_at)
+VALUES (:account_id, :key_id, :request_id, :kind, :amount_units, :owner, :note, :created_at)"""
+_MOVE_BALANCE = "UPDATE accounts SET balance_units = balance_units + :d WHERE id = :id"
+_MOVE_KEY = "UPDATE api_keys SET held_units = held_units + :held, spent_units = spent_units + :spent WHERE id = :id"
+_ENTRIES_OF = "SELECT kind, amount_units, account_id, key_id FROM ledger WHERE request_id = :r"
 _USAGE_COLUMNS = [c.name for c in usage.columns]
 _QUOTED = ", ".join(f'"{c}"' for c in _USAGE_COLUMNS)  # "user" is a reserved word in PostgreSQL
-_INSERT_USAGE = sa.text(f"INSERT INTO usage ({_QUOTED}) VALUES "
-                        f"({', '.join(':' + c for c in _USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
-                        ).bindparams(_TIME, sa.bindparam("cancelled", type_=sa.Boolean))
+_INSERT_USAGE = (f"INSERT INTO usage ({_QUOTED}) VALUES ({', '.join(':' + c for c in _USAGE_COLUMNS)}) "
+                 "ON CONFLICT (request_id) DO NOTHING")
+
+
+class _Hot:
+    """The hot statements in the connected database's dialect, run on the raw DBAPI cursor."""
+
+    def __init__(self, sqlite: bool):
+        self.sqlite = sqlite
+        lock = "" if sqlite else " FOR UPDATE"  # SQLite: BEGIN IMMEDIATE already holds the write lock
+        sql = (lambda q: q) if sqlite else (lambda q: re.sub(r":(\w+)", r"%(\1)s", q))
+        self.hold_row_key, self.hold_row = sql(_HOLD_ROW_KEY + lock), sql(_HOLD_ROW + lock)
+        self.insert_entry, self.move_balance, self.move_key = sql(_INSERT_ENTRY), sql(_MOVE_BALANCE), sql(_MOVE_KEY)
+        self.entries_locked, self.insert_usage = sql(_ENTRIES_OF + lock), sql(_INSERT_USAGE)
+
+    def now(self):
+        """A timestamp as SQLAlchemy's DateTime(timezone=True) stores it (SQLite: text, naive UTC)."""
+        t = now()
+        return t.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else t
+
+    def entry(self, account_id, key_id, request_id, kind, units, owner=None, note=None) -> dict:
+        return {"account_id": account_id, "key_id": key_id, "request_id": request_id, "kind": kind,
+                "amount_units": units, "owner": owner, "note": note, "created_at": self.now()}
+
+    def usage(self, request_id, account_id, key_id, cost_units, row: dict) -> dict:
+        return {"request_id": request_id, "account_id": account_id, "key_id": key_id, "cost_units": cost_units,
+                "created_at": self.now(), "usage_source": "engine", "backend": None, **row}
+
+    def move(self, cur, account_id: int, key_id: int | None, balance: int = 0, held: int = 0, spent: int = 0):
+        if balance:
+            cur.execute(self.move_balance, {"d": balance, "id": account_id})
+        if key_id is not None and (held or spent):
+            cur.execute(self.move_key, {"held": held, "spent": spent, "id": key_id})
 
 
 class Ledger:
     def __init__(self, db: Database):
         self.db = db
-        lock = "" if db.is_sqlite else " FOR UPDATE"  # SQLite: BEGIN IMMEDIATE already holds the write lock
-        self._hold_row_key = sa.text(_HOLD_ROW_KEY + lock)
-        self._hold_row = sa.text(_HOLD_ROW + lock)
-        self._entries_locked = sa.text(_ENTRIES_OF.text + lock)
+        self._hot = _Hot(db.is_sqlite)
+
+    @contextmanager
+    def _cursor(self):
+        """A raw cursor inside one transaction (BEGIN IMMEDIATE on SQLite)."""
+        with self.db.begin() as c:
+            cur = c.connection.driver_connection.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
 
     def hold(self, request_id: str, account_id: int, key_id: int | None, owner: str,
              plan: Callable[[int], int | None]) -> int | None:
         """Lock the account (and key), call `plan(available units)`, and hold what it returns; None from
         `plan` holds nothing. Returns the units held, or None."""
-        with self.db.begin() as c:
+        h = self._hot
+        with self._cursor() as cur:
             if key_id is None:
-                r = c.execute(self._hold_row, {"account_id": account_id}).one()
+                cur.execute(h.hold_row, {"account_id": account_id})
             else:
-                r = c.execute(self._hold_row_key, {"key_id": key_id, "account_id": account_id}).one()
-            available = r.balance_units
-            if r.limit_units is not None:
-                available = min(available, r.limit_units - r.spent_units - r.held_units)
+                cur.execute(h.hold_row_key, {"key_id": key_id, "account_id": account_id})
+            balance, limit, spent, held = cur.fetchone()
+            available = balance if limit is None else min(balance, limit - spent - held)
             units = plan(max(available, 0))
             if units is None:
                 return None
             assert 0 <= units <= available, (units, available)
-            c.execute(_INSERT_ENTRY, _entry(account_id, key_id, request_id, "hold", units, owner=owner))
-            _move(c, account_id, key_id, balance=-units, held=units)
+            cur.execute(h.insert_entry, h.entry(account_id, key_id, request_id, "hold", units, owner=owner))
+            h.move(cur, account_id, key_id, balance=-units, held=units)
             return units
 
     def settle(self, request_id: str, cost_units: int, row: dict) -> Settled:
         """Capture the cost (at most the hold), release the rest and write the usage row, in one transaction.
         Idempotent by request id: a repeat returns the first settlement."""
-        with self.db.begin() as c:
-            entries = {e.kind: e for e in c.execute(self._entries_locked, {"r": request_id})}
-            hold = entries.get("hold")
-            if hold is None:
+        h = self._hot
+        with self._cursor() as cur:
+            cur.execute(h.entries_locked, {"r": request_id})
+            entries = {kind: (units, account_id, key_id) for kind, units, account_id, key_id in cur.fetchall()}
+            if "hold" not in entries:
                 raise LookupError(f"no hold for {request_id}")
+            held, account_id, key_id = entries["hold"]
             if "capture" in entries:
-                return Settled(entries["capture"].amount_units, first=False)
+                return Settled(entries["capture"][0], first=False)
             if "release" in entries:
                 return Settled(0, first=False)  # reaped: released whole, nothing captured
-            if cost_units > hold.amount_units:
+            if cost_units > held:
                 # Cannot happen for requests whose cap the hold covered; never let it take the balance below 0.
-                log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units,
-                          hold.amount_units)
-                cost_units = hold.amount_units
-            c.execute(_INSERT_ENTRY, [_entry(hold.account_id, hold.key_id, request_id, "capture", cost_units),
-                                      _entry(hold.account_id, hold.key_id, request_id, "release",
-                                             hold.amount_units - cost_units)])
-            _move(c, hold.account_id, hold.key_id, balance=hold.amount_units - cost_units,
-                  held=-hold.amount_units, spent=cost_units)
-            c.execute(_INSERT_USAGE, _usage(request_id, hold.account_id, hold.key_id, cost_units, row))
+                log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units, held)
+                cost_units = held
+            cur.executemany(h.insert_entry, [h.entry(account_id, key_id, request_id, "capture", cost_units),
+                                             h.entry(account_id, key_id, request_id, "release", held - cost_units)])
+            h.move(cur, account_id, key_id, balance=held - cost_units, held=-held, spent=cost_units)
+            cur.execute(h.insert_usage, h.usage(request_id, account_id, key_id, cost_units, row))
             return Settled(cost_units, first=True)
 
     def record(self, request_id: str, account_id: int, key_id: int | None, cost_units: int, row: dict) -> None:
         """A usage row for a request that held nothing (an open server's anonymous account): metered, not
         charged. Idempotent by request id."""
-        with self.db.begin() as c:
-            c.execute(_INSERT_USAGE, _usage(request_id, account_id, key_id, cost_units, row))
+        with self._cursor() as cur:
+            cur.execute(self._hot.insert_usage, self._hot.usage(request_id, account_id, key_id, cost_units, row))
 
     # -- instances and the reaper -----------------------------------------------------------------
     def register(self, instance_id: str, host: str, pid: int) -> None:
@@ -127,12 +164,13 @@ class Ledger:
                 return 0
             h = ledger.alias("h")
             rows = c.execute(sa.select(h).where(_is_open(h), h.c.owner.in_(dead))).all()
+            cur = c.connection.driver_connection.cursor()
             for hold in rows:
-                c.execute(ledger.insert().values(account_id=hold.account_id, key_id=hold.key_id,
-                                                 request_id=hold.request_id, kind="release",
-                                                 amount_units=hold.amount_units, note="cut by a restart",
-                                                 created_at=now()))
-                _move(c, hold.account_id, hold.key_id, balance=hold.amount_units, held=-hold.amount_units)
+                cur.execute(self._hot.insert_entry, self._hot.entry(
+                    hold.account_id, hold.key_id, hold.request_id, "release", hold.amount_units,
+                    note="cut by a restart"))
+                self._hot.move(cur, hold.account_id, hold.key_id, balance=hold.amount_units, held=-hold.amount_units)
+            cur.close()
             c.execute(instances.delete().where(instances.c.id.in_(dead)))
             return len(rows)
 
@@ -165,23 +203,6 @@ class Ledger:
         with self.db.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(sa.select(ledger).where(ledger.c.account_id == account_id)
                                                         .order_by(ledger.c.id))]
-
-
-def _entry(account_id, key_id, request_id, kind, units, owner=None, note=None) -> dict:
-    return {"account_id": account_id, "key_id": key_id, "request_id": request_id, "kind": kind,
-            "amount_units": units, "owner": owner, "note": note, "created_at": now()}
-
-
-def _usage(request_id, account_id, key_id, cost_units, row: dict) -> dict:
-    return {"request_id": request_id, "account_id": account_id, "key_id": key_id, "cost_units": cost_units,
-            "created_at": now(), "usage_source": "engine", "backend": None, **row}
-
-
-def _move(c, account_id: int, key_id: int | None, balance: int = 0, held: int = 0, spent: int = 0) -> None:
-    if balance:
-        c.execute(_MOVE_BALANCE, {"d": balance, "id": account_id})
-    if key_id is not None and (held or spent):
-        c.execute(_MOVE_KEY, {"held": held, "spent": spent, "id": key_id})
 
 
 def _is_open(h):
