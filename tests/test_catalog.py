@@ -377,3 +377,9 @@ def test_one_model_card_shows_the_command_line_prices(checkpoints):
         s.stop()
     assert card["id"] == card["name"] == "tiny-thinker"
     assert card["pricing"] == {"prompt": "0.00275", "completion": "0.0095", "currency": "CNY", "unit": "1K tokens"}
+
+
+def test_the_flagship_without_prices_gets_the_seed_pages():
+    cat = parse_catalog({"models": [{"id": "qwen/qwen3-235b-a22b-thinking-2507",
+                                     "backend": {"type": "openai", "base_url": "http://vllm:8000/v1"}}]})
+    assert cat.prices(require_keys=True) == {"qwen/qwen3-235b-a22b-thinking-2507": Price.cny("0.00275", "0.0095")}

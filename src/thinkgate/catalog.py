@@ -39,6 +39,8 @@ from pydantic import (
 from thinkgate.gateway.money import Price, to_cny
 
 log = logging.getLogger(__name__)
+# The seed page's prices (CNY per 1000 tokens), used when the catalog lists its model without any.
+DEFAULT_PRICES = {"qwen/qwen3-235b-a22b-thinking-2507": Price.cny("0.00275", "0.0095")}
 PRICE_KEYS = ("price_input_per_1k", "price_output_per_1k", "price_cached_input_per_1k")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -219,7 +221,7 @@ class Catalog(_Strict):
         an open server serves it as free."""
         out = {}
         for m in self.models:
-            price = m.price
+            price = price_of(m)
             if price is None:
                 if require_keys:
                     raise CatalogError(
@@ -300,6 +302,11 @@ def _describe(err: dict, models: Any) -> str:
     return f"{head}: {msg}" if head else msg
 
 
+def price_of(m: ModelEntry) -> Price | None:
+    """The entry's own price, else the seed page's for the model it sells (else None: unpriced)."""
+    return m.price if m.price is not None else DEFAULT_PRICES.get(m.id)
+
+
 def pricing_card(price: Price | None) -> dict:
     """The `pricing` of a /v1/models card: CNY per 1000 tokens as decimal strings."""
     price = price or Price()
@@ -335,7 +342,7 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
                 p.engine.shutdown()
             raise CatalogError(f"{catalog.where(m)}: cannot load its local model {ecfg.model!r}: {e}") from e
         providers[m.id] = LocalProvider(engine, m.id, m.description, name=m.display_name,
-                                        context_length=m.context_length, pricing=pricing_card(m.price))
+                                        context_length=m.context_length, pricing=pricing_card(price_of(m)))
     return providers
 
 
@@ -353,5 +360,5 @@ def upstream_provider(m: ModelEntry):
                                         api_key=key, timeout_s=b.timeout_s,
                                         first_byte_timeout_s=b.first_byte_timeout_s,
                                         think_in_content=b.think_in_content))
-    card = {"name": m.display_name, "description": m.description, "pricing": pricing_card(m.price)}
+    card = {"name": m.display_name, "description": m.description, "pricing": pricing_card(price_of(m))}
     return UpstreamProvider(m.id, backends, card=card, context_length=m.context_length or 32768)

@@ -23,7 +23,7 @@ from thinkgate.errors import (
     PermissionDenied,
     RateLimited,
 )
-from thinkgate.gateway.keys import hash_secret, looks_like_key
+from thinkgate.gateway.keys import hash_secret, looks_like_key, same_hash
 from thinkgate.gateway.limits import KeyLimits, LimitExceeded, Permit, RateLimiter
 from thinkgate.gateway.money import Price, to_cny
 from thinkgate.gateway.providers.base import PreparedRequest, UsageRecord
@@ -111,8 +111,10 @@ class Gateway:
         secret = _bearer(authorization)
         if secret is None:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
-        found = await asyncio.to_thread(self.store.caller_by_hash, hash_secret(secret))
-        if found is None or not found[0].usable(now()):
+        digest = hash_secret(secret)
+        found = await asyncio.to_thread(self.store.caller_by_hash, digest)
+        # Found by its hash; compared again in constant time, so no timing tells how much of a guess matched.
+        if found is None or not same_hash(found[0].secret_hash, digest) or not found[0].usable(now()):
             raise AuthenticationError(BAD_KEY, code="invalid_api_key")
         key, account = found
         if key.ips and not _ip_allowed(client_ip, key.ips):

@@ -63,6 +63,11 @@ class Database:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
+    def ping(self) -> None:
+        """Raise unless the database answers (readiness checks)."""
+        with self.engine.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+
     def dispose(self) -> None:
         self.engine.dispose()
 
