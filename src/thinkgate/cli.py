@@ -52,6 +52,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=s.request_timeout_s, metavar="S",
                    help="end a request running longer than S seconds (an error chunk, or 504), billed for what it "
                         "generated (default: no timeout)")
+    p.add_argument("--drain-timeout", type=float, default=s.drain_timeout_s, metavar="S",
+                   help="on SIGTERM: readiness (/health/ready) turns false, new connections are refused, running "
+                        "requests may finish for S seconds, the rest end with an error (billed); then exit 0")
     p.add_argument("--log-level", default="info")
 
 
@@ -101,7 +104,7 @@ def build_app(args):
         providers = {model_id: LocalProvider(async_engine, model_id, pricing=pricing_card(prices[model_id]))}
     gateway = build_gateway(args, prices, require_keys)
     scfg = ServerConfig(host=args.host, port=args.port, max_waiting=args.max_waiting,
-                        request_timeout_s=args.request_timeout)
+                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout)
     admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
     return create_app(providers, scfg, gateway=gateway, admin_token=admin_token), ", ".join(providers)
 
@@ -174,12 +177,11 @@ def build_gateway(args, prices: dict, require_keys: bool):
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    from thinkgate.api.lifecycle import serve
 
     app, model_id = build_app(args)
     logging.getLogger("thinkgate").info("serving %s on http://%s:%d", model_id, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    return 0
+    return 0 if serve(app, args.host, args.port, args.log_level) else 3  # 3: could not start (as uvicorn.run)
 
 
 def cmd_random(args) -> int:

@@ -44,3 +44,4 @@ class ServerConfig:
     # that a request is refused at once with 429 and Retry-After, before anything is held or queued.
     max_waiting: int = 128
     request_timeout_s: float | None = None  # a request running longer ends (error chunk or 504), billed
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long running requests may still finish

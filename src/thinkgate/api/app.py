@@ -57,6 +57,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         try:
             yield
         finally:
+            await ops.shutdown()  # the drain: running requests finish or end, every record settled
             if beat is not None:
                 beat.cancel()
                 await gateway.limiter.aclose()

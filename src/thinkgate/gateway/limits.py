@@ -398,6 +398,10 @@ class RedisRateLimiter:
             except Exception as e:  # a Redis hiccup must not end the refresher; the next round retries
                 logger.warning("could not refresh %d concurrency slots in Redis: %s", len(held), e)
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers (readiness)."""
+        await self._redis.ping()
+
     async def aclose(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
