@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from tests.api.engine_probe import EngineProbe
 from tests.api.inprocess import InProcessServer
 from tests.gateway.dbs import fresh_database
 from thinkgate.api.app import create_app
+from thinkgate.config import ServerConfig
 from thinkgate.engine.async_engine import AsyncEngine
 from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
 from thinkgate.gateway.limits import MemoryRateLimiter
@@ -21,11 +23,13 @@ PRICE = Price.cny("1", "2")  # CNY per 1000 tokens
 
 
 class Served:
-    def __init__(self, server: InProcessServer, records: list, gateway: Gateway | None):
+    def __init__(self, server: InProcessServer, records: list, gateway: Gateway | None, engine, probe: EngineProbe):
         self.server = server
         self.records = records
         self.gateway = gateway
         self.base = server.base
+        self.engine = engine  # the LLMEngine
+        self.probe = probe
 
     def client(self, secret: str = "sk-test"):
         from openai import OpenAI
@@ -51,20 +55,24 @@ class Served:
 
 
 @contextmanager
-def served_tiny(engine_factory, gateway_dir=None):
-    """`gateway_dir`: a folder for the gateway's SQLite database; keys are then required."""
-    async_engine = AsyncEngine(engine_factory("qwen3"))
+def served_tiny(engine_factory, gateway_dir=None, config: ServerConfig | None = None, **engine_opts):
+    """`gateway_dir`: a folder for the gateway's SQLite database; keys are then required. `engine_opts` go to
+    the engine's config; its steps can be held or slowed through `probe`."""
+    eng = engine_factory("qwen3", **engine_opts)
+    probe = EngineProbe(eng)
+    async_engine = AsyncEngine(eng)
     records: list = []
     gateway = db = None
     if gateway_dir is not None:
         db = fresh_database("sqlite", gateway_dir)
         gateway = Gateway(db, {MODEL: PRICE}, require_keys=True, limiter=MemoryRateLimiter())
         gateway.start_sync()
-    app = create_app({MODEL: LocalProvider(async_engine, MODEL)}, on_usage=records.append, gateway=gateway)
+    app = create_app({MODEL: LocalProvider(async_engine, MODEL)}, config, on_usage=records.append, gateway=gateway)
     server = InProcessServer(app)
     try:
-        yield Served(server, records, gateway)
+        yield Served(server, records, gateway, eng, probe)
     finally:
+        probe.reset()
         server.stop()
         async_engine.shutdown()
         if db is not None:

@@ -10,19 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.api.engine_probe import EngineProbe
-from tests.api.inprocess import InProcessServer
-from tests.gateway.dbs import fresh_database
-from thinkgate.api.app import create_app
+from tests.api.served import MODEL, served_tiny
 from thinkgate.config import ServerConfig
-from thinkgate.engine.async_engine import AsyncEngine
-from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
-from thinkgate.gateway.limits import MemoryRateLimiter
-from thinkgate.gateway.money import Price, to_units
-from thinkgate.gateway.providers.local import LocalProvider
-from thinkgate.gateway.service import Gateway
 
-MODEL = "tiny"
 TIMEOUT_S = 1.5
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a thousand"}], "max_tokens": 400,
         "ignore_eos": True}
@@ -30,25 +20,10 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Count to a tho
 
 @pytest.fixture
 def served(engine_factory, tmp_path):
-    eng = engine_factory("qwen3")
-    probe = EngineProbe(eng)
-    probe.delay_s = 0.03  # ~12 s for the whole cap: it cannot finish before the timeout
-    engine = AsyncEngine(eng)
-    db = fresh_database("sqlite", tmp_path)
-    gateway = Gateway(db, {MODEL: Price.cny("1", "2")}, require_keys=True, limiter=MemoryRateLimiter())
-    gateway.start_sync()
-    gateway.store.create_account("alice", balance_units=to_units("100"))
-    secret = new_secret()
-    gateway.store.create_key("alice", "alice-key", hash_secret(secret), display_prefix(secret))
-    records: list = []
-    app = create_app({MODEL: LocalProvider(engine, MODEL)}, ServerConfig(request_timeout_s=TIMEOUT_S),
-                     on_usage=records.append, gateway=gateway)
-    server = InProcessServer(app)
-    yield server, eng, probe, records, gateway, {"Authorization": f"Bearer {secret}"}
-    probe.reset()
-    server.stop()
-    engine.shutdown()
-    db.dispose()
+    with served_tiny(engine_factory, tmp_path, ServerConfig(request_timeout_s=TIMEOUT_S)) as s:
+        s.probe.delay_s = 0.03  # ~12 s for the whole cap: it cannot finish before the timeout
+        secret = s.key("alice", "100")
+        yield s.server, s.engine, s.probe, s.records, s.gateway, {"Authorization": f"Bearer {secret}"}
 
 
 def assert_engine_free(eng, probe, record) -> None:
