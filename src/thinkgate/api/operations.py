@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+import orjson
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +26,7 @@ from thinkgate.config import ServerConfig
 from thinkgate.gateway.providers.base import PreparedRequest, RequestContext, UsageRecord
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("thinkgate.requests")  # one JSON line per API request
 REJECTED = {402, 429, 503}  # statuses whose error code is a rejection reason
 SETTLE_S = 10.0  # after the grace period: how long ended requests may take to settle
 PROBE_S = 2.0  # a readiness check that takes longer fails
@@ -71,6 +74,8 @@ class Operations:
         self.metrics.requests.labels(model, key, str(info.status)).inc()
         if info.status in REJECTED and info.error_code:
             self.metrics.rejections.labels(model, key, info.error_code).inc()
+        if request_log.isEnabledFor(logging.INFO):
+            request_log.info(orjson.dumps(log_line(info)).decode())
 
     # -- readiness and the drain -----------------------------------------------------------------------
     async def ready_endpoint(self) -> JSONResponse:
@@ -117,6 +122,24 @@ class Operations:
         """Drain (if no signal started it), and wait until every request is over and settled."""
         self.begin_drain()
         await self._drain
+
+
+def log_line(info: RequestInfo) -> dict:
+    """A request as its log line: who (key and account names, never the secret), what, and how it ended."""
+    r = info.record
+    return {
+        "request_id": info.response_request_id or info.client_request_id,  # the x-request-id the client got
+        "id": r.request_id if r is not None else None, "method": info.method, "path": info.path,
+        "status": info.status, "error_code": info.error_code, "key": info.key, "account": info.account,
+        "model": info.model,
+        "prompt_tokens": r.prompt_tokens if r else None, "cached_tokens": r.cached_prompt_tokens if r else None,
+        "completion_tokens": r.completion_tokens if r else None, "reasoning_tokens": r.reasoning_tokens if r else None,
+        "cost": f"{r.cost:f}" if r else None,  # CNY as captured, a decimal string
+        "latency_s": round(r.total_time_s if r else time.monotonic() - info.started, 6),
+        "ttft_s": round(r.time_to_first_token_s, 6) if r and r.time_to_first_token_s is not None else None,
+        "finish_reason": r.finish_reason if r else None, "ended_by": r.ended_by if r else None,
+        "disconnected": (r is not None and r.ended_by == "client_disconnect") or info.status == 499,
+    }
 
 
 async def _passes(check) -> bool:
