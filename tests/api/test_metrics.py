@@ -4,6 +4,7 @@ captures, requests by status, model and key name, rejections by reason; no key s
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 from collections import defaultdict
 from decimal import Decimal
@@ -12,7 +13,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api.inprocess import asgi_client
 from tests.api.served import MODEL, served_tiny
+from tests.gateway.test_upstream import GOOD, Upstreams, provider
+from thinkgate.api.app import create_app
 from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
 from thinkgate.gateway.money import to_cny, to_units
 
@@ -22,14 +26,15 @@ MSGS = [{"role": "user", "content": "Please tell me everything you know about th
 
 
 def scrape(base: str) -> dict:
-    """{(sample name, sorted labels): value} of every sample /metrics serves."""
     r = httpx.get(base + "/metrics", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return samples(r.text)
+
+
+def samples(text: str) -> dict:
+    """{(sample name, sorted labels): value} of every sample in a /metrics text, read by prometheus-client."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def total(samples: dict, name: str, **labels) -> float:
@@ -161,3 +166,27 @@ def test_example_dashboard_uses_served_names():
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"\b(?:vllm:|thinkgate_)[a-z0-9_:]+", e)}
     assert len(used) >= 15 and used <= names, used - names
+
+
+def test_upstream_backends_and_their_breakers():
+    """Requests each upstream backend served, and each backend's breaker as the provider reports it."""
+    prov = provider(Upstreams(a=[(500, b"down")], b=[(200, GOOD)]), "a", "b")  # a always fails: b serves
+    app = create_app({"up": prov})
+
+    async def run():
+        async with asgi_client(app) as http:
+            codes = [(await http.post("/v1/chat/completions", json={"model": "up", "messages": MSGS})).status_code
+                     for _ in range(3)]
+            return codes, (await http.get("/metrics")).text
+
+    codes, text = asyncio.run(run())
+    assert codes == [200, 200, 200]
+    m = samples(text)
+    assert total(m, "thinkgate_upstream_requests_total", model="up", backend="b", ended_by="finished") == 3
+    assert total(m, "thinkgate_upstream_requests_total", backend="a") == 0
+    health = prov.health()
+    assert health["a"]["state"] == "open" and health["b"]["state"] == "closed"
+    for backend, h in health.items():
+        assert total(m, "thinkgate_upstream_breaker_state", model="up", backend=backend, state=h["state"]) == 1
+        assert total(m, "thinkgate_upstream_breaker_state", model="up", backend=backend) == 1
+        assert total(m, "thinkgate_upstream_consecutive_failures", backend=backend) == h["consecutive_failures"]

@@ -7,7 +7,9 @@ time, inter-token latency and prefix cache lookups are observed on the engine th
 token counters, finished requests, time to first token and end-to-end latency come from the usage records.
 Gateway series are `thinkgate_*`: requests by HTTP status, model and key name (never the secret;
 "anonymous" on an open server, "unknown" before a caller is known), spend in CNY and tokens by key (from the
-usage records after the gateway captured the cost, so they equal the ledger), and rejections by reason.
+usage records after the gateway captured the cost, so they equal the ledger), rejections by reason, and
+for upstream providers the requests each backend served (by how they ended) and each backend's circuit
+breaker (read when scraped).
 """
 
 from __future__ import annotations
@@ -65,9 +67,13 @@ class Metrics:
         self.rejections = Counter("thinkgate_rejections", "Requests refused before generating, by reason "
                                   "(rate_limit_requests|tokens|concurrency, insufficient_balance, queue_full, model_unavailable)",
                                   (*g, "reason"), registry=r)
+        self.upstream_requests = Counter("thinkgate_upstream_requests", "Requests an upstream backend served, by "
+                                         "how they ended (finished, error, client_disconnect, timeout, ...)",
+                                         ("model", "backend", "ended_by"), registry=r)
         self.ready = Gauge("thinkgate_ready", "1 while the server takes new requests (0 once it drains)",
                            registry=r)
         r.register(EngineCollector(providers))
+        r.register(BreakerCollector(providers))
         for model, engine in local_engines(providers):
             engine.observer = EngineTimings(self, model)
 
@@ -84,6 +90,8 @@ class Metrics:
                         ("completion", record.completion_tokens), ("reasoning", record.reasoning_tokens)):
             self.tokens.labels(m, key, kind).inc(n)
         self.spend.labels(m, key).inc(float(record.cost))
+        if record.backend is not None:
+            self.upstream_requests.labels(m, record.backend, record.ended_by).inc()
 
 
 def local_engines(providers: dict):
@@ -119,6 +127,32 @@ class EngineCollector:
 
     def describe(self):
         return []  # collected live; nothing to check at registration
+
+
+class BreakerCollector:
+    """Each upstream backend's circuit breaker (providers with `health()`: {backend: {state, failures}})."""
+
+    STATES = ("closed", "half_open", "open")
+
+    def __init__(self, providers: dict):
+        self.providers = providers
+
+    def collect(self):
+        state = GaugeMetricFamily("thinkgate_upstream_breaker_state", "1 for the breaker's current state "
+                                  "(closed, half_open, open) of each upstream backend", labels=("model", "backend",
+                                                                                                 "state"))
+        failures = GaugeMetricFamily("thinkgate_upstream_consecutive_failures", "Failures in a row of each "
+                                     "upstream backend", labels=("model", "backend"))
+        for model, p in self.providers.items():
+            health = getattr(p, "health", None)
+            for backend, h in (health() if callable(health) else {}).items():
+                for st in self.STATES:
+                    state.add_metric([model, backend, st], float(h["state"] == st))
+                failures.add_metric([model, backend], h["consecutive_failures"])
+        yield from (state, failures)
+
+    def describe(self):
+        return []
 
 
 class EngineTimings:
