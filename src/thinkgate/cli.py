@@ -56,6 +56,36 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM: readiness (/health/ready) turns false, new connections are refused, running "
                         "requests may finish for S seconds, the rest end with an error (billed); then exit 0")
     p.add_argument("--log-level", default="info")
+    _env_defaults(p)
+
+
+ENV_PREFIX = "THINKGATE_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def _env_defaults(p: argparse.ArgumentParser) -> None:
+    """Every option also settable as THINKGATE_<OPTION> (e.g. THINKGATE_MAX_WAITING=32, THINKGATE_AUTH=1); the
+    command line wins over the environment (of --auth and --no-auth both given, keys are required)."""
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        action.help = f"{action.help + ' ' if action.help else ''}[env {name}]"
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.strip().lower() not in _TRUE | _FALSE:
+                raise SystemExit(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+            action.default = raw.strip().lower() in _TRUE
+            continue
+        try:
+            value = action.type(raw) if action.type is not None else raw
+        except ValueError:
+            raise SystemExit(f"{name}={raw!r}: not a valid value for {action.option_strings[0]}") from None
+        if action.choices is not None and value not in action.choices:
+            raise SystemExit(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = value
 
 
 def model_id_for(spec: str | None) -> str:
