@@ -162,6 +162,8 @@ SEED_PRICES = '\nprice_input_per_1k = 1\nprice_output_per_1k = 1'
     (local() + '[[models.backends]]\ntype = "local"\nmodel = "y"', "models[0] (id 'm'): give either"),
     ('[[models]]\nid = "a"\n[[models.backends]]\ntype = "local"\nmodel = "x"\n[[models.backends]]\n'
      'type = "local"\nmodel = "y"', "models[0] (id 'a'): at most one local backend"),
+    (local(extra="vision = true"), "models[0] (id 'm'): vision: our engine reads text only"),
+    (local(extra='vision = "yes"'), "models[0] (id 'm'): vision:"),
     # prices
     (local(extra="price_input_per_1k = 1"), "models[0] (id 'm'): price_input_per_1k given without "
                                             "price_output_per_1k"),
@@ -234,6 +236,16 @@ def test_example_catalog_seed_models_without_price_are_valid_once_uncommented():
     assert len(extra) >= 8 and all(m.price is None and m.backends[0].type == "openai" for m in extra)
     with pytest.raises(CatalogError, match=r"models\[2\] \(id 'deepseek/deepseek-v3.2'\) has no price"):
         cat.prices(require_keys=True)
+    vision = {m.id for m in cat.models if m.vision}
+    assert vision == {"z-ai/glm-4.6v", "qwen/qwen3-vl-plus"}  # image parts pass through to these only
+
+
+def test_a_vision_entry_builds_a_vision_upstream_provider():
+    from thinkgate.catalog import upstream_provider
+
+    cat = parse('[[models]]\nid = "v"\nvision = true\n[models.backend]\ntype = "openai"\nbase_url = "http://h/v1"\n'
+                '[[models]]\nid = "t"\n[models.backend]\ntype = "openai"\nbase_url = "http://h/v1"\n')
+    assert [upstream_provider(m).vision for m in cat.models] == [True, False]
 
 
 # -- real servers ----------------------------------------------------------------------------------------------

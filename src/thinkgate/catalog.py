@@ -130,6 +130,8 @@ class ModelEntry(_Strict):
     price_cached_input_per_1k: Decimal | None = None  # default: the input price
     backend: Backend | None = None  # `[models.backend]`: one table
     backends: list[Backend] | None = None  # `[[models.backends]]`: tried in order
+    # Image parts (OpenAI's `image_url`) pass through to its upstreams; a text-only model refuses them (400).
+    vision: bool = False
 
     @field_validator("id")
     @classmethod
@@ -167,6 +169,8 @@ class ModelEntry(_Strict):
             raise ValueError("no backend: add a [models.backend] table or [[models.backends]] tables")
         if sum(b.type == "local" for b in backends) > 1:
             raise ValueError("at most one local backend per model (each local backend is an engine of its own)")
+        if self.vision and any(b.type == "local" for b in backends):
+            raise ValueError("vision: our engine reads text only; a vision model is served by openai backends")
         self.backends, self.backend = backends, None
         given = [k for k in PRICE_KEYS if getattr(self, k) is not None]
         if given and (self.price_input_per_1k is None or self.price_output_per_1k is None):
@@ -361,4 +365,4 @@ def upstream_provider(m: ModelEntry):
                                         first_byte_timeout_s=b.first_byte_timeout_s,
                                         think_in_content=b.think_in_content))
     card = {"name": m.display_name, "description": m.description, "pricing": pricing_card(price_of(m))}
-    return UpstreamProvider(m.id, backends, card=card, context_length=m.context_length or 32768)
+    return UpstreamProvider(m.id, backends, card=card, context_length=m.context_length or 32768, vision=m.vision)

@@ -98,6 +98,15 @@ def test_context_error_names_both_numbers(server):
     assert err["code"] == "context_length_exceeded"
 
 
+def test_an_image_to_a_local_model_is_refused_naming_the_model(server):
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    r = httpx.post(server.base + "/v1/chat/completions", json=ok(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "look"}, image]}]), timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages[0].content"
+    assert f"{M!r}" in err["message"] and "text only" in err["message"]
+
+
 def test_error_codes_are_strings_or_null(server):
     r = httpx.post(server.base + "/v1/chat/completions", json=ok(model="gpt-9"), timeout=60)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

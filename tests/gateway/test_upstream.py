@@ -70,12 +70,12 @@ class Upstreams:
                               {"content-type": "text/event-stream"})
 
 
-def provider(transport, *hosts, think_in_content=False, first_byte_timeout_s=5.0, tokenizer=None):
+def provider(transport, *hosts, think_in_content=False, first_byte_timeout_s=5.0, tokenizer=None, vision=False):
     backends = [UpstreamBackend(name=h, base_url=f"http://{h}/v1", remote_model="remote",
                                 think_in_content=think_in_content, first_byte_timeout_s=first_byte_timeout_s)
                 for h in hosts]
     return UpstreamProvider("up", backends, transport=httpx.MockTransport(transport), retries=1, backoff_s=0.01,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, vision=vision)
 
 
 def call(prov, records=None, **body):
@@ -298,3 +298,37 @@ def test_a_client_that_leaves_closes_the_upstream_request_at_once():
     rec = events[-1].record
     assert isinstance(events[-1], UsageEvent) and rec.ended_by == "client_disconnect"
     assert rec.native_finish_reason == "client_disconnect" and rec.completion_tokens > 0
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "iVBORw0KGgo" * 3000, "detail": "low"}}
+LOOK = [{"role": "system", "content": "You describe pictures."},
+        {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, IMAGE]}]
+
+
+def test_an_image_part_reaches_a_vision_upstream_unchanged():
+    ups = Upstreams(a=[(200, GOOD)])
+    records = []
+    r = call(provider(ups, "a", vision=True), records, messages=LOOK, max_tokens=50)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello"
+    assert ups.calls[0][1]["messages"] == LOOK  # the part as the client wrote it, detail included
+    assert records[0].prompt_tokens == 11  # billed on the upstream's count, not on the data URL's bytes
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+    r = call(provider(Upstreams(a=[(200, GOOD)]), "a", vision=True), messages=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+
+
+def test_a_large_image_is_held_as_image_tokens_not_as_its_bytes():
+    prov = provider(Upstreams(a=[(200, GOOD)]), "a", vision=True)
+    prep = asyncio.run(prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=LOOK))))
+    assert prep.prompt_tokens < 2000 < len(IMAGE["image_url"]["url"])
+
+
+def test_a_text_only_upstream_refuses_an_image_naming_the_model():
+    ups = Upstreams(a=[(200, GOOD)])
+    r = call(provider(ups, "a"), messages=LOOK)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages[1].content" and "'up'" in err["message"]
+    assert "image" in err["message"] and ups.calls == []  # refused before anything is sent
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]
+    r = call(provider(ups, "a", vision=True), messages=audio)
+    assert r.status_code == 400 and "input_audio" in r.json()["error"]["message"] and ups.calls == []

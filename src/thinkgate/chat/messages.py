@@ -11,6 +11,33 @@ VERBOSITY_HINTS = {
 }
 
 
+def check_parts(messages: list[Message], model_id: str, vision: bool = False) -> int:
+    """Refuse, naming the model, a content part it cannot read: text parts always, `image_url` parts (OpenAI's
+    shape, `{"type": "image_url", "image_url": {"url": ...}}`) only on a vision model. Returns the images."""
+    images = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m.content, list):
+            continue
+        for j, part in enumerate(m.content):
+            if part.type == "text" and part.text is not None:
+                continue
+            if part.type == "image_url":
+                if not vision:
+                    raise InvalidRequestError(
+                        f"messages[{i}].content[{j}] is an image, and the model {model_id!r} reads text only",
+                        param=f"messages[{i}].content")
+                url = (part.model_extra or {}).get("image_url")
+                if not isinstance(url, dict) or not isinstance(url.get("url"), str) or not url["url"]:
+                    raise InvalidRequestError(f"messages[{i}].content[{j}].image_url.url must be a URL or a data: "
+                                              "URL", param=f"messages[{i}].content")
+                images += 1
+                continue
+            kinds = "text and image_url" if vision else "text"
+            raise InvalidRequestError(f"messages[{i}].content[{j}] has type {part.type!r}; the model {model_id!r} "
+                                      f"reads only {kinds} parts", param=f"messages[{i}].content")
+    return images
+
+
 def flatten_content(m: Message, index: int) -> str:
     if m.content is None:
         return ""

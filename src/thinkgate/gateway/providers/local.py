@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from thinkgate.chat.messages import to_template_messages
+from thinkgate.chat.messages import check_parts, to_template_messages
 from thinkgate.chat.template import render_chat, thinking_mode
 from thinkgate.chat.tools import tool_call_lark
 from thinkgate.engine.async_engine import AsyncEngine
@@ -102,6 +102,7 @@ class LocalProvider:
             raise InvalidRequestError("this model has no chat template", param="model")
         self._check_token_ids(params)
         req = params.request
+        check_parts(req.messages, self.model_id)  # our engine reads text only
         kwargs = dict(req.chat_template_kwargs or {})
         if params.thinking_enabled is False:
             kwargs.setdefault("enable_thinking", False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from thinkgate.chat.messages import check_parts
 from thinkgate.chat.reasoning import ReasoningParser
 from thinkgate.errors import InvalidRequestError
 from thinkgate.gateway.providers.base import (
@@ -50,6 +51,10 @@ OURS = frozenset({"model", "messages", "stream", "stream_options", "structured_o
 MESSAGE_OVERHEAD_TOKENS = 8
 TEMPLATE_OVERHEAD_TOKENS = 64
 TOOLS_OVERHEAD_TOKENS = 512
+# An image's tokens cannot be known before the upstream's processor has seen it: holds count this many per
+# image (a 1024x1024 picture is about 1300 tokens on Qwen2.5-VL, 765 on GPT-4o), never the URL's bytes; the
+# capture bills the upstream's own count.
+IMAGE_TOKENS = 1536
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,11 @@ class _Failure(Exception):
 class UpstreamProvider:
     def __init__(self, model_id: str, backends: list[UpstreamBackend], card: dict | None = None,
                  context_length: int = 32768, tokenizer=None, transport: httpx.AsyncBaseTransport | None = None,
-                 retries: int = 2, backoff_s: float = 0.2):
+                 retries: int = 2, backoff_s: float = 0.2, vision: bool = False):
         if not backends:
             raise ValueError(f"{model_id}: an upstream model needs at least one backend")
         self.model_id = model_id
+        self.vision = vision  # image parts pass through; a text-only model refuses them with a 400
         self.backends = {b.name: b for b in backends}
         self.breakers = {b.name: Breaker() for b in backends}
         self.context_length = context_length
@@ -154,6 +160,7 @@ class UpstreamProvider:
     # -- prepare: map the request ----------------------------------------------------------------
     async def prepare(self, params: ChatParams) -> UpstreamPrepared:
         req = params.request
+        check_parts(req.messages, self.model_id, self.vision)
         extra = req.model_extra or {}
         steer = extra.get("provider") if isinstance(extra.get("provider"), dict) else {}
         order = self._order(steer)
@@ -201,11 +208,11 @@ class UpstreamProvider:
 
     def _prompt_estimate(self, params: ChatParams) -> int:
         """An upper bound of the prompt's tokens (what a hold is sized by): a BPE token is at least one byte."""
-        msgs = params.request.model_dump(mode="json", exclude_none=True)["messages"]
+        msgs, images = _without_images(params)
         tools = params.request.model_dump(mode="json", exclude_none=True).get("tools")
         size = len(json.dumps(msgs, ensure_ascii=False).encode()) + len(json.dumps(tools or []).encode())
         overhead = TEMPLATE_OVERHEAD_TOKENS + (TOOLS_OVERHEAD_TOKENS if tools else 0)
-        return size + MESSAGE_OVERHEAD_TOKENS * len(msgs) + overhead
+        return size + MESSAGE_OVERHEAD_TOKENS * len(msgs) + overhead + IMAGE_TOKENS * images
 
     # -- stream ------------------------------------------------------------------------------------
     async def stream(self, prep: UpstreamPrepared, ctx: RequestContext) -> AsyncIterator[ProviderEvent]:
@@ -399,8 +406,8 @@ class _Run:
             completion = sum(self._count(t) for t in self.text)
             prompt_tokens = self.prep.prompt_tokens if prompt is None else prompt
             if self.p.tokenizer is not None and prompt is None:
-                msgs = self.prep.params.request.model_dump(mode="json", exclude_none=True)["messages"]
-                prompt_tokens = self._count(json.dumps(msgs, ensure_ascii=False))
+                msgs, images = _without_images(self.prep.params)
+                prompt_tokens = self._count(json.dumps(msgs, ensure_ascii=False)) + IMAGE_TOKENS * images
             cached = reasoning = 0
         else:
             completion, prompt_tokens = int(u.get("completion_tokens") or 0), int(u.get("prompt_tokens") or 0)
@@ -424,6 +431,20 @@ class _Run:
         if self.p.tokenizer is not None:
             return len(self.p.tokenizer.encode(text))
         return math.ceil(len(text.encode()) / 4)  # no tokenizer: about 4 bytes a token, never zero
+
+
+def _without_images(params: ChatParams) -> tuple[list[dict], int]:
+    """The messages with each image part's URL left out (a data: URL's bytes are not its tokens), and the
+    number of images."""
+    msgs = params.request.model_dump(mode="json", exclude_none=True)["messages"]
+    images = 0
+    for m in msgs:
+        if isinstance(m.get("content"), list):
+            for k, part in enumerate(m["content"]):
+                if part.get("type") == "image_url":
+                    m["content"][k] = {"type": "image_url"}
+                    images += 1
+    return msgs, images
 
 
 async def _sse_objects(resp: httpx.Response) -> AsyncIterator[dict]:
