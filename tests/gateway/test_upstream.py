@@ -332,3 +332,36 @@ def test_a_text_only_upstream_refuses_an_image_naming_the_model():
     audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]}]
     r = call(provider(ups, "a", vision=True), messages=audio)
     assert r.status_code == 400 and "input_audio" in r.json()["error"]["message"] and ups.calls == []
+
+
+def test_admin_backends_shows_each_models_backends_and_breaker_state(engine_factory, tmp_path):
+    from thinkgate.engine.async_engine import AsyncEngine
+    from thinkgate.gateway.providers.local import LocalProvider
+
+    ups = Upstreams(a=[httpx.ConnectError("refused")], b=[(200, GOOD)])
+    prov = provider(ups, "a", "b")
+    local = LocalProvider(AsyncEngine(engine_factory("qwen3")), "tiny")
+    db = fresh_database("sqlite", tmp_path)
+    gateway = Gateway(db, {"up": Price(), "tiny": Price()}, require_keys=False, limiter=MemoryRateLimiter())
+    gateway.start_sync()
+    app = create_app({"up": prov, "tiny": local}, gateway=gateway, admin_token="admin-secret")
+
+    async def run():
+        async with asgi_client(app) as http:
+            r = await http.post("/v1/chat/completions", json={"model": "up", "messages": MSGS})
+            assert r.status_code == 200  # a failed twice, b answered
+            refused = await http.get("/admin/backends", headers={"Authorization": "Bearer wrong"})
+            return refused, await http.get("/admin/backends", headers={"Authorization": "Bearer admin-secret"})
+
+    try:
+        refused, r = asyncio.run(run())
+    finally:
+        local.engine.shutdown()
+        db.dispose()
+    assert refused.status_code == 401 and r.status_code == 200
+    by_model = {m["model"]: m for m in r.json()["data"]}
+    assert by_model["up"] == {"model": "up", "type": "openai", "active_requests": 0, "backends": [
+        {"name": "a", "type": "openai", "base_url": "http://a/v1", "state": "closed", "consecutive_failures": 2},
+        {"name": "b", "type": "openai", "base_url": "http://b/v1", "state": "closed", "consecutive_failures": 0}]}
+    assert by_model["tiny"] == {"model": "tiny", "type": "local", "active_requests": 0,
+                                "backends": [{"name": "local", "type": "local", "state": "running"}]}

@@ -20,6 +20,7 @@ A new key's secret and new codes appear once, in the response that creates them,
 | POST /admin/keys/{name}/revoke | | the key |
 | POST /admin/codes | amount, count, batch? | 201, {"batch", "amount", "codes"} |
 | GET /admin/usage | ?group=key,account,model,day ?account=NAME | {"data": [totals], "total": totals} |
+| GET /admin/backends | | {"data": [per model: type, active_requests, backends with their state]} |
 """
 
 from __future__ import annotations
@@ -156,7 +157,26 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_token: str | None) -> None:
+def backends_view(providers: dict) -> dict:
+    """Each served model's backends: an upstream's circuit breaker (closed, open, half_open) and its consecutive
+    failures; a local model's engine (running or stopped)."""
+    out = []
+    for model, p in providers.items():
+        if hasattr(p, "health"):
+            health = p.health()
+            backends = [{"name": name, "type": "openai", "base_url": p.backends[name].base_url, **state}
+                        for name, state in health.items()]
+            kind = "openai"
+        else:
+            engine = getattr(p, "engine", None)
+            running = engine is None or not hasattr(engine, "alive") or engine.alive()
+            backends, kind = [{"name": "local", "type": "local", "state": "running" if running else "stopped"}], "local"
+        out.append({"model": model, "type": kind, "active_requests": p.num_active(), "backends": backends})
+    return {"data": out}
+
+
+def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_token: str | None,
+                     providers: dict | None = None) -> None:
     if not admin_token:
         async def disabled(path: str = ""):
             raise NotFoundError("the admin API is disabled on this server: start it with --admin-token or "
@@ -254,6 +274,10 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
             raise InvalidRequestError(f"group is one of {', '.join(manage.USAGE_GROUPS)}", param="group")
         with storage_errors(param="account"):
             return manage.usage_view(store, ledger, group, account)
+
+    @r.get("/backends")
+    async def backends():
+        return backends_view(providers or {})
 
     @r.api_route("/{path:path}", methods=ALL_METHODS, include_in_schema=False)
     def unknown(path: str):

@@ -127,7 +127,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
 
     if gateway is not None:
         add_account_routes(app, gateway.store, gateway.ledger)
-        add_admin_routes(app, gateway.store, gateway.ledger, admin_token)
+        add_admin_routes(app, gateway.store, gateway.ledger, admin_token, providers)
     for base in BASES:
         app.add_api_route(f"{base}/chat/completions", chat_completions, methods=["POST"])
         app.add_api_route(f"{base}/models", list_models, methods=["GET"])
