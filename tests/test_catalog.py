@@ -395,3 +395,14 @@ def test_the_flagship_without_prices_gets_the_seed_pages():
     cat = parse_catalog({"models": [{"id": "qwen/qwen3-235b-a22b-thinking-2507",
                                      "backend": {"type": "openai", "base_url": "http://vllm:8000/v1"}}]})
     assert cat.prices(require_keys=True) == {"qwen/qwen3-235b-a22b-thinking-2507": Price.cny("0.00275", "0.0095")}
+
+
+def test_local_models_that_do_not_fit_stop_the_start_naming_each_need(checkpoints, tmp_path):
+    catalog = write_catalog(tmp_path, checkpoints)  # two local models: 64 and 32 MiB of KV cache
+    env = {**os.environ, "THINKGATE_AVAILABLE_MEMORY": str(80 * 2**20)}
+    done = subprocess.run(serve_cmd(catalog, free_port(), ["--no-auth"]), capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode != 0 and "Uvicorn running" not in done.stderr
+    assert f"catalog {catalog}: the local models need" in done.stderr and "80.0 MiB of RAM available" in done.stderr
+    assert "models[0] (id 'acme/tiny-thinker'): " in done.stderr and "64.0 MiB of KV cache" in done.stderr
+    assert "models[2] (id 'acme/tiny-qwen2'): " in done.stderr and "32.0 MiB of KV cache" in done.stderr

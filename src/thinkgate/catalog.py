@@ -333,6 +333,7 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
     entries = catalog.servable()
     if not entries:
         raise CatalogError(f"catalog {catalog.source}: lists no model")
+    check_memory(catalog, [m for m in entries if m.local_backend is not None], base_engine_config)
     providers = {}
     for m in entries:
         if m.local_backend is None:
@@ -343,11 +344,25 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
             engine = AsyncEngine.build(lambda ecfg=ecfg: LLMEngine.from_config(ecfg))
         except Exception as e:
             for p in providers.values():
-                p.engine.shutdown()
+                if getattr(p, "engine", None) is not None:
+                    p.engine.shutdown()
             raise CatalogError(f"{catalog.where(m)}: cannot load its local model {ecfg.model!r}: {e}") from e
         providers[m.id] = LocalProvider(engine, m.id, m.description, name=m.display_name,
                                         context_length=m.context_length, pricing=pricing_card(price_of(m)))
     return providers
+
+
+def check_memory(catalog: Catalog, local: list[ModelEntry], base_engine_config) -> None:
+    """Refuse, before anything loads, local models that do not fit together, naming what each needs."""
+    from thinkgate.models.footprint import DoesNotFit, check_fit
+
+    entries = [(f"models[{catalog.models.index(m)}] (id {m.id!r})",
+                m.local_backend.engine_config(base_engine_config, catalog.directory)) for m in local]
+    try:
+        for need in check_fit(entries):
+            log.info("memory: %s", need.describe())
+    except DoesNotFit as e:
+        raise CatalogError(f"catalog {catalog.source}: {e}") from None
 
 
 def upstream_provider(m: ModelEntry):
