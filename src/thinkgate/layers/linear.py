@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinkgate.layers.cpu_kernels import cpu_supports_vnni
+
 
 class QuantizedLinear(nn.Module):
     """What every mode shares: the bf16 bias, and the dense bf16 weight (when kept) for calls of more than
@@ -133,6 +135,9 @@ class Int4Linear(QuantizedLinear):
         return y.to(x.dtype)
 
 
+_REDUCE_RANGE = not cpu_supports_vnni()
+
+
 class DynInt8Linear(QuantizedLinear):
     """int8 weights and int8 activations (W8A8): fbgemm's dynamic quantized linear.
 
@@ -158,8 +163,11 @@ class DynInt8Linear(QuantizedLinear):
         self._packed = torch.ops.quantized.linear_prepack(qw, b)
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range=False: VNNI's int8 dot products do not saturate, so all 8 bits are usable.
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, False).to(x.dtype)
+        # VNNI's int8 dot products do not saturate, so all 8 bits of the activations are usable. Without VNNI
+        # fbgemm multiplies with AVX2's vpmaddubsw, whose 16-bit sums saturate: 7-bit activations
+        # (reduce_range) keep them in range (measured on an AVX2 EPYC: 8.5 % relative error at 8 bits,
+        # 1.3 % at 7).
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, _REDUCE_RANGE).to(x.dtype)
 
 
 class MixedLinear(QuantizedLinear):
