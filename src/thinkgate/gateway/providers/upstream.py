@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+import orjson
 
 from thinkgate.chat.messages import check_parts
 from thinkgate.chat.reasoning import ReasoningParser
@@ -259,24 +260,24 @@ class _Run:
             yield ChunkEvent([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}])
         ended_by, error = "finished", None
-        cancel = asyncio.ensure_future(self.ctx.cancelled.wait())
+        # One reader task per request puts the upstream's events in a queue, and a client that leaves puts
+        # _CANCEL there (the response is then closed: the upstream aborts too); no task per chunk.
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.ensure_future(_pump(lines, queue))
+        watcher = asyncio.ensure_future(_put_when_set(self.ctx.cancelled, queue))
         try:
             while True:
-                nxt = asyncio.ensure_future(anext(lines, None))
-                done, _ = await asyncio.wait({nxt, cancel}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
-                    ended_by = "client_disconnect"  # closing the response makes the upstream abort too
+                item = await queue.get()
+                if item is _CANCEL:
+                    ended_by = "client_disconnect"
                     break
-                try:
-                    line = nxt.result()
-                except (httpx.HTTPError, json.JSONDecodeError, ValueError) as e:
-                    ended_by, error = "error", ErrorEvent(f"the upstream stream broke: {type(e).__name__}",
+                if isinstance(item, Exception):
+                    ended_by, error = "error", ErrorEvent(f"the upstream stream broke: {type(item).__name__}",
                                                           type="upstream_error", code="upstream_error", status=502)
                     break
-                if line is None:
+                if item is None:
                     break
-                for ev in self._map(line):
+                for ev in self._map(item):
                     if isinstance(ev, ErrorEvent):
                         ended_by, error = "error", ev
                     else:
@@ -284,7 +285,10 @@ class _Run:
                 if error is not None:
                     break
         finally:
-            cancel.cancel()
+            watcher.cancel()
+            if not reader.done():
+                reader.cancel()
+                await asyncio.wait([reader])  # it has left the response before close() closes it
         if error is None and ended_by == "finished" and len(self.finish) < n:
             ended_by, error = "error", ErrorEvent("the upstream stream ended before every choice finished",
                                                   type="upstream_error", code="upstream_error", status=502)
@@ -447,6 +451,24 @@ def _without_images(params: ChatParams) -> tuple[list[dict], int]:
     return msgs, images
 
 
+_CANCEL = object()
+
+
+async def _pump(lines: AsyncIterator[dict], queue: asyncio.Queue) -> None:
+    """The upstream's events into `queue`, then None; an exception (a broken stream, garbage) ends it."""
+    try:
+        async for obj in lines:
+            queue.put_nowait(obj)
+        queue.put_nowait(None)
+    except Exception as e:
+        queue.put_nowait(e)
+
+
+async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
+    await event.wait()
+    queue.put_nowait(_CANCEL)
+
+
 async def _sse_objects(resp: httpx.Response) -> AsyncIterator[dict]:
     """The JSON objects of an SSE stream (`data:` lines; comments and `[DONE]` skipped). Raises ValueError on
     anything that is not one."""
@@ -458,7 +480,7 @@ async def _sse_objects(resp: httpx.Response) -> AsyncIterator[dict]:
         data = line[5:].strip()
         if data == "[DONE]":
             return
-        obj = json.loads(data)
+        obj = orjson.loads(data)
         if not isinstance(obj, dict):
             raise ValueError("an SSE event that is not a JSON object")
         yield obj
