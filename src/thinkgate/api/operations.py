@@ -14,7 +14,6 @@ import logging
 import time
 
 import orjson
-import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -85,17 +84,13 @@ class Operations:
         for model, engine in local_engines(self.providers):
             checks[f"model:{model}"] = engine.alive()
         if self.gateway is not None:
-            checks["database"] = await _passes(asyncio.to_thread(self._ping_database))
+            checks["database"] = await _passes(asyncio.to_thread(self.gateway.db.ping))
             ping = getattr(self.gateway.limiter, "ping", None)
             if ping is not None:
                 checks["redis"] = await _passes(ping())
         ok = all(checks.values())
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                             status_code=200 if ok else 503)
-
-    def _ping_database(self) -> None:
-        with self.gateway.db.engine.connect() as c:
-            c.execute(sa.text("SELECT 1"))
 
     def stop_accepting(self) -> None:
         """Readiness false, new requests 503 (plain assignments: safe in a signal handler)."""
