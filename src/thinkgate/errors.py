@@ -29,41 +29,46 @@ class ThinkgateError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+# The HTTP status and OpenAI error `type` of each kind of failure.
 class InvalidRequestError(ThinkgateError, ValueError):
-    status = 400
-    type = "invalid_request_error"
-
-
-class ModelNotFound(ThinkgateError):
-    status = 404
-    type = "not_found_error"
-
-
-class PayloadTooLarge(ThinkgateError):
-    status = 413
-    type = "invalid_request_error"
+    status, type = 400, "invalid_request_error"
 
 
 class AuthenticationError(ThinkgateError):
     """Missing, unknown, revoked or expired key: one message for all, so a caller learns nothing about keys."""
-
-    status = 401
-    type = "authentication_error"
+    status, type = 401, "authentication_error"
 
 
 class PaymentRequired(ThinkgateError):
-    status = 402
-    type = "insufficient_quota"
+    status, type = 402, "insufficient_quota"
 
 
 class PermissionDenied(ThinkgateError):
-    status = 403
-    type = "permission_error"
+    status, type = 403, "permission_error"
+
+
+class NotFoundError(ThinkgateError):
+    status, type = 404, "not_found_error"
+
+
+ModelNotFound = NotFoundError  # an unknown model is one kind of 404
+
+
+class ConflictError(ThinkgateError):
+    status, type = 409, "invalid_request_error"
+
+
+class PayloadTooLarge(ThinkgateError):
+    status, type = 413, "invalid_request_error"
 
 
 class RateLimited(ThinkgateError):
-    status = 429
-    type = "rate_limit_error"
+    status, type = 429, "rate_limit_error"
+
+
+class ServiceUnavailable(ThinkgateError):
+    """The model cannot be served now (its engine stopped, or the server is shutting down)."""
+    status, type = 503, "server_error"
 
 
 class ProviderError(ThinkgateError):
@@ -74,10 +79,3 @@ class ProviderError(ThinkgateError):
                  headers: dict[str, str] | None = None):
         super().__init__(message, code=code, headers=headers)
         self.status, self.type = status, type
-
-
-class ServiceUnavailable(ThinkgateError):
-    """The model cannot be served now (its engine stopped, or the server is shutting down)."""
-
-    status = 503
-    type = "server_error"

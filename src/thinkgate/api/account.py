@@ -19,8 +19,8 @@ from decimal import Decimal
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from thinkgate.api.admin import NotFoundError, read_json
-from thinkgate.errors import InvalidRequestError, PermissionDenied
+from thinkgate.api.admin import read_json
+from thinkgate.errors import InvalidRequestError, NotFoundError, PermissionDenied
 from thinkgate.gateway import manage
 from thinkgate.gateway.money import UNITS_PER_CNY, json_number
 from thinkgate.gateway.service import Caller

@@ -38,7 +38,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from thinkgate.api.requests import as_model, read_limited, validation_error
-from thinkgate.errors import AuthenticationError, InvalidRequestError, ThinkgateError
+from thinkgate.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from thinkgate.gateway import manage
 from thinkgate.storage.accounts import AccountStore, AlreadyExists, NotFound
 from thinkgate.storage.ledger import Ledger
@@ -46,16 +51,6 @@ from thinkgate.storage.ledger import Ledger
 MAX_BODY = 1 << 20
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 M = TypeVar("M", bound=BaseModel)
-
-
-class NotFoundError(ThinkgateError):
-    status = 404
-    type = "not_found_error"
-
-
-class ConflictError(ThinkgateError):
-    status = 409
-    type = "invalid_request_error"
 
 
 def _check(fn, *args, **kw) -> BeforeValidator:
