@@ -16,7 +16,7 @@ import secrets
 from decimal import Decimal
 
 from thinkgate.gateway.keys import display_prefix, hash_secret, looks_like_key, new_secret
-from thinkgate.gateway.money import to_cny, to_units
+from thinkgate.gateway.money import json_number, to_cny, to_units
 from thinkgate.storage.accounts import ANONYMOUS, Account, AccountStore, Key, aware, now
 from thinkgate.storage.ledger import Ledger
 
@@ -180,7 +180,7 @@ def totals_view(row: dict | None) -> dict:
     row = row or {}
     cost = int(row.get("cost_units", 0))
     return {"requests": int(row.get("requests", 0)), **{f: int(row.get(f, 0)) for f in TOKEN_FIELDS},
-            "cost": cny(cost), "cost_number": float(to_cny(cost))}
+            "cost": cny(cost), "cost_number": json_number(cost)}
 
 
 def account_view(store: AccountStore, ledger: Ledger, acct: Account, with_keys: bool = True) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Protocol
 
+from thinkgate.gateway.money import json_number, to_units
 from thinkgate.params import ChatParams
 
 
@@ -71,7 +72,7 @@ class UsageRecord:
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_prompt_tokens},
                 "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
-                "cost": float(self.cost)}
+                "cost": json_number(to_units(self.cost))}
 
 
 @dataclass(frozen=True)
