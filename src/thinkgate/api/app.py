@@ -61,6 +61,9 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
             if beat is not None:
                 beat.cancel()
                 await gateway.limiter.aclose()
+            for p in providers.values():  # upstream providers hold pooled HTTP clients
+                if (close := getattr(p, "aclose", None)) is not None:
+                    await close()
 
     app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan)
     install_request_id(app)  # x-request-id on every answer

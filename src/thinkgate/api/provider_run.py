@@ -87,11 +87,6 @@ class ProviderRun:
         if not self._task.done():
             self.ctx.cancelled.set()
 
-    async def wait(self) -> UsageRecord | None:
-        """Until the provider's stream has ended (tests and shutdown)."""
-        await asyncio.shield(self._task)
-        return self.record
-
     def __aiter__(self):
         return self
 

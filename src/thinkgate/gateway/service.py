@@ -196,11 +196,6 @@ class Gateway:
                 await self.limiter.release(adm.permit, record.prompt_tokens + record.completion_tokens)
         return replace(record, cost=to_cny(cost) if adm.held_units is not None else to_cny(0))
 
-    async def abandon(self, adm: Admission) -> None:
-        """The request failed before its provider started: settle it as nothing generated."""
-        empty = UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None, "error", None,
-                            0.0)
-        await self.settle(adm, empty)
 
 
 def _affordable(price: Price, prompt: int, want: int, available: int) -> int:

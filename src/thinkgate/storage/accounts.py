@@ -65,7 +65,6 @@ class Key:
 
 
 # Built once: constructing a statement per request costs more than running it.
-_KEY_BY_HASH = sa.select(api_keys).where(api_keys.c.secret_hash == sa.bindparam("h"))
 _CALLER_BY_HASH = sa.select(
     api_keys, accounts.c.name.label("account_name"), accounts.c.email.label("account_email"),
     accounts.c.balance_units, accounts.c.anonymous, accounts.c.created_at.label("account_created_at"),
@@ -151,11 +150,6 @@ class AccountStore:
         if row is None:
             raise NotFound(f"no key named {name!r}")
         return _key(row)
-
-    def key_by_hash(self, secret_hash: str) -> Key | None:
-        with self.db.engine.connect() as c:  # a read: no write lock
-            row = c.execute(_KEY_BY_HASH, {"h": secret_hash}).first()
-        return _key(row) if row is not None else None
 
     def caller_by_hash(self, secret_hash: str) -> tuple[Key, Account] | None:
         """The key and its account in one read (every keyed request does this)."""
