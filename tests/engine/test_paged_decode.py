@@ -43,6 +43,36 @@ def test_kernel_matches_reference_attention(kernel_module, hq, hkv, d, page):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_context_kernel_matches_reference(kernel_module, splits):
+    """Flash-decoding: each context read in `splits` ranges of at least one tile, partials merged by their
+    log-sum-exp; odd lengths, a context shorter than one range (later ranges empty) and one of 1 token."""
+    g = torch.Generator().manual_seed(splits)
+    page, hq, hkv, d = 16, 8, 2, 32
+    lens = [1, 63, 64, 65, 200, 450]
+    nblocks = sum(-(-n // page) for n in lens) + 4
+    kc = torch.randn(nblocks, page, hkv, d, generator=g)
+    vc = torch.randn(nblocks, page, hkv, d, generator=g)
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // page))] for n in lens]
+    q = torch.randn(len(lens), hq, d, generator=g)
+    ref = TorchPagedAttention(d ** -0.5).forward(
+        q, kc, vc, AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device("cpu")))
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    kernel_module.paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5, out=out,
+                                         num_splits=splits, min_split=kernel_module.BLOCK_N)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_default_splits_fill_the_device_and_respect_the_shortest_range(kernel_module):
+    cpu = torch.device("cpu")  # counted as 4 multiprocessors
+    assert kernel_module.default_splits(1, 2, 32768, cpu) == 8  # 16 programs wanted / 2 KV heads
+    assert kernel_module.default_splits(1, 2, 1024, cpu) == 2  # no range under MIN_SPLIT positions
+    assert kernel_module.default_splits(32, 8, 32768, cpu) == 1
+
+
 def test_batch_buckets_cover_every_size():
     for max_batch in (1, 3, 8, 20, 64):
         buckets = batch_buckets(max_batch)

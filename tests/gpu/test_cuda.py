@@ -95,3 +95,31 @@ def test_kernel_matches_reference_in_bf16_on_long_contexts():
     out = paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("lens", [[1024], [32768], [4097, 1, 16383, 8191, 31999], [2049] * 4 + [77]])
+def test_split_context_kernel_matches_reference_on_long_contexts(lens):
+    """Flash-decoding on the GPU (bf16 cache): the default split count for the batch, and forced counts,
+    against the reference attention in fp32, at 1K-32K contexts and odd lengths."""
+    from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
+    from thinkgate.layers.triton_attention import default_splits, paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(len(lens))
+    page, hq, hkv, d = 16, 16, 8, 128  # Qwen3-0.6B's heads
+    nblocks = sum(-(-n // page) for n in lens) + 8
+    kc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    perm = torch.randperm(nblocks).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // page))] for n in lens]
+    q = torch.randn(len(lens), hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device("cuda"))
+    ref = TorchPagedAttention(d ** -0.5, torch.float32).forward(q.float(), kc.float(), vc.float(), meta)
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    assert default_splits(len(lens), hkv, width * page, q.device) > 1
+    for splits in (None, 1, 3, 16):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, kc, vc, bt, ctx, d ** -0.5, out=out, num_splits=splits)
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, (splits, rel)
