@@ -192,3 +192,27 @@ def test_overlapped_decode_with_aborts_and_preemption(engine_factory):
             assert r["ids"] == alone[rid] and r["n_out"] == 30
     eng.block_manager.check_integrity([])
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_chunked_prefill_never_stalls_running_decodes(engine_factory):
+    """A long prompt arriving while sequences decode is prefilled in chunks beside them: every step of its
+    prefill also advances each running decode by one token (a decode waits for at most one chunk's step)."""
+    eng = engine_factory("qwen3", block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    short = _prompts(eng.tokenizer.vocab_size, lengths=(5, 9, 3), seed=1)
+    long_prompt = _prompts(eng.tokenizer.vocab_size, lengths=(100,), seed=2)[0]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(short):
+        eng.add_request(f"d{i}", p, params)
+    eng.step()  # the three short prompts fit one step's budget: all three decode from now on
+    batches = []
+    schedule = eng.scheduler.schedule
+    eng.scheduler.schedule = lambda: batches.append(schedule()) or batches[-1]
+    eng.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    prefill_steps = [b for b in batches if any(s.request_id == "long" and n > 1 for s, n in zip(b.seqs, b.num_new))]
+    assert len(prefill_steps) >= 100 // 16  # the prompt really was chunked
+    for b in prefill_steps:
+        rows = {s.request_id: n for s, n in zip(b.seqs, b.num_new, strict=True)}
+        assert all(rows.get(f"d{i}") == 1 for i in range(3)), rows
+        assert b.num_tokens <= 16
