@@ -22,6 +22,8 @@ class EngineConfig:
     # Weight-only quantization of the linear layers for CPU decode: auto = int4 on CPU with bf16, else none.
     weight_quant: str = "auto"  # auto | none | int8 | int4
     head_quant: str = "auto"  # the output projection: auto (= weight_quant) | none | int8 | int4
+    # GPU weights: none (the checkpoint's dtype) | fp8 (e4m3, per-channel scales; layers/fp8.py).
+    quantization: str = "none"
     max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others
     # GPU: decode runs as captured CUDA graphs unless this is set (like vLLM's --enforce-eager).
     enforce_eager: bool = False

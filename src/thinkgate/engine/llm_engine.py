@@ -66,7 +66,7 @@ class LLMEngine:
         from thinkgate.models.default_model import resolve_model_spec
 
         loaded = load_model(resolve_model_spec(config.model), config.dtype, config.device, config.max_model_len,
-                            config.weight_quant, config.head_quant, config.cpu_kernels)
+                            config.weight_quant, config.head_quant, config.cpu_kernels, config.quantization)
         return cls(loaded, config)
 
     def _num_blocks(self, per_block: int, device: torch.device) -> int:

@@ -53,11 +53,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
-               weight_quant: str = "none", head_quant: str = "auto", cpu_kernels: bool = True) -> LoadedModel:
+               weight_quant: str = "none", head_quant: str = "auto", cpu_kernels: bool = True,
+               quantization: str = "none") -> LoadedModel:
     """Load `spec`: a HF model directory, a .gguf file, or a hub id such as `Qwen/Qwen3-0.6B`."""
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
+    check_quantization(quantization, dev)
     loaded = _load(spec, tdtype, dev, max_model_len)
+    if quantization == "fp8":
+        from thinkgate.layers.fp8 import quantize_model_fp8
+
+        quantize_model_fp8(loaded.model)
+        return loaded
     quant = resolve_weight_quant(weight_quant, dev, tdtype)
     if quant != "none":
         from thinkgate.layers.linear import quantize_linears
@@ -66,6 +73,14 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
         n = quantize_linears(loaded.model, quant, keep_dense=True, head_mode=head, cpu_kernels=cpu_kernels)
         log.info("weight-only %s quantization on %d linear layers (output head: %s)", quant, n, head)
     return loaded
+
+
+def check_quantization(mode: str, dev: torch.device) -> None:
+    if mode not in ("none", "fp8"):
+        raise ValueError(f"unknown --quantization {mode!r}; choose none or fp8")
+    # fp8 matmuls need Ada or Hopper (sm89+); elsewhere the upcast fallback would be slower than bf16.
+    if mode == "fp8" and (dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9)):
+        raise ValueError("--quantization fp8 needs a GPU with fp8 matmuls (compute capability 8.9 or later)")
 
 
 def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype) -> str:

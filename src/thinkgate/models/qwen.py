@@ -78,9 +78,12 @@ class SparseMoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # gate and up rows of each expert
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.use_reference = False
+        self.fp8 = None  # layers/fp8.Fp8Experts when served with --quantization fp8
 
     def forward(self, x, ops=None):
         weights, experts = route(self.gate(x), self.top_k, self.norm_topk, x.dtype)
+        if self.fp8 is not None:
+            return self.fp8(x, weights, experts)
         fn = reference_moe if self.use_reference else grouped_moe
         return fn(x, weights, experts, self.w13, self.w2)
 
