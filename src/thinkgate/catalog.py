@@ -11,6 +11,9 @@ Rules (README, "The model catalog"):
 - Prices are CNY per 1000 tokens: input and output together (0 is a price, and explicit), cached input optional.
   A keyed server refuses to start while any entry lacks a price, naming it; an open one serves it as free.
 - Ids are unique. Every error names the file, the entry (index and id) and the key.
+- `request_timeout_s` on a model overrides the server's --request-timeout for its requests (longer or shorter):
+  past it a request ends with an error chunk or a 504, billed for what it generated (api/admission.py).
+- The optional `[server]` table sets `thinkgate serve` options (thinkgate/serve_settings.py checks its keys).
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ class ModelEntry(_Strict):
     backends: list[Backend] | None = None  # `[[models.backends]]`: tried in order
     # Image parts (OpenAI's `image_url`) pass through to its upstreams; a text-only model refuses them (400).
     vision: bool = False
+    # Seconds a request to this model may run (instead of the server's --request-timeout).
+    request_timeout_s: float | None = Field(default=None, gt=0)
 
     @field_validator("id")
     @classmethod
@@ -139,6 +144,13 @@ class ModelEntry(_Strict):
         if not v or any(c.isspace() for c in v):
             raise ValueError(f"{v!r} is not a model id: not empty, no whitespace")
         return v
+
+    @field_validator("request_timeout_s", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float | Decimal | None):
+            raise ValueError("a number of seconds, e.g. 120")
+        return float(v) if isinstance(v, Decimal) else v
 
     @field_validator(*PRICE_KEYS, mode="before")
     @classmethod
@@ -197,6 +209,7 @@ class ModelEntry(_Strict):
 
 class Catalog(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
+    server: dict[str, Any] = Field(default_factory=dict)  # `thinkgate serve` options (serve_settings.py)
     _source: str = PrivateAttr("<catalog>")  # the file, for messages
     _directory: Path | None = PrivateAttr(None)  # relative local model paths are read from here
 
@@ -325,7 +338,8 @@ def _decimal_str(units: int) -> str:
 
 
 def local_providers(catalog: Catalog, base_engine_config) -> dict:
-    """One engine and one LocalProvider per servable entry, in catalog order, with the entry's card fields."""
+    """One engine and one LocalProvider per servable entry, in catalog order, with the entry's card fields and
+    its request timeout (`request_timeout_s`, read by admission control; None: the server's)."""
     from thinkgate.engine.async_engine import AsyncEngine
     from thinkgate.engine.llm_engine import LLMEngine
     from thinkgate.gateway.providers.local import LocalProvider
@@ -349,6 +363,8 @@ def local_providers(catalog: Catalog, base_engine_config) -> dict:
             raise CatalogError(f"{catalog.where(m)}: cannot load its local model {ecfg.model!r}: {e}") from e
         providers[m.id] = LocalProvider(engine, m.id, m.description, name=m.display_name,
                                         context_length=m.context_length, pricing=pricing_card(price_of(m)))
+    for m in entries:
+        providers[m.id].request_timeout_s = m.request_timeout_s
     return providers
 
 

@@ -10,7 +10,8 @@ A `Slot` is one admitted request, from admission until its provider stream has e
 settled): it holds the request's place in its engine's gate, and can end the request early (past its
 timeout, or at the end of a drain), which stops the provider like a client that leaves, adds an error event
 (a 504 or 503 when nothing was sent yet, else an error chunk) and marks the record `ended_by` "timeout" or
-"shutdown"; the tokens generated until then are billed as usual.
+"shutdown"; the tokens generated until then are billed as usual. The timeout is the model's own when its
+provider carries one (`request_timeout_s`, from the catalog), else the server's (--request-timeout).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ class Gate:
 
 
 class Slot:
-    def __init__(self, control: AdmissionControl, gate: Gate | None, n: int, ctx: RequestContext):
+    def __init__(self, control: AdmissionControl, gate: Gate | None, n: int, ctx: RequestContext,
+                 timeout_s: float | None = None):
         self.control = control
+        self.timeout_s = timeout_s
         self.gate = gate
         self.n = n
         self.ctx = ctx
@@ -74,7 +77,7 @@ class Slot:
     async def watch(self, stream: AsyncIterator[ProviderEvent]) -> AsyncIterator[ProviderEvent]:
         """The provider's events, with the early ending's error before the record; the slot is released when the
         stream is over (after the record was settled)."""
-        limit = self.control.timeout_s
+        limit = self.timeout_s
         if limit is not None:
             delay = max(0.0, limit - (time.monotonic() - self.ctx.arrival))
             self._timer = asyncio.get_running_loop().call_later(delay, self.end, timed_out(limit))
@@ -124,7 +127,7 @@ class AdmissionControl:
                                   f"retry after {RETRY_AFTER_S} s", code="queue_full",
                                   headers={"Retry-After": str(RETRY_AFTER_S)})
             gate.in_flight += n
-        slot = Slot(self, gate, n, ctx)
+        slot = Slot(self, gate, n, ctx, getattr(provider, "request_timeout_s", None) or self.timeout_s)
         self.slots.add(slot)
         return slot
 
