@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -41,7 +42,8 @@ class AttentionMetadata:
               device: torch.device) -> AttentionMetadata:
         b = len(q_lens)
         qmax, lmax = max(q_lens), max(kv_lens)
-        kind = "decode" if qmax == 1 else ("fresh" if b == 1 and q_lens[0] == kv_lens[0] else "mixed")
+        # "chunk": one sequence's prompt chunk after earlier chunks; causal from the bottom right, no mask.
+        kind = "decode" if qmax == 1 else ("mixed" if b > 1 else "fresh" if q_lens[0] == kv_lens[0] else "chunk")
         nblk = max(len(t) for t in block_tables)
         table = torch.zeros((b, nblk), dtype=torch.long)
         for i, t in enumerate(block_tables):
@@ -56,14 +58,18 @@ class AttentionMetadata:
         q_index = torch.where(q_valid, starts[:, None] + qi[None, :], torch.zeros_like(q_valid, dtype=torch.long))
         # Query i of sequence b sits at absolute position (kv_len - q_len + i) and sees keys up to it.
         qpos = (kv_lens_t - q_lens_t)[:, None] + qi[None, :]  # [B, Qmax]
-        mask = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < kv_lens_t[:, None, None])
-        mask = mask | (~q_valid)[:, :, None] & (pos[None, None, :] == 0)  # padded rows: one key, no NaN
+        mask = None
+        if kind in ("mixed", "decode"):  # built where it is used: [B, Qmax, Lmax] is large for long chunks
+            dpos, dq, dkv, dvalid = pos.to(device), qpos.to(device), kv_lens_t.to(device), q_valid.to(device)
+            mask = (dpos[None, None, :] <= dq[:, :, None]) & (dpos[None, None, :] < dkv[:, None, None])
+            mask = mask | (~dvalid)[:, :, None] & (dpos[None, None, :] == 0)  # padded rows: one key, no NaN
+            mask = mask[:, None]
         slot_mapping = kv_slots.gather(1, torch.clamp(qpos, max=lmax - 1))[q_valid]
         token_batch = torch.repeat_interleave(torch.arange(b), q_lens_t)
         token_pos = torch.cat([torch.arange(n) for n in q_lens])
         return cls(
             slot_mapping=slot_mapping.to(device), kv_slots=kv_slots.to(device), q_index=q_index.to(device),
-            q_valid=q_valid.to(device), mask=mask[:, None].to(device), token_batch=token_batch.to(device),
+            q_valid=q_valid.to(device), mask=mask, token_batch=token_batch.to(device),
             token_pos=token_pos.to(device), kind=kind,
         )
 
@@ -98,6 +104,15 @@ class TorchPagedAttention:
                 scale=self.scale, enable_gqa=hq != hkv)  # [B, Hq, 1, D]
             return out.squeeze(2).to(q.dtype)
         k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
+        if meta.kind == "chunk":
+            # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
+            # kernels take without a materialised [T, L] mask.
+            kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [Hkv, L, D]
+            if hq != hkv:
+                kt, vt = kt.repeat_interleave(hq // hkv, 0), vt.repeat_interleave(hq // hkv, 0)
+            out = F.scaled_dot_product_attention(q.to(dtype).transpose(0, 1), kt, vt, scale=self.scale,
+                                                 attn_mask=causal_lower_right(t, kt.shape[1]))  # [Hq, T, D]
+            return out.transpose(0, 1).to(q.dtype)
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.mask,
