@@ -277,7 +277,104 @@ def moe_floor(eng, batch: int) -> float:
     return (wb["total"] - wb["experts"] + wb["experts"] * distinct / e) / R["env"]["copy_bw_Bps"]
 
 
-def moe_runs(tag: str, **kw):
+def timed_ms(fn, reps: int = 20) -> float:
+    """Median GPU time of fn, replayed from a CUDA graph (as the engine runs it: no launch gaps)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+@part
+def moe_layer():
+    """One 30B-A3B expert layer (128 experts, top-8, hidden 2048, 768 per expert) at batch 1 and 32: the
+    grouped-GEMM path op by op, the fused kernels over a few tile configurations (the best becomes the
+    engine's for the runs below), and the layer's floor (distinct experts' bytes at copy bandwidth)."""
+    import thinkgate.layers.triton_moe as tm
+    from thinkgate.layers.fp8 import quantize_weight
+
+    e, h, i = 128, 2048, 768
+    w13 = torch.randn(e, 2 * i, h, device="cuda", dtype=torch.bfloat16) / h ** 0.5
+    w2 = torch.randn(e, h, i, device="cuda", dtype=torch.bfloat16) / i ** 0.5
+    q13, s13 = quantize_weight(w13)
+    q2, s2 = quantize_weight(w2)
+    res = {}
+    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+               for bn, bk, nw, ns in [(64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 4, 3), (64, 256, 4, 2),
+                                      (32, 256, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3), (16, 256, 2, 3)]]
+    score = {i: 0.0 for i in range(len(configs))}
+    for t in (1, 32):
+        row = _layer_row(t, configs, w13, w2, q13, s13, q2, s2)
+        res[t] = row
+        for ci, ms in enumerate(row["fused_ms_by_config"]):
+            score[ci] += ms / row["floor_ms"]
+    best = min(score, key=score.get)
+    tm.CONFIG = configs[best]
+    res["configs"] = configs
+    res["chosen"] = configs[best]
+    R["moe_layer"] = res
+    say(f"  fused MoE config for the engine runs: {configs[best]}")
+    save()
+    torch.cuda.empty_cache()
+
+
+def _layer_row(t, configs, w13, w2, q13, s13, q2, s2) -> dict:
+    import thinkgate.layers.triton_moe as tm
+    from thinkgate.layers.moe import grouped_moe, route
+
+    e, _, h = w13.shape
+    k = 8
+    per_expert = 3 * w13.shape[1] // 2 * h * 2
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(t, e, device="cuda")
+    weights, experts = route(logits, k, True, x.dtype)
+    distinct = experts.unique().numel()
+    floor_ms = 1000 * distinct * per_expert / R["env"]["copy_bw_Bps"]
+    flat = experts.reshape(-1)
+    xs = x[torch.argsort(flat) // k]
+    offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+    row = {"distinct_experts": distinct, "floor_ms": floor_ms,
+           "route_ms": timed_ms(lambda: route(logits, k, True, x.dtype)),
+           "grouped_ms": timed_ms(lambda: grouped_moe(x, weights, experts, w13, w2)),
+           "grouped_mm_gate_up_ms": timed_ms(lambda: torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs))}
+    fused = []
+    for cfg in configs:
+        tm.CONFIG = cfg
+        try:
+            fused.append(timed_ms(lambda: tm.fused_moe(x, weights, experts, w13, w2)))
+        except Exception as ex:  # noqa: BLE001 - a config the compiler refuses is skipped
+            fused.append(float("inf"))
+            say(f"  config {cfg} failed: {ex!r}"[:300])
+    row["fused_ms_by_config"] = fused
+    best = min(range(len(configs)), key=lambda j: fused[j])
+    tm.CONFIG = configs[best]
+    row["fused_fp8_ms"] = timed_ms(lambda: tm.fused_moe(x, weights, experts, q13, q2, s13, s2))
+    row["fp8_floor_ms"] = floor_ms / 2
+    say(f"  layer batch {t}: floor {floor_ms:.3f} ms ({distinct} experts), grouped {row['grouped_ms']:.3f} ms "
+        f"(gate/up GEMM {row['grouped_mm_gate_up_ms']:.3f}), route {row['route_ms']:.3f}, fused best "
+        f"{min(fused):.3f} ms {configs[best]}, fused fp8 {row['fused_fp8_ms']:.3f} ms")
+    return row
+
+
+def moe_runs(tag: str, fused_max: int = 64, **kw):
+    import thinkgate.layers.moe as moe_mod
+
+    moe_mod.FUSED_MAX_TOKENS = fused_max
     eng = engine("random:qwen3-30b-a3b", 32, 4096, 8, 2048, **kw)
     rows = []
     for b in (1, 32):
@@ -299,12 +396,17 @@ def moe_runs(tag: str, **kw):
 
 @part
 def moe():
-    moe_runs("moe_bf16")
+    moe_runs("moe_bf16")  # fused kernels for decode
+    moe_runs("moe_bf16_grouped", fused_max=0)  # the first round's path: grouped GEMMs
 
 
 @part
 def fp8():
-    moe_runs("moe_fp8", quantization="fp8")
+    moe_runs("moe_fp8", quantization="fp8")  # fused kernels, fp8 weights upcast in registers
+    moe_runs("moe_fp8_scaled_grouped", fused_max=0, quantization="fp8")  # fp8 x fp8 scaled grouped GEMMs
+    import thinkgate.layers.moe as moe_mod
+
+    moe_mod.FUSED_MAX_TOKENS = 64
     eng = engine("random:qwen3-0.6b", 32, 4096, 4, 2048, quantization="fp8")
     R["small_fp8"] = [run_bench(eng, b, 128, 128, 2) for b in (1, 32)]
     say(f"  0.6B fp8: {[round(r['decode_tok_s']) for r in R['small_fp8']]} tok/s at batch 1, 32")
@@ -325,6 +427,8 @@ def hf_moe():
 
 def main(parts: list[str]):
     ceilings()
+    if "moe" in parts or "fp8" in parts:
+        moe_layer()
     if "long" in parts:
         long_context()
     if "moe" in parts:

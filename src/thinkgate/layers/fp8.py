@@ -5,8 +5,9 @@ a step. Weights get one fp32 scale per output channel (absmax / 448), computed o
 are quantized per token at run time (one scale per row), and the matmul is cuBLASLt's fp8 GEMM
 (`torch._scaled_mm`) with both scales applied in its epilogue. Experts use the grouped form
 (`torch._scaled_grouped_mm`, Hopper) over expert groups padded to 16 rows, the alignment its kernel asks
-of fp8 operands. Where the device has no fp8 kernel (probed once at load), the same numbers are computed
-by upcasting: correct but slower, and the log says so. The output head and the router stay in bf16 (as in
+of fp8 operands; decode steps instead run layers/triton_moe's fused kernels, which upcast the fp8 weights
+in registers and keep the activations in bf16. Where the device has no fp8 kernel (probed once at load),
+the same numbers are computed by upcasting: correct but slower, and the log says so. The output head and the router stay in bf16 (as in
 vLLM's fp8 mode): they are a small share of the bytes and the head decides the sampled tokens.
 """
 
@@ -95,6 +96,12 @@ class Fp8Experts:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights/experts: [T, K] -> [T, H]."""
+        from thinkgate.layers.moe import use_fused
+
+        if use_fused(x):  # decode: the fused kernels upcast the fp8 rows in registers (bf16 activations)
+            from thinkgate.layers.triton_moe import fused_moe
+
+            return fused_moe(x, weights, experts, self.w13, self.w2, self.s13, self.s2)
         t, k = experts.shape
         n_exp = self.w13.shape[0]
         flat = experts.reshape(-1)

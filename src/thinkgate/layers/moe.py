@@ -12,6 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Decode steps on a GPU in bf16 (or fp8 weights) run the fused Triton kernels (layers/triton_moe.py), which read
+# each chosen expert once in two launches; from this many tokens on (prefill), the grouped GEMM.
+FUSED_MAX_TOKENS = 64
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= FUSED_MAX_TOKENS
+
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk: bool, dtype: torch.dtype):
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]

@@ -13,7 +13,7 @@ from torch import nn
 
 from thinkgate.layers import cpu_fused
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
-from thinkgate.layers.moe import grouped_moe, reference_moe, route
+from thinkgate.layers.moe import grouped_moe, reference_moe, route, use_fused
 from thinkgate.layers.norm import RMSNorm
 from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
 from thinkgate.models.config import ModelConfig
@@ -84,6 +84,10 @@ class SparseMoE(nn.Module):
         weights, experts = route(self.gate(x), self.top_k, self.norm_topk, x.dtype)
         if self.fp8 is not None:
             return self.fp8(x, weights, experts)
+        if not self.use_reference and use_fused(x):
+            from thinkgate.layers.triton_moe import fused_moe
+
+            return fused_moe(x, weights, experts, self.w13, self.w2)
         fn = reference_moe if self.use_reference else grouped_moe
         return fn(x, weights, experts, self.w13, self.w2)
 
