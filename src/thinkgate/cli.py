@@ -58,6 +58,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=s.drain_timeout_s, metavar="S",
                    help="on SIGTERM: readiness (/health/ready) turns false, new connections are refused, running "
                         "requests may finish for S seconds, the rest end with an error (billed); then exit 0")
+    p.add_argument("--docs", action="store_true", default=s.docs,
+                   help="serve /docs and /redoc (their pages load scripts from a CDN); /openapi.json is always served")
     p.add_argument("--log-level", default="info")
     _env_defaults(p)
 
@@ -138,7 +140,8 @@ def build_app(args):
         providers = {model_id: LocalProvider(async_engine, model_id, pricing=pricing_card(prices[model_id]))}
     gateway = build_gateway(args, prices, require_keys)
     scfg = ServerConfig(host=args.host, port=args.port, max_waiting=args.max_waiting,
-                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout)
+                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                        docs=args.docs)
     admin_token = args.admin_token or os.environ.get("THINKGATE_ADMIN_TOKEN") or None
     return create_app(providers, scfg, gateway=gateway, admin_token=admin_token), ", ".join(providers)
 

@@ -47,3 +47,4 @@ class ServerConfig:
     max_waiting: int = 128
     request_timeout_s: float | None = None  # a request running longer ends (error chunk or 504), billed
     drain_timeout_s: float = 30.0  # on SIGTERM: how long running requests may still finish
+    docs: bool = False  # /docs and /redoc (their pages load scripts from a CDN); /openapi.json is always on

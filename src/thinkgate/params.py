@@ -9,15 +9,25 @@ by the provider that serves it, once, in `prepare()`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from thinkgate.chat.tools import validate_tools
 from thinkgate.errors import InvalidRequestError
-from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
+from thinkgate.protocol import (
+    LOGIT_BIAS,
+    MAX_STOP,
+    TOKEN_ID,
+    TOKEN_ID_KEY,
+    ChatCompletionRequest,
+    NamedToolChoice,
+    Range,
+    Reasoning,
+    ranges,
+)
 
-MAX_TOP_LOGPROBS = 20
-MAX_CHOICES = 8
-MAX_STOP = 4
+_RANGES = ranges(ChatCompletionRequest)
+_REASONING_RANGES = ranges(Reasoning)
 # Fraction of the room left for the answer that each effort (`reasoning.effort`, else `reasoning_effort`)
 # allows the thinking block.
 EFFORT_FRACTION = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 0.95}
@@ -80,23 +90,18 @@ class ChatParams:
         return self.request.model
 
 
+def check_ranges(obj, fields: dict[str, Range], prefix: str = "") -> None:
+    """Each field of `obj` declared with a Range (protocol.py), checked: a 400 naming it, its range and value."""
+    for name, r in fields.items():
+        check_number(prefix + name, getattr(obj, name), r.lo, r.hi, r.lo_open)
+
+
 def validate_chat(req: ChatCompletionRequest) -> ChatParams:
-    check_number("temperature", req.temperature, 0, 2)
-    check_number("top_p", req.top_p, 0, 1, lo_open=True)
-    check_number("top_k", req.top_k, 0, None, integer=True)
-    check_number("min_p", req.min_p, 0, 1)
-    check_number("top_a", req.top_a, 0, 1)
-    check_number("frequency_penalty", req.frequency_penalty, -2, 2)
-    check_number("presence_penalty", req.presence_penalty, -2, 2)
-    check_number("repetition_penalty", req.repetition_penalty, 0, 2, lo_open=True)
-    check_number("n", req.n, 1, MAX_CHOICES, integer=True)
-    check_number("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS, integer=True)
-    check_number("min_tokens", req.min_tokens, 0, None, integer=True)
+    check_ranges(req, _RANGES)
     if req.max_completion_tokens is not None:
         max_tokens, max_name = req.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, max_name = req.max_tokens, "max_tokens"
-    check_number(max_name, max_tokens, 1, None, integer=True)
     min_tokens = req.min_tokens or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise InvalidRequestError(f"min_tokens ({min_tokens}) must not exceed {max_name} ({max_tokens})",
@@ -108,21 +113,17 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
         raise InvalidRequestError(f"stop accepts at most {MAX_STOP} sequences, got {len(stop)}", param="stop")
     if any(s == "" for s in stop):
         raise InvalidRequestError("stop sequences must not be empty", param="stop")
-    if any(t < 0 for t in req.stop_token_ids or ()):
+    if any(t < TOKEN_ID.lo for t in req.stop_token_ids or ()):
         raise InvalidRequestError("stop_token_ids must hold token ids (>= 0)", param="stop_token_ids")
     bias = []
     for k, v in (req.logit_bias or {}).items():
-        try:
-            token = int(k)
-        except ValueError:
-            raise InvalidRequestError(f"logit_bias key {k!r} is not a token id", param="logit_bias") from None
-        if token < 0:
+        if not re.fullmatch(TOKEN_ID_KEY, k):
             raise InvalidRequestError(f"logit_bias key {k!r} is not a token id", param="logit_bias")
-        check_number("logit_bias", v, -100, 100)
-        bias.append((token, float(v)))
+        check_number("logit_bias", v, LOGIT_BIAS.lo, LOGIT_BIAS.hi)
+        bias.append((int(k), float(v)))
     r = req.reasoning
     if r is not None:
-        check_number("reasoning.max_tokens", r.max_tokens, 0, None, integer=True)
+        check_ranges(r, _REASONING_RANGES, "reasoning.")
     validate_tools(req)
     use_tools = bool(req.tools) and req.tool_choice != "none"
     forced = use_tools and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))

@@ -3,31 +3,36 @@ text completions (`POST /v1/completions`), type-checked as `protocol.py` checks 
 
 Both are served by turning them into a chat request that `thinkgate.params.validate_chat` range-checks once
 (api/openai_responses.py, api/text_completions.py). Unknown top-level fields are ignored; the thinkgate and
-OpenRouter extras of chat (top_k, min_p, repetition_penalty, seed, stop, logit_bias, ...) pass through to the
+OpenRouter extras of chat (protocol.SamplingExtras: top_k, min_p, seed, stop, logit_bias, ...) pass through to the
 chat request, where they are checked under the same names.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
+
+from thinkgate.protocol import (
+    Choices,
+    MaxTokens,
+    SamplingExtras,
+    StreamOptions,
+    Temperature,
+    ThinkingBudget,
+    TopLogprobs,
+    TopP,
+    number_only,
+)
 
 # Chat request fields a Responses or text completion request may also carry (extra_body), as chat reads them.
-CHAT_EXTRAS = ("top_k", "min_p", "top_a", "frequency_penalty", "presence_penalty", "repetition_penalty", "seed",
-               "logit_bias", "stop", "stop_token_ids", "min_tokens", "ignore_eos", "chat_template_kwargs",
-               "include_reasoning")
+CHAT_EXTRAS = tuple(SamplingExtras.model_fields)
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-def _number(v):
-    # JSON numbers only: a string or a boolean is a type error, not something to coerce.
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise ValueError("must be a number")
-    return v
 
 
 # -- Responses ------------------------------------------------------------------------------------------
@@ -42,7 +47,8 @@ class InputItem(_Lenient):
     """One item of `input`, any type: a message (role + content), a function_call, a function_call_output
     or a reasoning item. What each type needs is checked where the item is converted, naming `input[i]`."""
 
-    type: str | None = None  # "message" when omitted
+    type: str | None = Field(None, description='"message" when omitted', json_schema_extra={
+        "enum": ["message", "function_call", "function_call_output", "reasoning", None]})
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputPart] | None = None
     call_id: str | None = None
@@ -52,10 +58,20 @@ class InputItem(_Lenient):
     summary: list[InputPart] | None = None
 
 
+def _only(*values: str) -> Any:
+    """A string the route accepts only as one of `values` (checked where the request is converted, with an
+    error naming the parameter; the JSON schema says it)."""
+    return Field(json_schema_extra={"enum": list(values)})
+
+
+_NEEDS_NAME = ConfigDict(json_schema_extra={"required": ["type", "name"]})
+
+
 class ResponsesTool(_Lenient):
     """Responses' flat tool shape: `{"type": "function", "name", "description", "parameters", "strict"}`."""
 
-    type: str
+    model_config = _NEEDS_NAME
+    type: str = _only("function")
     name: str | None = None
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -63,8 +79,9 @@ class ResponsesTool(_Lenient):
 
 
 class ResponsesToolChoice(_Lenient):
-    type: str
-    name: str | None = None
+    model_config = _NEEDS_NAME
+    type: str = _only("function")
+    name: str | None = Field(None, json_schema_extra={"minLength": 1})
 
 
 class TextFormat(_Lenient):
@@ -85,12 +102,12 @@ class ResponsesReasoning(_Lenient):
     # are the chat extensions (a thinking budget in tokens, thinking off, reasoning not returned).
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
-    max_tokens: StrictInt | None = None
+    max_tokens: ThinkingBudget = None
     enabled: StrictBool | None = None
     exclude: StrictBool | None = None
 
 
-class CreateResponseRequest(_Lenient):
+class CreateResponseRequest(SamplingExtras):
     model: str
     input: list[InputItem]  # a string is one user message
     instructions: str | None = None
@@ -99,11 +116,11 @@ class CreateResponseRequest(_Lenient):
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
-    max_output_tokens: StrictInt | None = None
+    max_output_tokens: MaxTokens = None
     max_tool_calls: StrictInt | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_logprobs: StrictInt | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_logprobs: TopLogprobs = None
     include: list[str] | None = None
     stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
@@ -119,9 +136,9 @@ class CreateResponseRequest(_Lenient):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
 
-    _numbers = field_validator("temperature", "top_p", mode="before")(_number)
+    _floats = field_validator("temperature", "top_p", mode="before")(number_only)
 
-    @field_validator("input", mode="before")
+    @field_validator("input", mode="before", json_schema_input_type=str | list[InputItem])
     @classmethod
     def _one_message(cls, v):
         # Read as the items it stands for, so an error in a list of items names the item, not the union.
@@ -129,30 +146,31 @@ class CreateResponseRequest(_Lenient):
 
 
 # -- legacy text completions ----------------------------------------------------------------------------
-class StreamOptions(_Lenient):
-    include_usage: StrictBool | None = None
+MAX_PROMPTS = 32
 
 
-class CompletionRequest(_Lenient):
+def _prompt_schema() -> dict:
+    ids = {"type": "array", "items": {"type": "integer"}}
+    return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                           "maxItems": MAX_PROMPTS},
+                      {**ids, "minItems": 1}, {"type": "array", "items": ids, "minItems": 1, "maxItems": MAX_PROMPTS}],
+            "description": f"a string, strings, token ids or lists of token ids (at most {MAX_PROMPTS} prompts)"}
+
+
+class CompletionRequest(SamplingExtras):
     model: str
     # A string, strings (one completion each), token ids, or lists of token ids.
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Annotated[str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(_prompt_schema())]
     suffix: str | None = None
-    max_tokens: StrictInt | None = 16  # OpenAI's default; null = as much as the context allows
-    temperature: float | None = None
-    top_p: float | None = None
-    n: StrictInt | None = None
-    best_of: StrictInt | None = None
+    max_tokens: MaxTokens = 16  # OpenAI's default; null = as much as the context allows
+    temperature: Temperature = None
+    top_p: TopP = None
+    n: Choices = None
+    best_of: Choices = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: StrictInt | None = None  # the number of most likely tokens to list at each position
+    logprobs: TopLogprobs = None  # the number of most likely tokens to list at each position
     echo: StrictBool | None = None
-    stop: str | list[str] | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: StrictInt | None = None
     user: str | None = None
 
-    _numbers = field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty",
-                               mode="before")(_number)
+    _floats = field_validator("temperature", "top_p", mode="before")(number_only)

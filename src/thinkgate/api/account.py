@@ -20,10 +20,12 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from thinkgate.api.admin import read_json
+from thinkgate.api.openapi import READS, documented
 from thinkgate.errors import InvalidRequestError, NotFoundError, PermissionDenied
 from thinkgate.gateway import manage
 from thinkgate.gateway.money import UNITS_PER_CNY, json_number
 from thinkgate.gateway.service import Caller
+from thinkgate.protocol_gateway import GenerationResponse, KeyInfoResponse, RedeemResponse
 from thinkgate.storage.accounts import AccountStore, aware
 from thinkgate.storage.ledger import Ledger
 
@@ -32,7 +34,7 @@ BASES = ("/v1", "/api/gpt/v1")
 
 class Redeem(BaseModel):
     model_config = ConfigDict(frozen=True)
-    code: str = Field(min_length=1, max_length=200)
+    code: str = Field(min_length=1, max_length=200, description="a top-up code (once per code)")
 
 
 def _money(units: int | None) -> float | None:
@@ -118,6 +120,8 @@ def add_account_routes(app: FastAPI, store: AccountStore, ledger: Ledger, bases:
                          "currency": "CNY"}}
 
     for base in bases:
-        app.add_api_route(f"{base}/key", get_key, methods=["GET"])
-        app.add_api_route(f"{base}/generation", get_generation, methods=["GET"])
-        app.add_api_route(f"{base}/redeem", redeem, methods=["POST"])
+        app.add_api_route(f"{base}/key", get_key, methods=["GET"], **documented(response=KeyInfoResponse, errors=READS))
+        app.add_api_route(f"{base}/generation", get_generation, methods=["GET"],
+                          **documented(response=GenerationResponse, errors=(400, *READS)))
+        app.add_api_route(f"{base}/redeem", redeem, methods=["POST"],
+                          **documented(Redeem, RedeemResponse, errors=(400, 401, 403, 404, 413)))

@@ -35,8 +35,9 @@ from decimal import Decimal
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from thinkgate.api.openapi import ADMIN, documented
 from thinkgate.api.requests import as_model, read_limited, validation_error
 from thinkgate.errors import (
     AuthenticationError,
@@ -45,6 +46,17 @@ from thinkgate.errors import (
     NotFoundError,
 )
 from thinkgate.gateway import manage
+from thinkgate.protocol_gateway import (
+    AccountList,
+    AccountView,
+    BackendsView,
+    KeyList,
+    KeyView,
+    LedgerView,
+    NewCodesView,
+    NewKeyView,
+    UsageView,
+)
 from thinkgate.storage.accounts import AccountStore, AlreadyExists, NotFound
 from thinkgate.storage.ledger import Ledger
 
@@ -57,12 +69,28 @@ def _check(fn, *args, **kw) -> BeforeValidator:
     return BeforeValidator(lambda v: fn(v, *args, **kw))
 
 
-Amount = Annotated[int, _check(manage.amount)]
-PositiveAmount = Annotated[int, _check(manage.amount, positive=True)]
-
-
 def _optional(fn, *args, **kw) -> BeforeValidator:
     return BeforeValidator(lambda v: None if v is None else fn(v, *args, **kw))
+
+
+# What each check (gateway/manage.py) accepts, as /openapi.json shows it.
+_NULL = {"type": "null"}
+_NAME = {"type": "string", "pattern": f"^{manage.NAME.pattern}$", "description": "letters, digits, . _ @ + -"}
+_AMOUNT = {"anyOf": [{"type": "string", "pattern": r"^\s*[0-9]{1,10}(\.[0-9]{1,8})?\s*$"},
+                     {"type": "number", "minimum": 0, "maximum": manage.MAX_AMOUNT_CNY}],
+           "description": f'CNY: a decimal string such as "10.50" or a number, at most 8 decimal places, at most '
+                          f'{manage.MAX_AMOUNT_CNY}'}
+_COUNT = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+_LIST = {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                   {"type": "string", "minLength": 1, "description": "comma-separated"}]}
+
+
+def _schema(schema: dict, nullable: bool = False) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, _NULL]} if nullable else schema)
+
+
+Amount = Annotated[int, _check(manage.amount), _schema(_AMOUNT)]
+PositiveAmount = Annotated[int, _check(manage.amount, positive=True), _schema(_AMOUNT)]
 
 
 class _Body(BaseModel):
@@ -70,8 +98,9 @@ class _Body(BaseModel):
 
 
 class NewAccount(_Body):
-    name: Annotated[str, _check(manage.account_name)]
-    email: Annotated[str | None, _check(manage.email)] = None
+    name: Annotated[str, _check(manage.account_name), _schema(_NAME)]
+    email: Annotated[str | None, _check(manage.email),
+                     _schema({"type": "string", "maxLength": 320, "pattern": r"^[^@\s]+@[^@\s]+$"}, True)] = None
     balance: Amount = 0
 
 
@@ -82,20 +111,26 @@ class TopUp(_Body):
 
 class NewKey(_Body):
     account: str
-    name: Annotated[str, _check(manage.name, "key name")]
-    models: Annotated[list[str] | None, _check(manage.models)] = None
-    ips: Annotated[list[str] | None, _check(manage.cidrs)] = None
-    limit: Annotated[int | None, _optional(manage.amount)] = None
-    expires: Annotated[dt.datetime | None, _check(manage.expiry)] = None
-    rpm: Annotated[int | None, _optional(manage.positive_int, "requests per minute")] = None
-    tpm: Annotated[int | None, _optional(manage.positive_int, "tokens per minute")] = None
-    concurrency: Annotated[int | None, _optional(manage.positive_int, "concurrent requests")] = None
+    name: Annotated[str, _check(manage.name, "key name"), _schema(_NAME)]
+    models: Annotated[list[str] | None, _check(manage.models), _schema(_LIST, True)] = Field(
+        None, description="the models the key may use (default: all)")
+    ips: Annotated[list[str] | None, _check(manage.cidrs), _schema(_LIST, True)] = Field(
+        None, description="client address ranges (CIDRs) the key may be used from")
+    limit: Annotated[int | None, _optional(manage.amount), _schema(_AMOUNT, True)] = Field(
+        None, description="a spending limit, CNY")
+    expires: Annotated[dt.datetime | None, _check(manage.expiry), _schema({"type": "string"}, True)] = Field(
+        None, description="an ISO date (00:00 UTC that day) or datetime in the future")
+    rpm: Annotated[int | None, _optional(manage.positive_int, "requests per minute"), _schema(_COUNT, True)] = None
+    tpm: Annotated[int | None, _optional(manage.positive_int, "tokens per minute"), _schema(_COUNT, True)] = None
+    concurrency: Annotated[int | None, _optional(manage.positive_int, "concurrent requests"),
+                           _schema(_COUNT, True)] = None
 
 
 class NewCodes(_Body):
     amount: PositiveAmount
-    count: Annotated[int, _check(manage.positive_int, "count")]
-    batch: Annotated[str | None, _optional(manage.name, "batch name")] = None
+    count: Annotated[int, _check(manage.positive_int, "count"),
+                     _schema({**_COUNT, "maximum": manage.MAX_CODES})]
+    batch: Annotated[str | None, _optional(manage.name, "batch name"), _schema(_NAME, True)] = None
 
 
 def _fail(message: str):
@@ -148,6 +183,10 @@ def storage_errors(param: str | None = None) -> Iterator[None]:
         raise InvalidRequestError(str(e), param=param) from None
 
 
+def admin_doc(request: type[BaseModel] | None, response: type[BaseModel], status: int = 200, *more: int) -> dict:
+    return documented(request, response, status=status, errors=(*ADMIN, *more), auth="admin")
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -198,28 +237,28 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
         return {a.id: a.name for a in store.accounts()}
 
     # FastAPI runs these plain functions in its thread pool: the blocking database calls stay off the loop.
-    @r.post("/accounts", status_code=201)
+    @r.post("/accounts", status_code=201, **admin_doc(NewAccount, AccountView, 201, 409, 413))
     def create_account(body: NewAccount = json_body(NewAccount)):
         with storage_errors():
             acct = store.create_account(body.name, email=body.email, balance_units=body.balance)
         return manage.account_view(store, ledger, acct)
 
-    @r.get("/accounts")
+    @r.get("/accounts", **admin_doc(None, AccountList))
     def list_accounts():
         return {"data": [manage.account_view(store, ledger, a, with_keys=False) for a in store.accounts()]}
 
-    @r.get("/accounts/{name}")
+    @r.get("/accounts/{name}", **admin_doc(None, AccountView))
     def show_account(name: str):
         with storage_errors():
             return manage.account_view(store, ledger, store.account(name))
 
-    @r.post("/accounts/{name}/topup")
+    @r.post("/accounts/{name}/topup", **admin_doc(TopUp, AccountView, 200, 413))
     def topup(name: str, body: TopUp = json_body(TopUp)):
         with storage_errors():
             acct = store.topup(name, body.amount, note=body.note)
         return manage.account_view(store, ledger, acct, with_keys=False)
 
-    @r.get("/accounts/{name}/ledger")
+    @r.get("/accounts/{name}/ledger", **admin_doc(None, LedgerView))
     def account_ledger(name: str, limit: str = "1000"):
         with storage_errors(param="limit"):
             n = manage.positive_int(limit, "limit")
@@ -229,7 +268,7 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
         return {"account": acct.name, "currency": "CNY",
                 "data": [manage.entry_view(e, names) for e in ledger.entries(acct.id)[-n:]]}
 
-    @r.post("/keys", status_code=201)
+    @r.post("/keys", status_code=201, **admin_doc(NewKey, NewKeyView, 201, 409, 413))
     def create_key(body: NewKey = json_body(NewKey)):
         with storage_errors(param="account"):
             key, secret = manage.create_key(store, body.account, body.name, models=body.models, ips=body.ips,
@@ -237,40 +276,40 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
                                             tpm=body.tpm, concurrency=body.concurrency)
         return {"secret": secret, "key": manage.key_view(key, body.account)}
 
-    @r.get("/keys")
+    @r.get("/keys", **admin_doc(None, KeyList))
     def list_keys(account: str | None = None):
         names = account_names()
         with storage_errors(param="account"):
             keys = store.keys(account)
         return {"data": [manage.key_view(k, names[k.account_id]) for k in keys]}
 
-    @r.get("/keys/{name}")
+    @r.get("/keys/{name}", **admin_doc(None, KeyView))
     def show_key(name: str):
         with storage_errors():
             key = store.key(name)
         return manage.key_view(key, store.account_by_id(key.account_id).name)
 
-    @r.post("/keys/{name}/revoke")
+    @r.post("/keys/{name}/revoke", **admin_doc(None, KeyView))
     def revoke_key(name: str):
         with storage_errors():
             key = store.revoke_key(name)
         return manage.key_view(key, store.account_by_id(key.account_id).name)
 
-    @r.post("/codes", status_code=201)
+    @r.post("/codes", status_code=201, **admin_doc(NewCodes, NewCodesView, 201, 413))
     def create_codes(body: NewCodes = json_body(NewCodes)):
         with storage_errors(param="count"):
             batch, codes = manage.create_codes(store, body.amount, body.count, body.batch)
         return {"batch": batch, "amount": manage.cny(body.amount), "currency": "CNY", "count": len(codes),
                 "codes": codes}
 
-    @r.get("/usage")
+    @r.get("/usage", **admin_doc(None, UsageView))
     def usage(group: str = "account", account: str | None = None):
         if group not in manage.USAGE_GROUPS:
             raise InvalidRequestError(f"group is one of {', '.join(manage.USAGE_GROUPS)}", param="group")
         with storage_errors(param="account"):
             return manage.usage_view(store, ledger, group, account)
 
-    @r.get("/backends")
+    @r.get("/backends", **admin_doc(None, BackendsView))
     async def backends():
         return backends_view(providers or {})
 

@@ -21,6 +21,7 @@ from thinkgate.api.account import add_account_routes
 from thinkgate.api.admin import add_admin_routes
 from thinkgate.api.dispatch import Dispatcher
 from thinkgate.api.openai_responses import add_responses_routes
+from thinkgate.api.openapi import GENERATES, READS, documented, install_openapi
 from thinkgate.api.operations import Operations
 from thinkgate.api.provider_run import RunStreamingResponse, UsageHook, log_usage
 from thinkgate.api.request_id import install_request_id
@@ -34,6 +35,8 @@ from thinkgate.errors import ThinkgateError, error_body
 from thinkgate.gateway.providers.base import ChatProvider
 from thinkgate.gateway.service import Gateway
 from thinkgate.params import validate_chat
+from thinkgate.protocol import ChatCompletionRequest
+from thinkgate.protocol_responses import ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 BASES = ("/v1", "/api/gpt/v1")
@@ -65,7 +68,12 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
                 if (close := getattr(p, "aclose", None)) is not None:
                     await close()
 
-    app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan)
+    docs = config.docs  # the pages load their scripts from a CDN: off unless asked for (api/openapi.py)
+    app = FastAPI(title="thinkgate", version="0.1.0", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None,
+                  description="An OpenAI-compatible API for Qwen3 thinking models (chat completions, Responses, "
+                              "text completions) with keys, balances and a ledger.")
+    install_openapi(app, "none" if gateway is None else "required" if gateway.require_keys else "optional")
     install_request_id(app)  # x-request-id on every answer
     ops = Operations(providers, gateway, config)
     ops.install(app)  # /metrics; each API request counted and logged once (outside the x-request-id layer)
@@ -89,7 +97,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error"), status_code=500)
 
-    @app.get("/health")
+    @app.get("/health", **documented(response=Health, auth=None))
     async def health():
         return {"status": "ok", "models": list(providers),
                 "active_requests": sum(p.num_active() for p in providers.values())}
@@ -132,9 +140,13 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         add_account_routes(app, gateway.store, gateway.ledger)
         add_admin_routes(app, gateway.store, gateway.ledger, admin_token, providers)
     for base in BASES:
-        app.add_api_route(f"{base}/chat/completions", chat_completions, methods=["POST"])
-        app.add_api_route(f"{base}/models", list_models, methods=["GET"])
-        app.add_api_route(base + "/models/{model_id:path}", get_model, methods=["GET"])
+        app.add_api_route(f"{base}/chat/completions", chat_completions, methods=["POST"],
+                          **documented(ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk,
+                                       errors=GENERATES))
+        app.add_api_route(f"{base}/models", list_models, methods=["GET"],
+                          **documented(response=ModelList, errors=READS))
+        app.add_api_route(base + "/models/{model_id:path}", get_model, methods=["GET"],
+                          **documented(response=ModelCard, errors=READS))
     add_responses_routes(app, BASES, config)
     add_text_completion_routes(app, BASES, config)
     return app

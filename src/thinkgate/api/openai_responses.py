@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from thinkgate.api.delivery import accepted, collected, streamed
+from thinkgate.api.openapi import GENERATES, documented
 from thinkgate.api.requests import validation_error
 from thinkgate.config import ServerConfig
 from thinkgate.errors import InvalidRequestError, error_body
@@ -36,6 +37,7 @@ from thinkgate.gateway.providers.base import ChunkEvent, ErrorEvent, ProviderEve
 from thinkgate.params import ChatParams, validate_chat
 from thinkgate.protocol import ChatCompletionRequest
 from thinkgate.protocol_endpoints import CHAT_EXTRAS, CreateResponseRequest, InputPart
+from thinkgate.protocol_responses import ResponseObject, ResponseStreamEvent
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -156,8 +158,7 @@ def to_chat_request(req: CreateResponseRequest) -> ChatCompletionRequest:
     if r is not None:
         effort = "xhigh" if r.effort == "max" else r.effort
         body["reasoning"] = {"effort": effort, "max_tokens": r.max_tokens, "enabled": r.enabled, "exclude": r.exclude}
-    extra = req.model_extra or {}
-    body.update({k: extra[k] for k in CHAT_EXTRAS if k in extra})
+    body.update({k: getattr(req, k) for k in CHAT_EXTRAS if getattr(req, k) is not None})
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as e:
@@ -415,4 +416,6 @@ def add_responses_routes(app: FastAPI, bases: tuple[str, ...], config: ServerCon
                         headers=started.headers)
 
     for base in bases:
-        app.add_api_route(f"{base}/responses", create_response, methods=["POST"])
+        app.add_api_route(f"{base}/responses", create_response, methods=["POST"],
+                          **documented(CreateResponseRequest, ResponseObject, stream=ResponseStreamEvent,
+                                       errors=GENERATES))

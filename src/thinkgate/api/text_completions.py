@@ -19,15 +19,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from thinkgate.api.delivery import accepted, collected, streamed
+from thinkgate.api.openapi import GENERATES, documented
 from thinkgate.api.requests import validation_error
 from thinkgate.api.responses import render_chunks
 from thinkgate.config import ServerConfig
 from thinkgate.errors import InvalidRequestError, ModelNotFound
-from thinkgate.params import MAX_TOP_LOGPROBS, ChatParams, check_number, validate_chat
-from thinkgate.protocol import ChatCompletionRequest
-from thinkgate.protocol_endpoints import CHAT_EXTRAS, CompletionRequest
+from thinkgate.params import ChatParams, check_ranges, validate_chat
+from thinkgate.protocol import ChatCompletionRequest, ranges
+from thinkgate.protocol_endpoints import CHAT_EXTRAS, MAX_PROMPTS, CompletionRequest
+from thinkgate.protocol_responses import TextCompletion
 
-MAX_PROMPTS = 32
+_RANGES = ranges(CompletionRequest)
 # A text completion has no messages; its chat form (what validate_chat checks) carries this one, unread.
 _NO_MESSAGES = [{"role": "user", "content": ""}]
 
@@ -53,7 +55,7 @@ def text_params(req: CompletionRequest) -> ChatParams:
     if req.best_of is not None and req.best_of != n:
         raise InvalidRequestError(f"best_of must equal n ({n}): every generated choice is returned, none is ranked "
                                   "away", param="best_of")
-    check_number("logprobs", req.logprobs, 0, MAX_TOP_LOGPROBS, integer=True)
+    check_ranges(req, _RANGES)
     if req.echo and req.logprobs is not None:
         raise InvalidRequestError("echo with logprobs needs the prompt tokens' logprobs, which are not computed",
                                   param="echo")
@@ -63,8 +65,7 @@ def text_params(req: CompletionRequest) -> ChatParams:
             "logit_bias": req.logit_bias, "seed": req.seed, "user": req.user,
             "logprobs": True if req.logprobs is not None else None, "top_logprobs": req.logprobs,
             "stream_options": req.stream_options.model_dump() if req.stream_options is not None else None}
-    extra = req.model_extra or {}
-    body.update({k: extra[k] for k in CHAT_EXTRAS if k in extra})
+    body.update({k: getattr(req, k) for k in CHAT_EXTRAS if getattr(req, k) is not None})
     try:
         return validate_chat(ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None}))
     except ValidationError as e:
@@ -181,5 +182,6 @@ def add_text_completion_routes(app: FastAPI, bases: tuple[str, ...], config: Ser
                             f"models generate text: {served})", param="model", code="model_not_found")
 
     for base in bases:
-        app.add_api_route(f"{base}/completions", completions, methods=["POST"])
-        app.add_api_route(f"{base}/embeddings", embeddings, methods=["POST"])
+        app.add_api_route(f"{base}/completions", completions, methods=["POST"],
+                          **documented(CompletionRequest, TextCompletion, stream=TextCompletion, errors=GENERATES))
+        app.add_api_route(f"{base}/embeddings", embeddings, methods=["POST"], **documented(errors=(401, 404)))

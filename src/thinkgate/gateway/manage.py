@@ -23,6 +23,9 @@ from thinkgate.storage.ledger import Ledger
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 CODE_PREFIX = "tg-code-"
 MAX_CODES = 10_000
+# The most one amount may be (1e17 units of 1e-8 CNY): a balance takes about 90 of them before it would pass
+# the database's 64-bit integers.
+MAX_AMOUNT_CNY = 10**9
 USAGE_GROUPS = ("key", "account", "model", "day")
 TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 
@@ -61,6 +64,8 @@ def amount(value: str | int | Decimal, *, positive: bool = False) -> int:
         raise ValueError(f"{str(value)[:40]!r} is not an amount of CNY with at most 8 decimal places") from None
     if units < 0 or (positive and units == 0):
         raise ValueError(f"the amount must be {'more than' if positive else 'at least'} 0 CNY")
+    if units > to_units(MAX_AMOUNT_CNY):
+        raise ValueError(f"the amount must be at most {MAX_AMOUNT_CNY} CNY")
     return units
 
 
