@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from thinkgate.api.admin import read_json
@@ -30,6 +31,8 @@ from thinkgate.storage.accounts import AccountStore, aware
 from thinkgate.storage.ledger import Ledger
 
 BASES = ("/v1", "/api/gpt/v1")
+GENERATION_ID = {"name": "id", "in": "query", "required": True, "description": "a finished request's id (its answer's id)",
+                 "schema": {"type": "string", "minLength": 1}}
 
 
 class Redeem(BaseModel):
@@ -95,7 +98,8 @@ def add_account_routes(app: FastAPI, store: AccountStore, ledger: Ledger, bases:
         caller = await caller_of(request)
         return {"data": await asyncio.to_thread(key_info, store, ledger, caller)}
 
-    async def get_generation(request: Request, id: str | None = None):
+    # Checked here, after the caller (401 first): FastAPI's own check of a required parameter comes earlier.
+    async def get_generation(request: Request, id: Annotated[str | None, Query(include_in_schema=False)] = None):
         caller = await caller_of(request)
         if not id:
             raise InvalidRequestError("missing required parameter: id", param="id")
@@ -122,6 +126,6 @@ def add_account_routes(app: FastAPI, store: AccountStore, ledger: Ledger, bases:
     for base in bases:
         app.add_api_route(f"{base}/key", get_key, methods=["GET"], **documented(response=KeyInfoResponse, errors=READS))
         app.add_api_route(f"{base}/generation", get_generation, methods=["GET"],
-                          **documented(response=GenerationResponse, errors=(400, *READS)))
+                          **documented(response=GenerationResponse, errors=(400, *READS), parameters=[GENERATION_ID]))
         app.add_api_route(f"{base}/redeem", redeem, methods=["POST"],
                           **documented(Redeem, RedeemResponse, errors=(400, 401, 403, 404, 413)))

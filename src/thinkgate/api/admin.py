@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from thinkgate.api.openapi import ADMIN, documented
@@ -81,6 +81,7 @@ _AMOUNT = {"anyOf": [{"type": "string", "pattern": r"^\s*[0-9]{1,10}(\.[0-9]{1,8
            "description": f'CNY: a decimal string such as "10.50" or a number, at most 8 decimal places, at most '
                           f'{manage.MAX_AMOUNT_CNY}'}
 _COUNT = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+_LIMIT = {"pattern": r"^\s*[0-9]{1,10}\s*$", "description": "the last N entries (1 to 2147483647)"}
 _LIST = {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                    {"type": "string", "minLength": 1, "description": "comma-separated"}]}
 
@@ -259,7 +260,7 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
         return manage.account_view(store, ledger, acct, with_keys=False)
 
     @r.get("/accounts/{name}/ledger", **admin_doc(None, LedgerView))
-    def account_ledger(name: str, limit: str = "1000"):
+    def account_ledger(name: str, limit: Annotated[str, Query(json_schema_extra=_LIMIT)] = "1000"):
         with storage_errors(param="limit"):
             n = manage.positive_int(limit, "limit")
         with storage_errors():
@@ -303,7 +304,8 @@ def add_admin_routes(app: FastAPI, store: AccountStore, ledger: Ledger, admin_to
                 "codes": codes}
 
     @r.get("/usage", **admin_doc(None, UsageView))
-    def usage(group: str = "account", account: str | None = None):
+    def usage(group: Annotated[str, Query(json_schema_extra={"enum": list(manage.USAGE_GROUPS)})] = "account",
+              account: str | None = None):
         if group not in manage.USAGE_GROUPS:
             raise InvalidRequestError(f"group is one of {', '.join(manage.USAGE_GROUPS)}", param="group")
         with storage_errors(param="account"):

@@ -56,12 +56,13 @@ def _json(schema: dict) -> dict:
 
 def documented(request: type[BaseModel] | None = None, response: type[BaseModel] | None = None, *,
                errors: tuple[int, ...] = (), status: int = 200, stream: type[BaseModel] | None = None,
-               auth: str | None = "key") -> dict:
+               auth: str | None = "key", parameters: list[dict] | None = None) -> dict:
     """The keywords for `add_api_route` (or a route decorator) that document a route: its JSON request body
     (`request`, the model the route validates with), its answer (`response`, also as an event stream of
-    `stream` objects when the request asks for one), its error statuses and who may call it
-    (`auth`: "key", "admin" or None)."""
-    extra: dict = {}
+    `stream` objects when the request asks for one), its error statuses, who may call it (`auth`: "key",
+    "admin" or None), and `parameters` the route reads itself (hidden from FastAPI with include_in_schema=False,
+    e.g. a query parameter that is required but checked after the caller is authenticated)."""
+    extra: dict = {"parameters": parameters} if parameters else {}
     if request is not None:
         extra["requestBody"] = {"required": True, **_json(_ref(request, _REQUESTS))}
     responses: dict = {}
