@@ -9,6 +9,7 @@ import sys
 
 from thinkgate import __version__
 from thinkgate.config import DEFAULT_MODEL, EngineConfig, ServerConfig
+from thinkgate.serve_settings import document, env_defaults, parse_serve
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -61,36 +62,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", action="store_true", default=s.docs,
                    help="serve /docs and /redoc (their pages load scripts from a CDN); /openapi.json is always served")
     p.add_argument("--log-level", default="info")
-    _env_defaults(p)
-
-
-ENV_PREFIX = "THINKGATE_"
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
-
-
-def _env_defaults(p: argparse.ArgumentParser) -> None:
-    """Every option also settable as THINKGATE_<OPTION> (e.g. THINKGATE_MAX_WAITING=32, THINKGATE_AUTH=1); the
-    command line wins over the environment (of --auth and --no-auth both given, keys are required)."""
-    for action in p._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        name = ENV_PREFIX + action.dest.upper()
-        action.help = f"{action.help + ' ' if action.help else ''}[env {name}]"
-        raw = os.environ.get(name)
-        if raw is None:
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            if raw.strip().lower() not in _TRUE | _FALSE:
-                raise SystemExit(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-            action.default = raw.strip().lower() in _TRUE
-            continue
-        try:
-            value = action.type(raw) if action.type is not None else raw
-        except ValueError:
-            raise SystemExit(f"{name}={raw!r}: not a valid value for {action.option_strings[0]}") from None
-        if action.choices is not None and value not in action.choices:
-            raise SystemExit(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
-        action.default = value
+    document(p)  # each option's variable and [server] key, and which wins
+    env_defaults(p)
 
 
 def model_id_for(spec: str | None) -> str:
@@ -308,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     from thinkgate.cli_gateway import add_gateway_commands
 
     add_gateway_commands(sub)  # db, accounts, keys, codes
-    args = parser.parse_args(argv)
+    args = parse_serve(parser, s, argv)  # with serve --config, its [server] table too
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)
