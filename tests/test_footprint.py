@@ -31,9 +31,15 @@ def test_fp32_weights_take_four_bytes_a_parameter_and_the_kv_budget_is_added(che
     need, = plan([("m", EngineConfig(model=str(checkpoints["qwen3"]), dtype="float32", device="cpu",
                                     kv_cache_memory=8 * MiB))])
     assert need.weights == shape.params * 4 and need.kv == 8 * MiB and need.total == need.weights + 8 * MiB
-    # Left to the default, the CPU pool is a quarter of what is free, capped at 65536 tokens of fp32 K and V.
+    # Left to the default, the CPU pool holds 8 x 8192 tokens of K and V (fp32 for an fp32 model), the engine's
+    # own rule; --max-model-len x --max-num-seqs asks for another capacity.
+    elem = 4
     need, = plan([("m", EngineConfig(model=str(checkpoints["qwen3"]), dtype="float32", device="cpu"))])
-    assert need.kv == 2 * shape.layers * shape.kv_heads * shape.head_dim * 4 * 65536
+    assert need.kv == 2 * shape.layers * shape.kv_heads * shape.head_dim * elem * 65536
+    need, = plan([("m", EngineConfig(model=str(checkpoints["qwen3"]), dtype="float32", device="cpu",
+                                    max_model_len=1000, max_num_seqs=3))])
+    assert need.kv == 2 * shape.layers * shape.kv_heads * shape.head_dim * elem * 3008  # whole blocks of 16
+    assert need.kv_source == "--max-model-len 1000 x --max-num-seqs 3"
 
 
 def test_two_models_that_do_not_fit_are_refused_naming_each_need(checkpoints, monkeypatch):

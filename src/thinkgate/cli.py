@@ -35,7 +35,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=e.max_num_batched_tokens)
     p.add_argument("--block-size", type=int, default=e.block_size)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool (default on CPU: "
+                   "--max-model-len x --max-num-seqs tokens when --max-model-len is given, else 8 x 8192)")
+    p.add_argument("--kv-cache-dtype", default=e.kv_cache_dtype, choices=["auto", "bfloat16", "float32"],
+                   help="KV pool dtype (auto: bf16 on CPU, fp32 where thinkgate's C++ kernels read it)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
                    help="quantized linear layers for CPU decode (auto, on CPU in bf16: mixed = int4 for one-row "
@@ -93,7 +96,7 @@ def build_app(args):
     ecfg = EngineConfig(
         model=args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
         enforce_eager=args.enforce_eager, cpu_kernels=not args.no_cpu_kernels, grammar_backend=args.grammar_backend,
         quantization=args.quantization,

@@ -16,15 +16,18 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV pool; default: a fraction of free memory
-    kv_cache_fraction: float = 0.25  # of free memory (CPU) or of total memory (GPU) when not set in bytes
+    # The KV pool (engine/kv_pool.py): kv_cache_memory bytes, else on CPU max_model_len x max_num_seqs tokens
+    # when max_model_len is set, else 8 x 8192 tokens (at most a quarter of available memory); on a GPU 85% of
+    # the memory free after the weights.
+    kv_cache_memory: int | None = None
+    kv_cache_dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on CPU, fp32 for the C++ kernels)
     enable_prefix_caching: bool = True
-    # Weight-only quantization of the linear layers for CPU decode: auto = int4 on CPU with bf16, else none.
-    weight_quant: str = "auto"  # auto | none | int8 | int4
+    # Quantized linear layers on CPU, one serving form each (models/loader.resolve_weight_quant): auto = mixed
+    # where our AVX-512 VNNI kernels run, W8A8 elsewhere on x86, none when float32 is asked for.
+    weight_quant: str = "auto"  # auto | none | int8 | int4 | w8a8 | mixed
     head_quant: str = "auto"  # the output projection: auto (= weight_quant) | none | int8 | int4
     # GPU weights: none (the checkpoint's dtype) | fp8 (e4m3, per-channel scales; layers/fp8.py).
     quantization: str = "none"
-    max_kv_cache_tokens_default: int = 65536  # caps the CPU pool so a small machine keeps RAM for others
     # GPU: decode runs as captured CUDA graphs unless this is set (like vLLM's --enforce-eager).
     enforce_eager: bool = False
     # CPU: our C++ kernels (VNNI int4 matmul, fused norms/rotary/SwiGLU, paged decode attention) where

@@ -11,13 +11,17 @@ import torch
 from thinkgate.config import EngineConfig
 from thinkgate.engine.block_manager import BlockManager
 from thinkgate.engine.detokenizer import IncrementalDetokenizer
+from thinkgate.engine.kv_pool import cpu_pool_size, resolve_kv_dtype
 from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
 from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
 from thinkgate.engine.thinking import ThinkingTracker
 from thinkgate.layers.cpu_fused import available as cpu_fused_available
+from thinkgate.layers.linear import QuantizedLinear
 from thinkgate.layers.moe import grouped_mm_supported
+from thinkgate.models.footprint import available_memory
 from thinkgate.models.loader import LoadedModel, load_model
+from thinkgate.models.resident import memory_report
 from thinkgate.sampling.params import SamplingParams
 from thinkgate.sampling.sampler import SamplingRow
 
@@ -31,23 +35,26 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.eos_ids = set(loaded.eos_token_ids)
         model = loaded.model
-        # The cache holds K/V in the dtype attention computes in (fp32 for bf16 models on CPU), so decode
-        # does not convert the whole context on every layer of every step.
-        dtype = model.attn_backend.compute_dtype or next(model.parameters()).dtype
-        per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, dtype)
-        num_blocks = self._num_blocks(per_block, next(model.parameters()).device)
+        # The dtype attention computes in (fp32 for bf16 models on CPU); the pool's own dtype: see kv_pool.
+        dtype = model.attn_backend.compute_dtype or model.norm.weight.dtype
+        device = model.norm.weight.device
+        cpu_kernels_run = device.type == "cpu" and config.cpu_kernels and cpu_fused_available()
+        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, device.type, cpu_kernels_run, quantized)
+        per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, kv_dtype)
+        num_blocks = self._num_blocks(per_block, device)
         ctx = config.max_model_len or model.cfg.max_position_embeddings
         self.max_model_len = min(ctx, num_blocks * config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, self.tokenizer.vocab_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, self.tokenizer.vocab_size)
         if self.runner.device.type == "cuda" and triton_available():
             # Experts without a grouped matmul (fp32, pre-Hopper) sync with the host each layer: no capture.
             capturable = model.cfg.num_experts == 0 or grouped_mm_supported(self.runner.device, dtype)
             graphs = "capture" if capturable and not config.enforce_eager else "off"
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, graphs)
-        elif self.runner.device.type == "cpu" and config.cpu_kernels and dtype == torch.float32 and cpu_fused_available():
-            # Our C++ decode kernels (the paged cache is fp32 on CPU, the dtype they read).
+        elif cpu_kernels_run and dtype == torch.float32 and kv_dtype == torch.float32:
+            # Our C++ decode kernels (they read an fp32 pool).
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, "off")
             log.info("CPU decode on thinkgate's C++ kernels (fused ops, paged attention%s)",
                      ", one-sequence steps in the C++ layer loop" if self.runner.cpu_decoder is not None else "")
@@ -58,8 +65,11 @@ class LLMEngine:
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None
         self._pending = None  # (batch, launched step) whose tokens the next step() accounts
         self.thinking = ThinkingTracker(self.tokenizer)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB); max_model_len %d", num_blocks, config.block_size,
+        log.info("KV cache: %d tokens (%d blocks of %d) in %s, %.1f MiB; max_model_len %d", num_blocks *
+                 config.block_size, num_blocks, config.block_size, str(kv_dtype).removeprefix("torch."),
                  num_blocks * per_block / 2**20, self.max_model_len)
+        if device.type == "cpu":
+            log.info(memory_report(model, num_blocks * per_block))
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -71,16 +81,22 @@ class LLMEngine:
 
     def _num_blocks(self, per_block: int, device: torch.device) -> int:
         cfg = self.config
-        if cfg.kv_cache_memory is not None:
+        if device.type == "cuda":
             budget = cfg.kv_cache_memory
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * 0.85)
+            if budget is None:
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * 0.85)
+            n = budget // per_block
         else:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(int(avail * cfg.kv_cache_fraction),
-                         per_block * (cfg.max_kv_cache_tokens_default // cfg.block_size))
-        n = budget // per_block
+            per_token = per_block // cfg.block_size
+            size = cpu_pool_size(cfg.kv_cache_memory, cfg.max_model_len, cfg.max_num_seqs, per_token,
+                                 available_memory("cpu"), cfg.block_size)
+            if size.shrunk:
+                log.warning("KV cache: %d tokens asked (%s) do not fit the memory available; the pool holds %d",
+                            size.asked_tokens, size.source, size.tokens)
+            else:
+                log.info("KV cache sized by %s", size.source)
+            budget, n = size.tokens * per_token, size.tokens // cfg.block_size
         if n < 2:
             raise ValueError(f"the KV cache budget ({budget} bytes) holds fewer than 2 blocks of {per_block} bytes")
         return int(n)

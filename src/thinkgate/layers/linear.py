@@ -5,8 +5,9 @@ fast. int4 (a quarter of bf16's bytes) runs on our VNNI kernel (`Q4Linear`, csrc
 activations, integer dot products, near memory speed) where the CPU has AVX-512 VNNI, else on torch's
 `_weight_int4pack_mm_for_cpu` (`Int4Linear`), which dequantizes every weight and is bound by that
 arithmetic. For several rows fbgemm's W8A8 kernel (`DynInt8Linear`) is the one whose cost stays flat, so
-batched decode uses it (`MixedLinear`, the CPU default). For larger token counts (prefill) plain bf16
-GEMM is faster, so the dense weight can be kept alongside for those.
+batched decode uses it (`MixedLinear`, the default where our VNNI kernels run; W8A8 alone elsewhere on x86).
+A dense bf16 copy for prefill can be kept alongside (`keep_dense`), but the loader does not: it keeps only the
+forms the kernels serve from, drops the float weight, and prefill runs on W8A8 (issue 23: memory).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, keep_dense: bool, dense_above: int = 16):
         super().__init__()
+        self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
         self.dense = weight.detach().to(torch.bfloat16) if keep_dense else None
         self.dense_above = dense_above
@@ -161,6 +163,9 @@ class DynInt8Linear(QuantizedLinear):
             qw = torch.quantize_per_channel(w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
         b = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qw, b)
+        # Held inside the opaque packed object: the int8 matrix, then per output channel a scale, a zero
+        # point, a column offset and the fp32 bias (models/resident.py counts it).
+        self.packed_bytes = n * self.in_features + n * (12 + (0 if b is None else 4))
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         # VNNI's int8 dot products do not saturate, so all 8 bits of the activations are usable. Without VNNI

@@ -2,13 +2,14 @@
 
 Each local model needs its weights plus its KV cache pool:
 - weights: the checkpoint's parameter count (read from the safetensors headers, the GGUF tensor table, or the
-  random preset's shapes; never by loading) times the bytes of the dtype the engine holds them in (a GGUF is
-  dequantized at load, so its file size would undercount), plus the quantized copies that CPU decode adds
-  (int8: 1 byte a parameter, int4: 0.5 plus its scales, mixed: both). A hub id not yet downloaded, or a
-  checkpoint in another format, is counted by its files' size, or not at all (said so in the message);
-- KV cache: `kv_cache_memory` when the entry sets it; else the engine's default, which takes a share of what is
-  free when it starts (on CPU a quarter, capped at 65536 tokens; on a GPU 85%), so models load in catalog order
-  and each default is counted against what the models before it left.
+  random preset's shapes; never by loading) times the bytes of the form the engine serves them in: the dtype's
+  on a GPU or with --weight-quant none (a GGUF is dequantized at load, so its file size would undercount), else
+  the CPU's quantized form, which replaces the float weights (int8 / W8A8: 1 byte a parameter, int4: 0.5 plus
+  its scales, mixed: both). A hub id not yet downloaded, or a checkpoint in another format, is counted by its
+  files' size, or not at all (said so in the message);
+- KV cache: `kv_cache_memory` when the entry sets it; else the engine's own rule (engine/kv_pool.py: on CPU
+  max_model_len x max_num_seqs tokens, or 8 x 8192 by default, within a share of what is free; on a GPU 85%),
+  so models load in catalog order and each default is counted against what the models before it left.
 
 Available memory is the machine's available RAM (MemAvailable) for models on the CPU and the GPU's free memory
 for models on it, or THINKGATE_AVAILABLE_MEMORY (bytes) when set (tests, or a container whose limit the kernel
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MEMORY_ENV = "THINKGATE_AVAILABLE_MEMORY"
-CPU_KV_FRACTION_NOTE = "a quarter of free RAM, at most 65536 tokens"
+CPU_KV_FRACTION_NOTE = "a quarter of available RAM, at most 65536 tokens"
 GPU_KV_FRACTION = 0.85  # LLMEngine._num_blocks: of the GPU memory free after the weights
-# Bytes a parameter of a quantized copy takes (weights of groups of 32 with one 2-byte scale each for int4).
-QUANT_EXTRA = {"none": 0.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 2 / 32, "mixed": 1.5 + 2 / 32}
+# Bytes a parameter takes in the CPU's quantized serving forms, which replace the float weights (int4: groups
+# of 32 with a 2-byte scale and min; mixed: int4 and int8 side by side). "none": the dtype's own size.
+QUANT_BYTES = {"int8": 1.0, "w8a8": 1.0, "int4": 0.5 + 4 / 32, "mixed": 1.5 + 4 / 32}
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,15 @@ def _random_shape(spec: str) -> Shape:
 # -- the plan --------------------------------------------------------------------------------------------------
 def plan(entries: list[tuple[str, object]]) -> list[Need]:
     """Each (label, EngineConfig)'s need, in load order (defaults counted against what earlier models left)."""
+    import torch
+
+    from thinkgate.engine.kv_pool import (
+        DEFAULT_FRACTION,
+        bytes_per_token,
+        cpu_kernels_expected,
+        cpu_pool_size,
+        resolve_kv_dtype,
+    )
     from thinkgate.models.loader import resolve_device, resolve_dtype, resolve_weight_quant
 
     needs: list[Need] = []
@@ -238,25 +249,25 @@ def plan(entries: list[tuple[str, object]]) -> list[Need]:
             shape = checkpoint_shape(cfg.model)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             shape = Shape(None)  # unreadable: loading it will say why
+        quant = resolve_weight_quant(cfg.weight_quant, dev, dtype, cfg.dtype) if device == "cpu" else "none"
         if shape.params is not None:
-            elem = dtype.itemsize
-            quant = resolve_weight_quant(cfg.weight_quant, dev, dtype) if device == "cpu" else "none"
-            weights = int(shape.params * (elem + QUANT_EXTRA.get(quant, 0.0)))
+            weights = int(shape.params * QUANT_BYTES.get(quant, dtype.itemsize))
         else:
             weights = shape.file_bytes
+        free = max(0, available_memory(device) - used.get(device, 0) - (weights or 0))
+        known = None not in (shape.layers, shape.kv_heads, shape.head_dim)
         if cfg.kv_cache_memory is not None:
             kv, source = cfg.kv_cache_memory, "kv_cache_memory"
+        elif device == "cuda":
+            kv, source = int(free * GPU_KV_FRACTION), "the default: 85% of the GPU memory left"
+        elif known:  # the engine's own rule (engine/kv_pool.py), in the dtype it will pick
+            kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, torch.float32, "cpu", cpu_kernels_expected(cfg.cpu_kernels),
+                                        quant != "none")
+            per_token = bytes_per_token(shape.layers, shape.kv_heads, shape.head_dim, kv_dtype)
+            size = cpu_pool_size(None, cfg.max_model_len, cfg.max_num_seqs, per_token, free, cfg.block_size)
+            kv, source = size.tokens * per_token, size.source
         else:
-            free = max(0, available_memory(device) - used.get(device, 0) - (weights or 0))
-            if device == "cuda":
-                kv, source = int(free * GPU_KV_FRACTION), "the default: 85% of the GPU memory left"
-            else:
-                kv = int(free * cfg.kv_cache_fraction)
-                known = None not in (shape.layers, shape.kv_heads, shape.head_dim)
-                if known:  # the cache is fp32 on CPU
-                    kv = min(kv, 2 * shape.layers * shape.kv_heads * shape.head_dim * 4
-                             * cfg.max_kv_cache_tokens_default)
-                source = f"the default: {CPU_KV_FRACTION_NOTE}"
+            kv, source = int(free * DEFAULT_FRACTION), f"the default: {CPU_KV_FRACTION_NOTE}"
         needs.append(Need(label, device, weights, kv, source))
         used[device] = used.get(device, 0) + needs[-1].total
     return needs

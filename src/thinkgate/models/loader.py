@@ -65,13 +65,19 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
 
         quantize_model_fp8(loaded.model)
         return loaded
-    quant = resolve_weight_quant(weight_quant, dev, tdtype)
+    quant = resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype)
     if quant != "none":
+        from thinkgate.layers.embedding import quantize_embedding
         from thinkgate.layers.linear import quantize_linears
+        from thinkgate.models.resident import release_freed_memory
 
         head = quant if head_quant == "auto" else head_quant
-        n = quantize_linears(loaded.model, quant, keep_dense=True, head_mode=head, cpu_kernels=cpu_kernels)
-        log.info("weight-only %s quantization on %d linear layers (output head: %s)", quant, n, head)
+        # One serving form per weight: each float weight is dropped as its layer is quantized (prefill runs
+        # on the quantized kernels too), and the embedding is kept as int8 rows.
+        quantize_embedding(loaded.model)
+        n = quantize_linears(loaded.model, quant, keep_dense=False, head_mode=head, cpu_kernels=cpu_kernels)
+        release_freed_memory()
+        log.info("%s quantization on %d linear layers (output head: %s), int8 embedding", quant, n, head)
     return loaded
 
 
@@ -83,15 +89,20 @@ def check_quantization(mode: str, dev: torch.device) -> None:
         raise ValueError("--quantization fp8 needs a GPU with fp8 matmuls (compute capability 8.9 or later)")
 
 
-def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype) -> str:
+def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype_asked: str = "auto") -> str:
     if mode == "auto":
-        # One-row steps in int4 (a quarter of bf16's bytes), batched steps in W8A8 (flat cost in the rows,
-        # more accurate than int4); W8A8 needs fbgemm (x86), else int4 throughout.
-        if dev.type != "cpu" or dtype != torch.bfloat16:
+        # On CPU the weights are served quantized unless float32 was asked for (the exact reference): where
+        # our AVX-512 VNNI kernels run, one-row steps in int4 and batched ones in W8A8 (`mixed`); elsewhere
+        # on x86 W8A8 throughout (fbgemm's kernel beat fp32 and int4 at every row count on an AVX2 EPYC,
+        # BENCHMARKS.md); int4 where fbgemm is missing (ARM) and the model runs in bf16.
+        if dev.type != "cpu" or dtype_asked in ("float32", "fp32"):
             return "none"
+        from thinkgate.layers.cpu_kernels import cpu_supports_vnni
         from thinkgate.layers.linear import DynInt8Linear
 
-        return "mixed" if DynInt8Linear.available() else "int4"
+        if not DynInt8Linear.available():
+            return "int4" if dtype == torch.bfloat16 else "none"
+        return "mixed" if cpu_supports_vnni() and dtype == torch.bfloat16 else "w8a8"
     if mode not in ("none", "int8", "int4", "w8a8", "mixed"):
         raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8, int4, w8a8 or mixed")
     if mode != "none" and dev.type != "cpu":
