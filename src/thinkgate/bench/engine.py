@@ -33,15 +33,20 @@ def bench_engine(model: str, num_seqs: list[int], input_len: int, output_len: in
                 eng.add_request(rid, p, params)
             t0 = time.perf_counter()
             first_done = None
-            produced = 0
+            started: set[str] = set()
+            decoded = 0  # tokens produced once every sequence had its first (long prompts are chunked, and
+            # sequences whose prefill ended early decode while later ones still prefill)
             while eng.has_unfinished():
                 outs = eng.step()
-                produced += len(outs)
-                if first_done is None and produced >= n:
+                if first_done is not None:
+                    decoded += sum(len(o.new_token_ids) for o in outs)
+                    continue
+                started.update(o.request_id for o in outs if o.new_token_ids)
+                if len(started) == n:
                     first_done = time.perf_counter()  # every sequence has its first token: prefill over
             t1 = time.perf_counter()
             prefill_rates.append(n * input_len / (first_done - t0))
-            decode_rates.append(n * (output_len - 1) / (t1 - first_done))
+            decode_rates.append(decoded / (t1 - first_done))
         results.append({"num_seqs": n, "input_len": input_len, "output_len": output_len,
                         "decode_tok_s": statistics.median(decode_rates), "prefill_tok_s": statistics.median(prefill_rates),
                         "runs": len(decode_rates)})

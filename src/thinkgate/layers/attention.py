@@ -86,40 +86,48 @@ class TorchPagedAttention:
                 meta: AttentionMetadata, k_new: torch.Tensor | None = None,
                 v_new: torch.Tensor | None = None) -> torch.Tensor:
         # q: [T, Hq, D]; caches: [N, bs, Hkv, D]; k_new/v_new: this step's keys/values [T, Hkv, D]
-        t, hq, d = q.shape
-        hkv = k_cache.shape[2]
+        t = q.shape[0]
         dtype = self.compute_dtype or q.dtype
         if meta.kind == "fresh" and k_new is not None:
             # A whole prompt on an empty cache: plain causal attention over the new keys, no gather.
-            out = F.scaled_dot_product_attention(
-                q.to(dtype).transpose(0, 1), k_new.to(dtype).transpose(0, 1), v_new.to(dtype).transpose(0, 1),
-                is_causal=True, scale=self.scale, enable_gqa=hq != hkv)  # [Hq, T, D]
-            return out.transpose(0, 1).to(q.dtype)
+            out = sdpa(q.to(dtype).transpose(0, 1)[None], k_new.to(dtype).transpose(0, 1)[None],
+                       v_new.to(dtype).transpose(0, 1)[None], scale=self.scale, is_causal=True)  # [1, Hq, T, D]
+            return out[0].transpose(0, 1).to(q.dtype)
         if meta.kind == "decode":
             # One query per sequence: no query padding; a mask only when context lengths differ.
             k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
             mask = None if t == 1 else meta.mask
-            out = F.scaled_dot_product_attention(
-                q.to(dtype).unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                scale=self.scale, enable_gqa=hq != hkv)  # [B, Hq, 1, D]
+            out = sdpa(q.to(dtype).unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                       attn_mask=mask)  # [B, Hq, 1, D]
             return out.squeeze(2).to(q.dtype)
         k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
         if meta.kind == "chunk":
             # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
             # kernels take without a materialised [T, L] mask.
-            kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [Hkv, L, D]
-            if hq != hkv:
-                kt, vt = kt.repeat_interleave(hq // hkv, 0), vt.repeat_interleave(hq // hkv, 0)
-            out = F.scaled_dot_product_attention(q.to(dtype).transpose(0, 1), kt, vt, scale=self.scale,
-                                                 attn_mask=causal_lower_right(t, kt.shape[1]))  # [Hq, T, D]
-            return out.transpose(0, 1).to(q.dtype)
+            out = sdpa(q.to(dtype).transpose(0, 1)[None], k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                       attn_mask=causal_lower_right(t, k.shape[1]))  # [1, Hq, T, D]
+            return out[0].transpose(0, 1).to(q.dtype)
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=meta.mask,
-            scale=self.scale, enable_gqa=hq != hkv,
-        )  # [B, Hq, Qmax, D]
+        out = sdpa(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
+                   attn_mask=meta.mask)  # [B, Hq, Qmax, D]
         out = out.transpose(1, 2)[meta.token_batch, meta.token_pos]  # [T, Hq, D]
         return out.to(q.dtype)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_mask=None,
+         is_causal: bool = False) -> torch.Tensor:
+    """SDPA over [B, H, L, D] tensors with fewer KV heads than query heads (GQA).
+
+    On CUDA the fused kernels (flash, memory-efficient) take only 4-D inputs and, with a mask or GQA, not
+    every combination: anything else falls back to the math kernel, which materialises fp32 scores of
+    [B, H, Q, L] (32 GiB for one 8K chunk of a 32K prompt, as the first GPU round-2 run found). So the KV
+    heads are repeated there (a small copy beside prefill's work); on CPU `enable_gqa` is kept."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if q.is_cuda and hq != hkv:
+        k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=hq != hkv)
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,

@@ -7,8 +7,9 @@ are quantized per token at run time (one scale per row), and the matmul is cuBLA
 (`torch._scaled_grouped_mm`, Hopper) over expert groups padded to 16 rows, the alignment its kernel asks
 of fp8 operands; decode steps instead run layers/triton_moe's fused kernels, which upcast the fp8 weights
 in registers and keep the activations in bf16. Where the device has no fp8 kernel (probed once at load),
-the same numbers are computed by upcasting: correct but slower, and the log says so. The output head and the router stay in bf16 (as in
-vLLM's fp8 mode): they are a small share of the bytes and the head decides the sampled tokens.
+the same numbers are computed by upcasting: correct but slower, and the log says so. The output head and
+the router stay in bf16 (as in vLLM's fp8 mode): a small share of the bytes, and the head decides the
+sampled tokens.
 """
 
 from __future__ import annotations
