@@ -75,24 +75,31 @@ def test_bf16_decode_logprobs_match_transformers(checkpoints, arch):
         assert torch.allclose(torch.tensor(lp), theirs[:, 0].cpu(), atol=0.05), (lp, theirs[:, 0].tolist())
 
 
-def test_kernel_matches_reference_in_bf16_on_long_contexts():
+def _paged_case(lens, hq: int, hkv: int, seed: int, device: str = "cuda"):
+    """A bf16 paged cache with scattered pages for contexts `lens`, one query per sequence, and the fp32
+    reference attention's output."""
     from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
-    from thinkgate.layers.triton_attention import paged_decode_attention
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    page, hq, hkv, d = 16, 32, 4, 128
-    lens = [1, 100, 3000, 4096, 17]
+    g = torch.Generator(device=device).manual_seed(seed)
+    page, d = 16, 128
     nblocks = sum(-(-n // page) for n in lens) + 8
-    kc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(nblocks, page, hkv, d, generator=g, device=device, dtype=torch.bfloat16)
+    vc = torch.randn(nblocks, page, hkv, d, generator=g, device=device, dtype=torch.bfloat16)
     perm = torch.randperm(nblocks).tolist()
     tables = [[perm.pop() for _ in range(-(-n // page))] for n in lens]
-    q = torch.randn(len(lens), hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device("cuda"))
-    ref = TorchPagedAttention(d ** -0.5, torch.float32).forward(q, kc, vc, meta).float()
+    q = torch.randn(len(lens), hq, d, generator=g, device=device, dtype=torch.bfloat16)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device(device))
+    ref = TorchPagedAttention(d ** -0.5, torch.float32).forward(q.float(), kc.float(), vc.float(), meta)
     width = max(map(len, tables))
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    out = paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device="cuda"), d ** -0.5)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+    return q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=device), ref
+
+
+def test_kernel_matches_reference_in_bf16_on_long_contexts():
+    from thinkgate.layers.triton_attention import paged_decode_attention
+
+    q, kc, vc, bt, ctx, ref = _paged_case([1, 100, 3000, 4096, 17], hq=32, hkv=4, seed=0)
+    out = paged_decode_attention(q, kc, vc, bt, ctx, 128 ** -0.5)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, rel
 
@@ -101,22 +108,12 @@ def test_kernel_matches_reference_in_bf16_on_long_contexts():
 def test_split_context_kernel_matches_reference_on_long_contexts(lens):
     """Flash-decoding on the GPU (bf16 cache): the default split count for the batch, and forced counts,
     against the reference attention in fp32, at 1K-32K contexts and odd lengths."""
-    from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
     from thinkgate.layers.triton_attention import default_splits, paged_decode_attention
 
-    g = torch.Generator(device="cuda").manual_seed(len(lens))
-    page, hq, hkv, d = 16, 16, 8, 128  # Qwen3-0.6B's heads
-    nblocks = sum(-(-n // page) for n in lens) + 8
-    kc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn(nblocks, page, hkv, d, generator=g, device="cuda", dtype=torch.bfloat16)
-    perm = torch.randperm(nblocks).tolist()
-    tables = [[perm.pop() for _ in range(-(-n // page))] for n in lens]
-    q = torch.randn(len(lens), hq, d, generator=g, device="cuda", dtype=torch.bfloat16)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, page, torch.device("cuda"))
-    ref = TorchPagedAttention(d ** -0.5, torch.float32).forward(q.float(), kc.float(), vc.float(), meta)
-    width = max(map(len, tables))
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    hkv, d = 8, 128  # Qwen3-0.6B's heads: 16 query, 8 KV
+    q, kc, vc, bt, ctx, ref = _paged_case(lens, hq=16, hkv=hkv, seed=len(lens))
+    page = kc.shape[1]
+    width = bt.shape[1]
     assert default_splits(len(lens), hkv, width * page, q.device) > 1
     for splits in (None, 1, 3, 16):
         out = torch.full_like(q, float("nan"))

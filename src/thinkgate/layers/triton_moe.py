@@ -21,6 +21,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_rows(sorted_ptr, block_expert_ptr, n_pairs, mb, BLOCK_M: tl.constexpr):
+    """Block mb's expert, row offsets in the padded layout, pair ids, and which rows hold a pair."""
+    e = tl.load(block_expert_ptr + mb).to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    return e, offs_m, pair, pair < n_pairs
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, act_ptr, sorted_ptr, block_expert_ptr, used_ptr,
                     n_pairs, top_k, hidden, inter, stride_we, stride_wn,
                     HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -28,10 +37,7 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, act_ptr, sorted_ptr, block_expert_ptr,
     nb = tl.program_id(1)
     if mb * BLOCK_M >= tl.load(used_ptr):
         return
-    e = tl.load(block_expert_ptr + mb).to(tl.int64)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
-    valid = pair < n_pairs
+    e, offs_m, pair, valid = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, mb, BLOCK_M)
     token = tl.where(valid, pair // top_k, 0).to(tl.int64)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
@@ -68,10 +74,7 @@ def _down_kernel(act_ptr, w_ptr, ws_ptr, out_ptr, sorted_ptr, block_expert_ptr, 
     nb = tl.program_id(1)
     if mb * BLOCK_M >= tl.load(used_ptr):
         return
-    e = tl.load(block_expert_ptr + mb).to(tl.int64)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
-    valid = pair < n_pairs
+    e, offs_m, pair, valid = _block_rows(sorted_ptr, block_expert_ptr, n_pairs, mb, BLOCK_M)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
