@@ -37,6 +37,8 @@ class EngineConfig:
     async_decode: bool | None = None
     # Constrained decoding: auto (xgrammar on GPU if installed, else llguidance) | llguidance | xgrammar.
     grammar_backend: str = "auto"
+    # Speculative decoding: off | ngram (drafts looked up in the sequence itself; engine/speculative.py).
+    speculative: str = "off"
 
 
 @dataclass(frozen=True)

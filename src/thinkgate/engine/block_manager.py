@@ -106,6 +106,17 @@ class BlockManager:
         seq.block_table = []
         self.seq_hashes.pop(seq.request_id, None)
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past those covering `num_tokens` positions (rejected speculative tokens';
+        never registered, since only computed full blocks are)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def check_integrity(self, live: list[Sequence] | None = None) -> None:
         """Raise AssertionError if the pool's bookkeeping is inconsistent."""
         for b in range(self.num_blocks):

@@ -15,6 +15,7 @@ from thinkgate.engine.kv_pool import cpu_pool_size, resolve_kv_dtype
 from thinkgate.engine.model_runner import ModelRunner, triton_available
 from thinkgate.engine.request import FinishReason, RequestOutput, Sequence, Status
 from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
+from thinkgate.engine.speculative import NgramProposer
 from thinkgate.engine.thinking import ThinkingTracker
 from thinkgate.layers.cpu_fused import available as cpu_fused_available
 from thinkgate.layers.linear import QuantizedLinear
@@ -22,6 +23,7 @@ from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.footprint import available_memory
 from thinkgate.models.loader import LoadedModel, load_model
 from thinkgate.models.resident import memory_report
+from thinkgate.sampling.acceptance import accept_greedy, accept_sampled
 from thinkgate.sampling.params import SamplingParams
 from thinkgate.sampling.sampler import SamplingRow
 
@@ -65,6 +67,14 @@ class LLMEngine:
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None
         self._pending = None  # (batch, launched step) whose tokens the next step() accounts
         self.thinking = ThinkingTracker(self.tokenizer)
+        if config.speculative not in ("off", "ngram"):
+            raise ValueError(f"unknown speculative method {config.speculative!r}; choose off or ngram")
+        # Speculation runs on the eager paths (CPU, GPU without graphs): graph replays and overlapped steps
+        # are one-token decode steps.
+        self.proposer = NgramProposer() if config.speculative == "ngram" and not self.overlap \
+            and self.runner.graphs is None else None
+        if config.speculative == "ngram" and self.proposer is None:
+            log.warning("speculative decoding is off: it does not run with CUDA graphs or overlapped decode")
         log.info("KV cache: %d tokens (%d blocks of %d) in %s, %.1f MiB; max_model_len %d", num_blocks *
                  config.block_size, num_blocks, config.block_size, str(kv_dtype).removeprefix("torch."),
                  num_blocks * per_block / 2**20, self.max_model_len)
@@ -137,6 +147,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.forget(request_id)
         seq.finish_reason = FinishReason.ABORT
         return self._output(seq, [], [])
 
@@ -152,14 +164,18 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = FinishReason.ERROR, message
             outs.append(self._output(seq, [], None))
         self.seqs.clear()
+        if self.proposer is not None:
+            self.proposer.states.clear()
         return outs
 
     def step(self) -> list[RequestOutput]:
         if self._pending is not None:
             return self._step_overlapped()
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._propose() if self.proposer is not None else None)
         if not batch.seqs:
             return []
+        if batch.drafts:
+            return self._run_speculative(batch)
         if self.overlap and self._can_overlap(batch):
             self._launch(batch)  # its tokens come back with the next step's call
             return []
@@ -182,6 +198,70 @@ class LLMEngine:
             k += 1
             outputs.append(self._append(seq, token, lp))
         return outputs
+
+    # -- speculative decoding (engine/speculative.py) ---------------------------------------------
+    def _speculates(self, seq: Sequence) -> bool:
+        """What cannot be kept exact under speculation does not speculate: grammars (the matcher would have
+        to advance over drafts and roll back), logprobs (reported per sampled position), forced tokens and
+        thinking budgets (the engine rewrites tokens between steps)."""
+        p = seq.params
+        return (p.speculative and seq.grammar is None and not seq.forced and not p.logprobs
+                and p.reasoning_budget is None and seq.num_computed + 1 == seq.num_tokens)
+
+    def _propose(self) -> dict[str, list[int]]:
+        drafts = {}
+        for seq in self.scheduler.running:
+            if not self._speculates(seq):
+                continue
+            # Room: the bonus token must still fit max_tokens, and every position the context.
+            room = min(seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - seq.num_tokens)
+            d = self.proposer.propose(seq.request_id, seq.all_ids, room)
+            if d:
+                drafts[seq.request_id] = d
+        return drafts
+
+    def _run_speculative(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A step where some sequences verify drafts: their pending token and drafts run as one chunk with
+        logits at every position; the longest agreeing prefix plus one token is appended."""
+        rows: list[SamplingRow | None] = []
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            rows.append(self._sampling_row(seq) if seq.num_computed + n >= seq.num_tokens else None)
+        logits = self.runner.verify_logits(batch, rows)
+        plain = [i for i, (r, d) in enumerate(zip(rows, batch.drafts, strict=True)) if r is not None and not d]
+        sampled = {}
+        if plain:
+            res = self.runner.sampler(torch.cat([logits[i] for i in plain]), [rows[i] for i in plain])
+            for j, i in enumerate(plain):
+                lp = (res.token_ids[j], res.logprobs[j], res.top_logprobs[j]) if res.logprobs is not None else None
+                sampled[i] = (res.token_ids[j], lp)
+        outputs = []
+        for i, (seq, n, row, d) in enumerate(zip(batch.seqs, batch.num_new, rows, batch.drafts, strict=True)):
+            if not d:
+                seq.num_computed += n
+                self.block_manager.register_full_blocks(seq)
+                if row is not None:
+                    outputs.append(self._append(seq, *sampled[i]))
+                continue
+            tokens = self._accept(seq, logits[i], d)
+            self.proposer.record(seq.request_id, len(d), len(tokens) - 1)
+            outs = []
+            for tok in tokens:  # token j sits after the pending token and j accepted drafts, all computed
+                seq.num_computed += 1
+                self.block_manager.register_full_blocks(seq)
+                outs.append(self._append(seq, tok, None))
+                if seq.finish_reason is not None:
+                    break
+            if seq.status != Status.FINISHED:
+                self.block_manager.shrink(seq, seq.num_computed)  # the rejected drafts' blocks
+            outputs.append(_merge(outs))
+        return outputs
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        rows = [self._sampling_row(seq, drafts[:j]) for j in range(len(drafts) + 1)]
+        targets, probs = self.runner.sampler.targets(logits, rows)
+        if targets is not None:
+            return accept_greedy(targets, drafts)
+        return accept_sampled(probs, drafts, seq.generator)
 
     # -- overlapped decode (GPU) ------------------------------------------------------------------
     # A decode step on a GPU is a graph replay of 1-3 ms, and the host's accounting of its tokens
@@ -228,13 +308,15 @@ class LLMEngine:
         return outputs
 
     # -- internals --------------------------------------------------------------------------------
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, ahead: list[int] | None = None) -> SamplingRow:
+        """`ahead`: draft tokens taken as already generated (the row of a position past the pending one)."""
+        output_ids = seq.output_ids + ahead if ahead else seq.output_ids
         banned = None
-        if len(seq.output_ids) < seq.params.min_tokens:
+        if len(output_ids) < seq.params.min_tokens:
             banned = sorted(self.eos_ids | set(seq.params.stop_token_ids))
         constrained = seq.grammar is not None and not seq.forced and not seq.in_reasoning
         mask = seq.grammar.allowed_mask() if constrained else None
-        return SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, seq.generator, banned, mask)
+        return SamplingRow(seq.params, seq.prompt_ids, output_ids, seq.generator, banned, mask)
 
     def _append(self, seq: Sequence, token: int, lp) -> RequestOutput:
         return self._append_text(seq, *self._append_state(seq, token, lp))
@@ -297,6 +379,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
+        if self.proposer is not None:
+            self.proposer.forget(seq.request_id)
 
     def _output(self, seq: Sequence, new_ids: list[int], lp) -> RequestOutput:
         done = seq.status == Status.FINISHED
@@ -318,3 +402,11 @@ class LLMEngine:
             for o in self.step():
                 out[o.request_id].extend(o.new_token_ids)
         return [out[i] for i in ids]
+
+
+def _merge(outs: list[RequestOutput]) -> RequestOutput:
+    """One output for the tokens a speculative step appended to one request."""
+    last = outs[-1]
+    if len(outs) == 1:
+        return last
+    return replace(last, new_token_ids=[t for o in outs for t in o.new_token_ids], text="".join(o.text for o in outs))

@@ -90,13 +90,28 @@ class ModelRunner:
         """Start a decode step and its sampling without waiting for them (on a GPU the work is queued)."""
         return PendingSample(self.sampler.sample_ids(self._logits(batch, rows), rows))
 
-    def _logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> torch.Tensor | None:
+    @torch.inference_mode()
+    def verify_logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None]) -> list[torch.Tensor | None]:
+        """A step with speculative drafts: per sequence, None (no row), its last position's logits [1, V], or,
+        with drafts, the logits at the pending token and at every draft [1 + len(drafts), V]."""
+        counts = [0 if r is None else (len(d) + 1 if d else 1) for r, d in zip(rows, batch.drafts, strict=True)]
+        logits = self._logits(batch, rows, counts)
+        out, k = [], 0
+        for c in counts:
+            out.append(logits[k:k + c] if c else None)
+            k += c
+        return out
+
+    def _logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None],
+                counts: list[int] | None = None) -> torch.Tensor | None:
+        """Logits at each sampling sequence's last position, or (`counts`) at its last counts[i] positions."""
         if self.paged_decode and all(n == 1 for n in batch.num_new):
             return self._decode_logits(batch)
         ids, pos, q_lens, kv_lens, tables = [], [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+        drafts = batch.drafts or [[]] * len(batch.seqs)
+        for seq, n, d in zip(batch.seqs, batch.num_new, drafts, strict=True):
             start = seq.num_computed
-            ids.extend(seq.all_ids[start:start + n])
+            ids.extend((seq.all_ids[start:] + d)[:n])
             pos.extend(range(start, start + n))
             q_lens.append(n)
             kv_lens.append(start + n)
@@ -105,11 +120,13 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]
-        last = torch.tensor(q_lens).cumsum(0) - 1
-        want = [i for i, r in enumerate(rows) if r is not None]
+        ends = torch.tensor(q_lens).cumsum(0).tolist()
+        if counts is None:
+            counts = [0 if r is None else 1 for r in rows]
+        want = [p for end, c in zip(ends, counts, strict=True) for p in range(end - c, end)]
         if not want:
             return None
-        return self.model.compute_logits(hidden[last[want].to(self.device)])  # [B', V]
+        return self.model.compute_logits(hidden[torch.tensor(want, device=self.device)])  # [sum(counts), V]
 
     def _decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """A decode-only step through the paged kernel: a graph replay when the batch fits a bucket.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from thinkgate.engine.block_manager import BlockManager
 from thinkgate.engine.request import Sequence, Status
@@ -21,6 +21,9 @@ from thinkgate.engine.request import Sequence, Status
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]  # tokens to compute for each sequence this step
+    # Speculative drafts per sequence (parallel to seqs; empty = none): computed after its pending token,
+    # counted in num_new. Empty list when the step has none at all.
+    drafts: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -42,14 +45,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> ScheduledBatch:
+        """`drafts`: speculative tokens proposed for decoding sequences; each is verified after the
+        sequence's pending token when the budget and free blocks allow it (drafts never preempt)."""
         budget = self.max_num_batched_tokens
-        seqs, num_new = [], []
+        seqs, num_new, seq_drafts = [], [], []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            d = drafts.get(seq.request_id, []) if drafts and n == seq.num_tokens - seq.num_computed == 1 else []
+            d = d[:budget - 1]
+            if d and self.bm.can_allocate(seq, seq.num_computed + 1 + len(d)):
+                n += len(d)
+            else:
+                d = []
             while not self.bm.can_allocate(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -61,6 +72,7 @@ class Scheduler:
             self.bm.allocate(seq, seq.num_computed + n)
             seqs.append(seq)
             num_new.append(n)
+            seq_drafts.append(d)
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -87,8 +99,9 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             num_new.append(n)
+            seq_drafts.append([])
             budget -= n
-        return ScheduledBatch(seqs, num_new)
+        return ScheduledBatch(seqs, num_new, seq_drafts if any(seq_drafts) else [])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -35,6 +35,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Thinking budget: after this many reasoning tokens the engine closes the thinking block itself.
     reasoning_budget: int | None = None
+    # Whether the engine may draft and verify tokens ahead for this request (when it runs with speculation).
+    speculative: bool = True
 
     def check(self, vocab_size: int) -> None:
         """Raise ValueError if the sampler could not run these values (an engine invariant, not API validation)."""

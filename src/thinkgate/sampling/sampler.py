@@ -56,6 +56,30 @@ class Sampler:
         self._apply_penalties(logits, rows)
         return self._sample(logits, rows)
 
+    def targets(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int] | None, torch.Tensor | None]:
+        """The distribution each row samples from, for verifying speculative drafts: all rows greedy ->
+        (the argmax ids, None); else (None, probabilities [B, V]) with greedy rows one-hot. The same
+        transforms, in the same order, as `sample_ids` (rows are one request's consecutive positions)."""
+        if all(_plain_greedy(r) for r in rows):
+            return logits[:, : self.valid_vocab].argmax(dim=-1).tolist(), None
+        logits = logits.clone()
+        if self.valid_vocab < logits.shape[1]:
+            logits[:, self.valid_vocab:] = NEG_INF
+        self._apply_bias_and_bans(logits, rows)
+        self._apply_penalties(logits, rows)
+        if all(r.params.temperature == 0 for r in rows):
+            return logits.argmax(dim=-1).tolist(), None
+        dev, dt = logits.device, logits.dtype
+        temp = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=dt)
+        greedy = temp == 0
+        scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
+        scaled = filter_top_k(scaled, torch.tensor([r.params.top_k for r in rows], device=dev))
+        probs = torch.softmax(self._filters(scaled, rows), dim=-1)
+        if bool(greedy.any()):
+            onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+            probs = torch.where(greedy[:, None], onehot, probs)
+        return None, probs
+
     # -- transforms -------------------------------------------------------------------------------
     def _apply_bias_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         r_idx, c_idx, vals = [], [], []
