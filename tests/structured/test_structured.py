@@ -63,7 +63,7 @@ def test_compiled_grammars_are_cached(engine_factory, name):
     eng = engine_factory("qwen3")
     backend = make_backend(eng.tokenizer, sorted(eng.eos_ids), name)
     a, b = backend.json_schema(CORPUS[0]), backend.json_schema(dict(reversed(list(CORPUS[0].items()))))
-    assert len(backend._cache) == 1 and a.m is not b.m  # one compile, independent matchers
+    assert len(backend._cache) == 1 and a.inner.m is not b.inner.m  # one compile, independent matchers
 
 
 def test_unsupported_schema_is_named(engine_factory):

@@ -6,6 +6,7 @@ import json
 
 from thinkgate.errors import InvalidRequestError
 from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
+from thinkgate.structured.bounds import bound_time_formats
 
 
 def validate_tools(req: ChatCompletionRequest) -> None:
@@ -43,14 +44,21 @@ def call_schema(tool) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int | None) -> str:
-    """Lark grammar (llguidance dialect) for one or more well-formed calls of the allowed tools."""
+def tool_calls_schema(req: ChatCompletionRequest) -> dict:
+    """The JSON schema of one call of an allowed tool (its number bounds are the grammar's, see
+    structured/bounds.py)."""
     tools = req.tools or []
     if isinstance(req.tool_choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
     schemas = [call_schema(t) for t in tools]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}  # compact JSON, as the template shows
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int | None) -> str:
+    """Lark grammar (llguidance dialect) for one or more well-formed calls of the allowed tools."""
+    # Compact JSON, as the template shows: no whitespace between tokens, so none a model could repeat; times
+    # with bounded fractional seconds, as response_format's (structured/bounds.py).
+    schema = {**bound_time_formats(tool_calls_schema(req)), "x-guidance": {"whitespace_flexible": False}}
     open_tag = f"<[{start_id}]>" if start_id is not None else json.dumps("<tool_call>")
     close_tag = f"<[{end_id}]>" if end_id is not None else json.dumps("</tool_call>")
     many = req.parallel_tool_calls is not False and not isinstance(req.tool_choice, NamedToolChoice)

@@ -2,7 +2,8 @@
 
 A backend compiles a JSON schema (or the builtin "any JSON object" grammar) for one tokenizer; each
 request gets a `Matcher` that says which tokens may come next, accepts the sampled token, can roll back,
-and knows when the grammar is complete. Compilation results are cached by schema.
+and knows when the grammar is complete. Compilation results are cached by schema. Every matcher bounds the
+digits of a number (structured/bounds.py), so a constrained answer cannot loop on digits to the token cap.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ class GrammarBackend(Protocol):
 
     def json_object(self) -> Matcher: ...
 
-    def lark(self, grammar: str) -> Matcher:
-        """A Lark grammar (llguidance dialect: `%json {schema}` and `<[token id]>` are allowed)."""
+    def lark(self, grammar: str, schema: dict | None = None) -> Matcher:
+        """A Lark grammar (llguidance dialect: `%json {schema}` and `<[token id]>` are allowed); `schema` is
+        the JSON schema it embeds, whose values may need longer numbers than the default bounds."""
 
 
 def schema_key(schema: dict) -> str:

@@ -28,6 +28,7 @@ import torch
 import xgrammar as xgr
 
 from thinkgate.structured.backend import GrammarError, schema_key
+from thinkgate.structured.bounds import FORMAT_PATTERNS, bounds_for
 
 # Keywords xgrammar 0.2 accepts but does not enforce in the output (checked against jsonschema with the
 # schema corpus in tests/structured).
@@ -41,15 +42,6 @@ _NAME_MAPS = ("properties", "$defs", "definitions", "patternProperties", "depend
 _DATA = ("enum", "const", "default", "examples", "required", "description", "title")
 
 
-_YEAR = "[1-9][0-9]{3}"
-_MONTH_DAY = ("((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-              "|02-(0[1-9]|1[0-9]|2[0-8]))")
-_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{1,6}|)(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-FORMAT_PATTERNS = {
-    "date": f"^{_YEAR}-{_MONTH_DAY}$",
-    "date-time": f"^{_YEAR}-{_MONTH_DAY}T{_TIME}$",
-    "time": f"^{_TIME}$",
-}
 _SAFE_CHAR = '[^\\x00-\\x1f"\\\\]'  # any character a JSON string may hold unescaped
 
 
@@ -209,6 +201,19 @@ class XGrammarMatcher:
     def rollback(self, n: int) -> None:
         self.m.rollback(n)
 
+    def accepts_after(self, token: int, candidates: list[int]) -> bool:
+        """One of `candidates` may follow `token` (the state is unchanged; a refused token changes nothing)."""
+        if not self.m.accept_token(token):
+            return False
+        try:
+            for c in candidates:
+                if self.m.accept_token(c):
+                    self.m.rollback(1)
+                    return True
+            return False
+        finally:
+            self.m.rollback(1)
+
     def is_terminated(self) -> bool:
         # Completed: the grammar can end here and nothing else may follow (EOS is the only way on).
         return self.m.is_terminated() or self.m.is_completed() and not self._more_allowed()
@@ -243,23 +248,26 @@ class XGrammarBackend:
         self._lock = threading.Lock()
         self._lark = LLGuidanceBackend(tokenizer, eos_ids, cache_size)
 
-    def json_schema(self, schema: dict, strict: bool = True) -> XGrammarMatcher:
+    def json_schema(self, schema: dict, strict: bool = True):
         problem = schema_problem(schema)
         if problem:
             raise GrammarError(problem)
+        bounds = bounds_for(schema)
 
         def compile_schema():
-            # Compact separators, as the llguidance backend writes: short outputs of one shape.
+            # Compact separators and no whitespace between tokens, as the llguidance backend writes: short
+            # outputs of one shape, and no whitespace a model could repeat.
             return self.compiler.compile_json_schema(json.dumps(rewrite_formats(schema)), any_whitespace=False,
                                                      separators=(",", ":"), strict_mode=strict)
 
-        return self._matcher(f"schema:{strict}:" + schema_key(schema), compile_schema)
+        # The same number bounds as the llguidance backend (structured/bounds.py), on the same token bytes.
+        return self._lark.bound(self._matcher(f"schema:{strict}:" + schema_key(schema), compile_schema), bounds)
 
-    def json_object(self) -> XGrammarMatcher:
+    def json_object(self):
         return self.json_schema({"type": "object"})
 
-    def lark(self, grammar: str):
-        return self._lark.lark(grammar)
+    def lark(self, grammar: str, schema: dict | None = None):
+        return self._lark.lark(grammar, schema)
 
     def _matcher(self, key: str, compile_fn) -> XGrammarMatcher:
         with self._lock:

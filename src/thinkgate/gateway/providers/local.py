@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from thinkgate.chat.messages import check_parts, to_template_messages
 from thinkgate.chat.template import render_chat, thinking_mode
-from thinkgate.chat.tools import tool_call_lark
+from thinkgate.chat.tools import tool_call_lark, tool_calls_schema
 from thinkgate.engine.async_engine import AsyncEngine
 from thinkgate.engine.request import FinishReason, RequestOutput
 from thinkgate.errors import InvalidRequestError
@@ -139,7 +139,7 @@ class LocalProvider:
         if params.forced_tools:
             tok = self.tokenizer
             lark = tool_call_lark(req, tok.token_id("<tool_call>"), tok.token_id("</tool_call>"))
-            make, param = (lambda: self.grammar_backend.lark(lark)), "tools"
+            make, param = (lambda: self.grammar_backend.lark(lark, tool_calls_schema(req))), "tools"
         elif rf is not None and rf.type == "json_object":
             make, param = self.grammar_backend.json_object, "response_format"
         elif rf is not None and rf.type == "json_schema":
