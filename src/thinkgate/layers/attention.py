@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -102,6 +101,10 @@ class TorchPagedAttention:
             return out.squeeze(2).to(q.dtype)
         k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
         if meta.kind == "chunk":
+            # Imported here: torch.nn.attention.bias pulls in torch._dynamo (sympy, triton), ~140 MiB of
+            # resident memory that a server which never prefills in chunks would carry for nothing.
+            from torch.nn.attention.bias import causal_lower_right
+
             # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
             # kernels take without a materialised [T, L] mask.
             out = sdpa(q.to(dtype).transpose(0, 1)[None], k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
