@@ -5,6 +5,7 @@ gateway (keys, a priced scripted model, billing) with the admin API beside them.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from decimal import Decimal
 
@@ -20,8 +21,10 @@ from thinkgate.gateway import manage
 from thinkgate.gateway.limits import MemoryRateLimiter
 from thinkgate.gateway.money import Price
 from thinkgate.gateway.service import Caller, Gateway
-from thinkgate.storage.accounts import AccountStore
+from thinkgate.storage.accounts import AccountStore, now
+from thinkgate.storage.db import Database
 from thinkgate.storage.ledger import Ledger
+from thinkgate.storage.schema import api_keys
 
 
 @pytest.fixture(params=BACKENDS)
@@ -211,3 +214,48 @@ def test_end_to_end_through_the_real_gateway_and_the_admin_api(db, caplog):
     assert gateway.ledger.open_holds() == 0
     server_logs = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
     assert server_logs and not any(secret in line for line in server_logs)  # (the test's own client logs URLs)
+
+
+def test_a_key_revoked_or_expired_elsewhere_stops_at_once_although_this_process_cached_it(db):
+    """The gateway caches keys for the routes that generate; the hold re-reads the key's row, so a key revoked
+    (or expired) by another process on the same database - a second gateway, the CLI - is refused with 401 on
+    its very next request, holds nothing, and every other route reads the key fresh."""
+    gateway = Gateway(db, {"scripted": Price.cny("0.00275", "0.0095")}, require_keys=True,
+                      limiter=MemoryRateLimiter())
+    gateway.start_sync()
+    app = create_app({"scripted": ScriptedProvider(words=("a", "b", "c"))}, gateway=gateway)
+    store = AccountStore(db)
+    store.create_account("alice", balance_units=100_000_000)
+    secrets = {name: manage.create_key(store, "alice", name)[1] for name in ("revoked", "expired")}
+    other = Database(db.url)  # another process's connections to the same database
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def go():
+        out = {}
+        async with asgi_client(app) as c:
+            for name, secret in secrets.items():
+                auth = {"Authorization": f"Bearer {secret}"}
+                first = await c.post("/v1/chat/completions", headers=auth, json=body)  # now in the cache
+                if name == "revoked":
+                    AccountStore(other).revoke_key(name)
+                else:
+                    with other.begin() as conn:
+                        conn.execute(api_keys.update().where(api_keys.c.name == name)
+                                     .values(expires_at=now() - dt.timedelta(seconds=1)))
+                before = store.account("alice").balance_units
+                out[name] = (first, await c.post("/v1/chat/completions", headers=auth, json=body),
+                             await c.post("/v1/chat/completions", headers=auth, json={**body, "stream": True}),
+                             await c.get("/v1/key", headers=auth), before, store.account("alice").balance_units)
+        return out
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        other.dispose()
+    for name, (first, chat, streamed, key, before, after) in results.items():
+        assert first.status_code == 200, (name, first.text)
+        for r in (chat, streamed, key):
+            assert error_of(r, 401)["code"] == "invalid_api_key", name
+        assert error_of(chat, 401)["message"] == error_of(key, 401)["message"]  # one answer for every bad key
+        assert after == before  # the refused requests held and cost nothing
+    assert gateway.ledger.open_holds() == 0

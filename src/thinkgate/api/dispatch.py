@@ -22,6 +22,10 @@ from thinkgate.params import ChatParams
 if TYPE_CHECKING:
     from thinkgate.api.operations import Operations
 
+# The routes whose requests all go on to `start`, i.e. to the gateway's hold, which re-reads the key's row: only
+# they may authenticate from the gateway's per-process key cache (see gateway/service.py).
+GENERATING = ("/chat/completions", "/completions", "/responses")
+
 
 @dataclass
 class Started:
@@ -45,8 +49,10 @@ class Dispatcher:
         caller = None
         if self.gateway is not None:
             ip = request.client.host if request.client is not None else None
+            route = getattr(request.scope.get("route"), "path", "")
             caller = await self.gateway.authenticate(request.headers.get("authorization"),
-                                                     dict(request.query_params), ip)
+                                                     dict(request.query_params), ip,
+                                                     cached=request.method == "POST" and route.endswith(GENERATING))
         if (info := current_request()) is not None:
             info.note_caller(caller)
         return caller

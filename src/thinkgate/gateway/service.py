@@ -3,6 +3,13 @@ address, rate limits, the hold that guarantees payment, and the capture when the
 
 No SQL here (storage/ does that) and no HTTP (the API turns the errors raised here into 401/402/403/429).
 Blocking database calls run in worker threads, off the event loop.
+
+Keys are cached per process by their hash (`authenticate(..., cached=True)`), which the API asks for only on
+the routes that generate: their next step, the hold, reads the key's row again inside its transaction and
+refuses a revoked or expired key (401), so revocation still stops generation at once, in this process and in
+any other gateway process on the same database. Every other route (GET /v1/key, /v1/generation, redeem,
+/v1/models, ...) reads the key fresh. A cached entry lives at most KEY_CACHE_S (keys cannot be edited, only
+revoked, so this only bounds how long an entry may stay unused in memory).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, replace
 
@@ -29,13 +37,15 @@ from thinkgate.gateway.money import Price, to_cny
 from thinkgate.gateway.providers.base import PreparedRequest, UsageRecord
 from thinkgate.storage.accounts import Account, AccountStore, Key, now
 from thinkgate.storage.db import Database
-from thinkgate.storage.ledger import Ledger
+from thinkgate.storage.ledger import KeyUnusable, Ledger
 
 log = logging.getLogger(__name__)
 BAD_KEY = "invalid API key: it is unknown, revoked or expired"  # one message for every case
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0  # an instance silent this long is dead: its open holds are released
 QUERY_KEY_NAMES = ("key", "api_key", "api-key", "apikey", "token", "access_token")
+KEY_CACHE_S = 60.0
+KEY_CACHE_SIZE = 10_000  # the oldest entry goes first past this
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Gateway:
         self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._anonymous: Account | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._keys: dict[str, tuple[float, Key, Account]] = {}  # hash -> (monotonic expiry, key, account)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start_sync(self) -> None:
@@ -101,7 +112,10 @@ class Gateway:
         return (now() - heartbeat_at).total_seconds() > STALE_AFTER_S
 
     # -- who calls --------------------------------------------------------------------------------
-    async def authenticate(self, authorization: str | None, query: dict[str, str], client_ip: str | None) -> Caller:
+    async def authenticate(self, authorization: str | None, query: dict[str, str], client_ip: str | None,
+                           cached: bool = False) -> Caller:
+        """The caller; `cached` allows this process's key cache, only for a request that holds before it
+        generates (the hold re-checks revocation and expiry: see the module's docstring)."""
         for name, value in query.items():
             if name.lower() in QUERY_KEY_NAMES or looks_like_key(value):
                 raise InvalidRequestError("API keys are not accepted in the URL (they end up in logs); send "
@@ -112,7 +126,10 @@ class Gateway:
         if secret is None:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         digest = hash_secret(secret)
-        found = await asyncio.to_thread(self.store.caller_by_hash, digest)
+        found = self._cached_key(digest) if cached else None
+        if found is None:
+            found = await asyncio.to_thread(self.store.caller_by_hash, digest)
+            self._remember_key(digest, found)
         # Found by its hash; compared again in constant time, so no timing tells how much of a guess matched.
         if found is None or not same_hash(found[0].secret_hash, digest) or not found[0].usable(now()):
             raise AuthenticationError(BAD_KEY, code="invalid_api_key")
@@ -120,6 +137,25 @@ class Gateway:
         if key.ips and not _ip_allowed(client_ip, key.ips):
             raise PermissionDenied("this key may not be used from this address", code="ip_not_allowed")
         return Caller(account, key)
+
+    def _cached_key(self, digest: str) -> tuple[Key, Account] | None:
+        hit = self._keys.get(digest)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1], hit[2]
+
+    def _remember_key(self, digest: str, found: tuple[Key, Account] | None) -> None:
+        """Cache a usable key; forget an unknown, revoked or expired one (never cached: a key made after a
+        miss must work at once)."""
+        if found is None or not found[0].usable(now()):
+            self._keys.pop(digest, None)
+            return
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            del self._keys[next(iter(self._keys))]
+        self._keys[digest] = (time.monotonic() + KEY_CACHE_S, *found)
+
+    def forget_key(self, secret_hash: str) -> None:
+        self._keys.pop(secret_hash, None)
 
     def authorize_model(self, caller: Caller, model: str) -> Price:
         if caller.key is not None and caller.key.models and model not in caller.key.models:
@@ -162,6 +198,10 @@ class Gateway:
         try:
             held = await asyncio.to_thread(self.ledger.hold, request_id, caller.account.id, caller.key.id,
                                            self.instance_id, plan)
+        except KeyUnusable:  # revoked or expired since this process cached it
+            self.forget_key(caller.key.secret_hash)
+            await self.limiter.release(permit, 0)
+            raise AuthenticationError(BAD_KEY, code="invalid_api_key") from None
         except BaseException:
             await self.limiter.release(permit, 0)
             raise
