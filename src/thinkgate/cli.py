@@ -41,8 +41,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="KV pool dtype (auto: bf16 on CPU, fp32 where thinkgate's C++ kernels read it)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
-                   help="quantized linear layers for CPU decode (auto, on CPU in bf16: mixed = int4 for one-row "
-                        "steps, int8 weights and activations for batched ones)")
+                   help="quantized linear layers on CPU, held in their serving form only (auto: mixed = int4 for "
+                        "one-row steps and int8 weights x int8 activations for the rest where thinkgate's AVX-512 "
+                        "VNNI kernels run, W8A8 throughout on other x86 CPUs, none with --dtype float32)")
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--quantization", default=e.quantization, choices=["none", "fp8"],
