@@ -59,7 +59,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "request gets 429 with Retry-After at once")
     p.add_argument("--request-timeout", type=float, default=s.request_timeout_s, metavar="S",
                    help="end a request running longer than S seconds (an error chunk, or 504), billed for what it "
-                        "generated (default: no timeout)")
+                        "generated (default: no timeout; a catalog model's request_timeout_s replaces it)")
     p.add_argument("--drain-timeout", type=float, default=s.drain_timeout_s, metavar="S",
                    help="on SIGTERM: readiness (/health/ready) turns false, new connections are refused, running "
                         "requests may finish for S seconds, the rest end with an error (billed); then exit 0")
