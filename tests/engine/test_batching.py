@@ -210,7 +210,8 @@ def test_chunked_prefill_never_stalls_running_decodes(engine_factory):
     eng.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     while eng.has_unfinished():
         eng.step()
-    prefill_steps = [b for b in batches if any(s.request_id == "long" and n > 1 for s, n in zip(b.seqs, b.num_new))]
+    prefill_steps = [b for b in batches
+                     if any(s.request_id == "long" and n > 1 for s, n in zip(b.seqs, b.num_new, strict=True))]
     assert len(prefill_steps) >= 100 // 16  # the prompt really was chunked
     for b in prefill_steps:
         rows = {s.request_id: n for s, n in zip(b.seqs, b.num_new, strict=True)}
