@@ -14,7 +14,7 @@ from thinkgate.models.config import ModelConfig, UnsupportedModelError
 from thinkgate.models.hub import ModelNotFoundError, download_from_hub
 from thinkgate.models.qwen import QwenForCausalLM
 from thinkgate.models.tokenizer import ModelTokenizer
-from thinkgate.models.weights import CheckpointError, check_shapes, convert_state_dict
+from thinkgate.models.weights import CheckpointError, check_shapes, convert_in_parts, convert_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +59,36 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     check_quantization(quantization, dev)
-    loaded = _load(spec, tdtype, dev, max_model_len)
+    quant = "none" if quantization == "fp8" else resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype)
+    head = quant if head_quant == "auto" else head_quant
+    prepare = None if quant == "none" else lambda m: _serving_form(m, quant, head, cpu_kernels)
+    loaded = _load(spec, tdtype, dev, max_model_len, prepare)
     if quantization == "fp8":
         from thinkgate.layers.fp8 import quantize_model_fp8
 
         quantize_model_fp8(loaded.model)
         return loaded
-    quant = resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype)
-    if quant != "none":
-        from thinkgate.layers.embedding import quantize_embedding
-        from thinkgate.layers.linear import quantize_linears
+    if prepare is not None:
+        from thinkgate.layers.linear import QuantizedLinear
         from thinkgate.models.resident import release_freed_memory
 
-        head = quant if head_quant == "auto" else head_quant
-        # One serving form per weight: each float weight is dropped as its layer is quantized (prefill runs
-        # on the quantized kernels too), and the embedding is kept as int8 rows.
-        quantize_embedding(loaded.model)
-        n = quantize_linears(loaded.model, quant, keep_dense=False, head_mode=head, cpu_kernels=cpu_kernels)
+        prepare(loaded.model)  # what loading part by part left (a random model is built whole)
         release_freed_memory()
+        n = sum(isinstance(m, QuantizedLinear) for m in loaded.model.modules())
         log.info("%s quantization on %d linear layers (output head: %s), int8 embedding", quant, n, head)
     return loaded
+
+
+def _serving_form(module: torch.nn.Module, quant: str, head: str, cpu_kernels: bool) -> None:
+    """One serving form per weight: each float weight is dropped once its quantized form is built (prefill
+    runs on the quantized kernels too); the embedding becomes int8 rows (before the linears, so a tied head
+    reads those rows rather than getting a copy)."""
+    from thinkgate.layers.embedding import quantize_embedding
+    from thinkgate.layers.linear import quantize_linears
+
+    if isinstance(getattr(module, "embed_tokens", None), torch.nn.Embedding):
+        quantize_embedding(module)
+    quantize_linears(module, quant, keep_dense=False, head_mode=head, cpu_kernels=cpu_kernels)
 
 
 def check_quantization(mode: str, dev: torch.device) -> None:
@@ -110,22 +120,24 @@ def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype
     return mode
 
 
-def _load(spec: str, tdtype, dev, max_model_len) -> LoadedModel:
+def _load(spec: str, tdtype, dev, max_model_len, prepare=None) -> LoadedModel:
+    """`prepare(module)`, where given, turns each loaded part (a decoder layer, then the whole model once the
+    embedding and head are in) into its serving form before the next part is read."""
     if spec.startswith("random:"):
         return _load_random(spec, tdtype, dev, max_model_len)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise UnsupportedModelError(f"{path} is a file but not a .gguf; pass a model directory or a GGUF file")
-        return _load_gguf(path, tdtype, dev, max_model_len)
+        return _load_gguf(path, tdtype, dev, max_model_len, prepare)
     if path.is_dir():
-        return _load_hf_dir(path, tdtype, dev, max_model_len, name=path.name)
+        return _load_hf_dir(path, tdtype, dev, max_model_len, name=path.name, prepare=prepare)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return _load_hf_dir(download_from_hub(spec), tdtype, dev, max_model_len, name=spec)
+        return _load_hf_dir(download_from_hub(spec), tdtype, dev, max_model_len, name=spec, prepare=prepare)
     raise ModelNotFoundError(f"model {spec!r} is neither a directory, a .gguf file nor a hub id (org/name)")
 
 
-def _load_hf_dir(path: Path, dtype, dev, max_model_len, name: str) -> LoadedModel:
+def _load_hf_dir(path: Path, dtype, dev, max_model_len, name: str, prepare=None) -> LoadedModel:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model directory")
@@ -138,7 +150,7 @@ def _load_hf_dir(path: Path, dtype, dev, max_model_len, name: str) -> LoadedMode
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
     names, get, closers = _safetensors_source(path)
     try:
-        model = _build(cfg, names, get, dtype, dev, max_model_len)
+        model = _build(cfg, names, get, dtype, dev, max_model_len, prepare)
     finally:
         for c in closers:
             c.__exit__(None, None, None)
@@ -181,13 +193,13 @@ def _safetensors_source(path: Path):
     return list(where), get, closers
 
 
-def _load_gguf(path: Path, dtype, dev, max_model_len) -> LoadedModel:
+def _load_gguf(path: Path, dtype, dev, max_model_len, prepare=None) -> LoadedModel:
     from thinkgate.models.gguf_file import GGUFModel
 
     g = GGUFModel(path)
     cfg = ModelConfig.from_hf(g.hf_config())
     tokenizer = g.tokenizer()
-    model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len)
+    model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len, prepare)
     eos = _eos_ids([g.value("tokenizer.ggml.eos_token_id")], tokenizer)
     name = (g.value("general.name") or path.stem).replace(" ", "-")
     return LoadedModel(name=name, model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos,
@@ -234,12 +246,23 @@ def _load_random(spec: str, dtype, dev, max_model_len) -> LoadedModel:
                        eos_token_ids=eos, generation_defaults={}, source=spec)
 
 
-def _build(cfg: ModelConfig, names, get, dtype, dev, max_model_len) -> QwenForCausalLM:
-    sd = convert_state_dict(cfg, names, get, dtype)
+def _build(cfg: ModelConfig, names, get, dtype, dev, max_model_len, prepare=None) -> QwenForCausalLM:
     with torch.device("meta"):
         model = QwenForCausalLM(cfg, max_positions=1)
-    check_shapes(model, sd)
-    model.load_state_dict(sd, assign=True, strict=True)
+    if prepare is None or dev.type != "cpu":
+        sd = convert_state_dict(cfg, names, get, dtype)
+        check_shapes(model, sd)
+        model.load_state_dict(sd, assign=True, strict=True)
+    else:  # part by part into the serving form: peak memory is the quantized model plus one float part
+        for part in convert_in_parts(cfg, names, get, dtype):
+            check_shapes(model, part, partial=True)
+            model.load_state_dict(part, assign=True, strict=False)
+            layer = next(iter(part)).split(".")
+            prepare(model.layers[int(layer[1])] if layer[0] == "layers" else model)
+            del part
+        on_meta = [k for k, v in model.state_dict().items() if v.is_meta]
+        if on_meta:
+            raise CheckpointError(f"checkpoint lacks weights for {on_meta[0]}")
     # Rotary tables are computed, not loaded: rebuild them on the real device for the served length.
     from thinkgate.layers.rotary import RotaryEmbedding
 
