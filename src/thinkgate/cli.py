@@ -54,6 +54,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: torch's ops only, not thinkgate's C++ kernels (built on first use, ~40 s)")
     p.add_argument("--grammar-backend", default=e.grammar_backend, choices=["auto", "llguidance", "xgrammar"],
                    help="structured outputs (auto: xgrammar on a GPU if installed, else llguidance)")
+    p.add_argument("--speculative", default=e.speculative, choices=["off", "ngram"],
+                   help="speculative decoding on the CPU/eager path: ngram drafts tokens from earlier text of the "
+                        "same sequence (helps answers that repeat their prompt; a request may send speculative: false)")
     p.add_argument("--max-waiting", type=int, default=s.max_waiting,
                    help="sequences each engine may hold waiting beyond its batch (--max-num-seqs); past that a "
                         "request gets 429 with Retry-After at once")
@@ -100,7 +103,7 @@ def build_app(args):
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=not args.no_prefix_caching, weight_quant=args.weight_quant, head_quant=args.head_quant,
         enforce_eager=args.enforce_eager, cpu_kernels=not args.no_cpu_kernels, grammar_backend=args.grammar_backend,
-        quantization=args.quantization,
+        quantization=args.quantization, speculative=args.speculative,
     )
     if catalog is not None:  # engine options the catalog leaves out come from the command line
         from thinkgate.catalog import CatalogError, local_providers

@@ -84,6 +84,7 @@ class ChatParams:
     show_reasoning: bool
     stream: bool
     include_usage: bool  # stream_options.include_usage
+    speculative: bool = True  # extra body field: false keeps the engine from drafting tokens for this request
 
     @property
     def model(self) -> str:
@@ -138,6 +139,9 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
     enabled = r.enabled if r is not None else None
     if enabled is None and effort == "none":
         enabled = False
+    speculative = (req.model_extra or {}).get("speculative", True)
+    if not isinstance(speculative, bool):
+        raise InvalidRequestError(f"speculative must be a boolean, got {speculative!r}", param="speculative")
     return ChatParams(
         request=req, n=req.n if req.n is not None else 1, max_tokens=max_tokens, max_tokens_param=max_name,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, top_a=req.top_a or 0.0,
@@ -149,4 +153,5 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
         reasoning_max_tokens=r.max_tokens if r is not None else None,
         reasoning_effort=effort, thinking_enabled=enabled, show_reasoning=show, stream=req.stream,
         include_usage=bool(req.stream_options is not None and req.stream_options.include_usage),
+        speculative=speculative,
     )

@@ -178,3 +178,44 @@ def test_sampled_tokens_keep_their_distribution(engine_factory):
     assert _chi2_pvalue(observed, expected) > 1e-3
     assert not math.isnan(_chi2_pvalue(observed, expected))
     _assert_pool_clean(spec)
+
+
+def test_request_switch_is_validated():
+    from thinkgate.errors import InvalidRequestError
+    from thinkgate.params import validate_chat
+    from thinkgate.protocol import ChatCompletionRequest
+
+    def chat(**extra):
+        return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **extra)
+
+    assert validate_chat(chat()).speculative is True
+    assert validate_chat(chat(speculative=False)).speculative is False
+    with pytest.raises(InvalidRequestError) as e:
+        validate_chat(chat(speculative="no"))
+    assert e.value.param == "speculative"
+
+
+def test_served_with_speculation(checkpoints):
+    """`thinkgate serve --speculative ngram`: greedy answers equal with the request's switch on and off, and a
+    switch that is not a boolean is a 400 naming it."""
+    import openai
+
+    from tests.conftest import ServerProcess
+
+    s = ServerProcess(str(checkpoints["qwen3"]), extra=["--kv-cache-memory", str(32 * 2**20), "--speculative", "ngram"])
+    try:
+        client = s.client()
+        text = "alpha beta gamma delta " * 12
+        answers = []
+        for extra in ({}, {"speculative": False}, {"speculative": True}):
+            r = client.chat.completions.create(model=s.model_id, messages=[{"role": "user", "content": text}],
+                                               temperature=0, max_tokens=40, extra_body=extra)
+            assert r.usage.completion_tokens == 40
+            answers.append(r.choices[0].message.model_dump())  # the tiny thinker's text may all be reasoning
+        assert answers[0] == answers[1] == answers[2]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=s.model_id, messages=[{"role": "user", "content": "x"}],
+                                           extra_body={"speculative": "yes"})
+        assert e.value.body["param"] == "speculative"
+    finally:
+        s.stop()

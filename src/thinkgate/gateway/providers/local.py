@@ -173,7 +173,7 @@ class LocalProvider:
             repetition_penalty=params.repetition_penalty, seed=params.seed, max_tokens=cap,
             min_tokens=params.min_tokens, logit_bias=dict(params.logit_bias), stop=stop,
             stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs, top_logprobs=params.top_logprobs,
-            n=params.n, ignore_eos=params.ignore_eos, reasoning_budget=budget,
+            n=params.n, ignore_eos=params.ignore_eos, reasoning_budget=budget, speculative=params.speculative,
         )
 
     # -- text completions: raw prompts (text or token ids), no chat template --------------------------
