@@ -173,7 +173,8 @@ def main() -> None:
         p50, p99, rps = (statistics.median(r[k] for r in runs) for k in range(3))
         print(json.dumps({"config": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
                           "requests_per_s": round(rps, 1), "runs": args.repeats,
-                          "requests": args.requests, "concurrency": args.concurrency}), flush=True)
+                          "requests": args.requests, "concurrency": args.concurrency,
+                          "load_average_1m": round(os.getloadavg()[0], 2)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ TOOLS_OVERHEAD_TOKENS = 512
 # image (a 1024x1024 picture is about 1300 tokens on Qwen2.5-VL, 765 on GPT-4o), never the URL's bytes; the
 # capture bills the upstream's own count.
 IMAGE_TOKENS = 1536
+DRAIN_S = 0.25  # after [DONE]: how long the rest of the body may take before the connection is dropped
 
 
 @dataclass(frozen=True)
@@ -472,18 +473,32 @@ async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
 async def _sse_objects(resp: httpx.Response) -> AsyncIterator[dict]:
     """The JSON objects of an SSE stream (`data:` lines; comments and `[DONE]` skipped). Raises ValueError on
     anything that is not one."""
-    async for line in resp.aiter_lines():
+    lines = resp.aiter_lines()
+    async for line in lines:
         if not line or line.startswith(":") or line.startswith("event:"):
             continue
         if not line.startswith("data:"):
             raise ValueError(f"not an SSE line: {line[:60]!r}")
         data = line[5:].strip()
         if data == "[DONE]":
+            await _drain(lines)
             return
         obj = orjson.loads(data)
         if not isinstance(obj, dict):
             raise ValueError("an SSE event that is not a JSON object")
         yield obj
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read the body to its end after `[DONE]` (the chunked terminator is normally right behind it): httpcore
+    closes a connection whose response was closed unread, so without this every request opened a new TCP
+    connection to the upstream. An upstream that keeps the body open past DRAIN_S just loses the connection."""
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
 
 
 async def _prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
