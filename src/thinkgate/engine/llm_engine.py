@@ -171,7 +171,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self._pending is not None:
             return self._step_overlapped()
-        batch = self.scheduler.schedule(self._propose() if self.proposer is not None else None)
+        batch = self.scheduler.schedule(self._propose()) if self.proposer is not None else self.scheduler.schedule()
         if not batch.seqs:
             return []
         if batch.drafts:
