@@ -35,6 +35,7 @@ _NAMES = [
     (r"blk\.(\d+)\.ffn_gate_inp\.weight", "model.layers.{0}.mlp.gate.weight"),
 ]
 _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+_ROWS_PER_CALL = 4096  # rows dequantized per call of the gguf package (bounds its temporaries)
 
 
 class GGUFModel:
@@ -155,11 +156,20 @@ class GGUFModel:
         from gguf.quants import dequantize
 
         t = self._tensors[gguf_name]
-        arr = dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
-        if not arr.flags.writeable:  # F32 tensors come straight from the read-only memory map
-            arr = arr.copy()
+        data = t.data
+        if data.ndim < 2 or data.shape[0] <= _ROWS_PER_CALL:
+            arr = np.ascontiguousarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+            if not arr.flags.writeable:  # F32 tensors come straight from the read-only memory map
+                arr = arr.copy()
+            return torch.from_numpy(arr)
+        # A slice of rows at a time: the gguf package's dequantizers hold several float temporaries the size
+        # of their input, which for a 151,936-row embedding came to gigabytes at load.
+        arr = np.empty(shape, dtype=np.float32)
+        rows = arr.reshape(data.shape[0], -1)
+        for i in range(0, data.shape[0], _ROWS_PER_CALL):
+            part = data[i:i + _ROWS_PER_CALL]
+            rows[i:i + part.shape[0]] = dequantize(part, t.tensor_type).reshape(part.shape[0], -1)
         return torch.from_numpy(arr)
 
     def tensor_getter(self):
