@@ -18,6 +18,7 @@ from tests.gateway.test_admin_api import ADMIN, TOKEN, error_of, usage_row
 from thinkgate.api.account import BASES, add_account_routes
 from thinkgate.api.app import create_app
 from thinkgate.gateway import manage
+from thinkgate.gateway.keys import hash_secret
 from thinkgate.gateway.limits import MemoryRateLimiter
 from thinkgate.gateway.money import Price
 from thinkgate.gateway.service import Caller, Gateway
@@ -235,7 +236,8 @@ def test_a_key_revoked_or_expired_elsewhere_stops_at_once_although_this_process_
         async with asgi_client(app) as c:
             for name, secret in secrets.items():
                 auth = {"Authorization": f"Bearer {secret}"}
-                first = await c.post("/v1/chat/completions", headers=auth, json=body)  # now in the cache
+                first = await c.post("/v1/chat/completions", headers=auth, json=body)
+                assert gateway._cached_key(hash_secret(secret)) is not None  # the next chat authenticates from it
                 if name == "revoked":
                     AccountStore(other).revoke_key(name)
                 else:
