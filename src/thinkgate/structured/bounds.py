@@ -233,13 +233,14 @@ def bounds_for(schema) -> NumberBounds:
     return NumberBounds(need["int"], need["frac"], need["exp"])
 
 
-def _raise(need: dict, part: str, digits: int, keyword: str, value) -> None:
+def _raise(need: dict, part: str, digits: int, keyword: str, value, margin: int = 0) -> None:
+    """Values need `digits` in `part`; the bound allows `margin` more (see _range_need)."""
     if digits > MAX_DIGITS:
         what = {"int": "digits before the decimal point", "frac": "digits after the decimal point",
                 "exp": "exponent digits"}[part]
         raise GrammarError(f"{keyword} {json.dumps(value)} needs {digits} {what}; structured outputs allow at "
                            f"most {MAX_DIGITS} in a number")
-    need[part] = max(need[part], digits)
+    need[part] = max(need[part], digits + margin)
 
 
 def _walk(node, need: dict) -> None:
@@ -303,9 +304,9 @@ def _range_need(node: dict, need: dict) -> None:
     elif hi is not None and hi < 0:
         smallest, keyword = -hi, "maximum"
     if smallest is not None:
-        digits = len(str(int(smallest.to_integral_value(rounding=ROUND_CEILING)))) + 1
-        if digits > DEFAULT_BOUNDS.int_digits:
-            _raise(need, "int", digits, keyword, node.get(keyword, node.get("exclusive" + keyword.title())))
+        digits = len(str(int(smallest.to_integral_value(rounding=ROUND_CEILING))))
+        if digits + 1 > DEFAULT_BOUNDS.int_digits:
+            _raise(need, "int", digits, keyword, node.get(keyword, node.get("exclusive" + keyword.title())), 1)
     multiple = node.get("multipleOf")
     if isinstance(multiple, int | float) and not isinstance(multiple, bool):
         for part, digits in _literal_digits(multiple).items():
@@ -347,7 +348,7 @@ def _fraction_need(lo: Decimal, lo_excl: bool, hi: Decimal, hi_excl: bool, need:
             v += Decimal(1).scaleb(-digits)
         if v < hi or (v == hi and not hi_excl):
             if digits > DEFAULT_BOUNDS.frac_digits:
-                _raise(need, "frac", digits + 1, "minimum", node.get("minimum", node.get("exclusiveMinimum")))
+                _raise(need, "frac", digits, "minimum", node.get("minimum", node.get("exclusiveMinimum")), 1)
             return
     if lo < hi or (lo == hi and not (lo_excl or hi_excl)):
         _raise(need, "frac", MAX_DIGITS + 1, "minimum", node.get("minimum", node.get("exclusiveMinimum")))
