@@ -142,7 +142,10 @@ class UpstreamProvider:
                 base_url=b.base_url.rstrip("/"), transport=transport,
                 headers={"Authorization": f"Bearer {b.api_key}"} if b.api_key else {},
                 timeout=httpx.Timeout(b.timeout_s, connect=10.0),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                # Idle connections are dropped well before a uvicorn-served upstream's (vLLM, SGLang,
+                # thinkgate) 5 s keep-alive, so a request rarely picks one the server is closing (that race
+                # is a connection error before the first byte, retried like any other).
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0))
             for b in backends}
 
     def card(self) -> dict:
