@@ -58,7 +58,10 @@ class AttentionMetadata:
         # Query i of sequence b sits at absolute position (kv_len - q_len + i) and sees keys up to it.
         qpos = (kv_lens_t - q_lens_t)[:, None] + qi[None, :]  # [B, Qmax]
         mask = None
-        if kind in ("mixed", "decode"):  # built where it is used: [B, Qmax, Lmax] is large for long chunks
+        # Built where it is used ([B, Qmax, Lmax] is large for long chunks). A single prompt's later chunk
+        # needs none on CUDA (a bottom-right causal bias); on CPU SDPA would materialise that bias in every
+        # layer (as slow as the attention itself), so the step builds its mask once for all layers.
+        if kind in ("mixed", "decode") or (kind == "chunk" and device.type != "cuda"):
             dpos, dq, dkv, dvalid = pos.to(device), qpos.to(device), kv_lens_t.to(device), q_valid.to(device)
             mask = (dpos[None, None, :] <= dq[:, :, None]) & (dpos[None, None, :] < dkv[:, None, None])
             mask = mask | (~dvalid)[:, :, None] & (dpos[None, None, :] == 0)  # padded rows: one key, no NaN
@@ -101,14 +104,17 @@ class TorchPagedAttention:
             return out.squeeze(2).to(q.dtype)
         k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
         if meta.kind == "chunk":
-            # Imported here: torch.nn.attention.bias pulls in torch._dynamo (sympy, triton), ~140 MiB of
-            # resident memory that a server which never prefills in chunks would carry for nothing.
-            from torch.nn.attention.bias import causal_lower_right
+            mask = meta.mask
+            if mask is None:
+                # Imported here: torch.nn.attention.bias pulls in torch._dynamo (sympy, triton), ~140 MiB of
+                # resident memory that a server which never prefills in chunks would carry for nothing.
+                from torch.nn.attention.bias import causal_lower_right
 
-            # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
-            # kernels take without a materialised [T, L] mask.
+                # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
+                # kernels take without a materialised [T, L] mask.
+                mask = causal_lower_right(t, k.shape[1])
             out = sdpa(q.to(dtype).transpose(0, 1)[None], k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                       attn_mask=causal_lower_right(t, k.shape[1]))  # [1, Hq, T, D]
+                       attn_mask=mask)  # [1, Hq, T, D]
             return out[0].transpose(0, 1).to(q.dtype)
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
         out = sdpa(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
