@@ -139,9 +139,7 @@ def validate_chat(req: ChatCompletionRequest) -> ChatParams:
     enabled = r.enabled if r is not None else None
     if enabled is None and effort == "none":
         enabled = False
-    speculative = (req.model_extra or {}).get("speculative", True)
-    if not isinstance(speculative, bool):
-        raise InvalidRequestError(f"speculative must be a boolean, got {speculative!r}", param="speculative")
+    speculative = req.speculative is not False
     return ChatParams(
         request=req, n=req.n if req.n is not None else 1, max_tokens=max_tokens, max_tokens_param=max_name,
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, top_a=req.top_a or 0.0,

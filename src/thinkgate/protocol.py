@@ -174,6 +174,8 @@ class SamplingExtras(_Lenient):
     ignore_eos: StrictBool | None = _doc("keep generating past the end-of-sequence token")
     chat_template_kwargs: dict[str, Any] | None = _doc("passed to the chat template (e.g. enable_thinking)")
     include_reasoning: StrictBool | None = _doc("false equals reasoning.exclude: true")
+    speculative: StrictBool | None = _doc(
+        "false: no n-gram speculative drafts for this request (the server drafts with serve --speculative ngram)")
 
     _numbers = field_validator("min_p", "top_a", "frequency_penalty", "presence_penalty", "repetition_penalty",
                                mode="before")(number_only)
