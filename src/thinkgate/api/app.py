@@ -31,6 +31,7 @@ from thinkgate.api.responses import assemble_completion, render_chunks
 from thinkgate.api.sse import sse
 from thinkgate.api.text_completions import add_text_completion_routes
 from thinkgate.config import ServerConfig
+from thinkgate.console import add_console
 from thinkgate.errors import ThinkgateError, error_body
 from thinkgate.gateway.providers.base import ChatProvider
 from thinkgate.gateway.service import Gateway
@@ -149,6 +150,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
                           **documented(response=ModelCard, errors=READS))
     add_responses_routes(app, BASES, config)
     add_text_completion_routes(app, BASES, config)
+    add_console(app, providers, gateway, admin_token, config)  # `/` and `/console`: the web console
     return app
 
 
