@@ -38,11 +38,12 @@ def test_sessions_end_and_expire(db):
     console = ConsoleStore(db)
     acct = console.sign_up("s@example.com", "s@example.com", "h")
     console.create_session("live", acct.id, False, "csrf-1", dt.timedelta(hours=1))
-    console.create_session("admin", None, True, "csrf-2", dt.timedelta(hours=1))
+    console.create_session("admin", None, True, "csrf-2", dt.timedelta(hours=1), admin_token_hash="ab" * 32)
     console.create_session("old", acct.id, False, "csrf-3", dt.timedelta(seconds=-1))
     s = console.session("live")
     assert s.account_id == acct.id and not s.is_admin and s.csrf_token == "csrf-1"
-    assert console.session("admin").is_admin and console.session("admin").account_id is None
+    admin = console.session("admin")
+    assert admin.is_admin and admin.account_id is None and admin.admin_token_hash == "ab" * 32
     assert console.session("old") is None  # expired
     console.end_session("live")
     assert console.session("live") is None

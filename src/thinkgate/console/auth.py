@@ -96,6 +96,7 @@ class Auth:
         self.console = console
         self.store = store
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+        self._admin_hex = self._admin_digest.hex() if self._admin_digest is not None else None
 
     @property
     def admin_enabled(self) -> bool:
@@ -114,6 +115,10 @@ class Auth:
         session = await asyncio.to_thread(self.console.session, token_hash(token))
         if session is None:
             return Viewer(None)
+        # An admin session opened with another admin token (rotated, or the admin view turned off) is void.
+        if session.is_admin and (self._admin_hex is None or
+                                 not hmac.compare_digest(session.admin_token_hash or "", self._admin_hex)):
+            return Viewer(None)
         account = None
         if session.account_id is not None:
             account = await asyncio.to_thread(self.store.account_by_id, session.account_id)
@@ -127,7 +132,7 @@ class Auth:
         token = secrets.token_urlsafe(32)
         lifetime = ADMIN_LIFETIME if is_admin else CUSTOMER_LIFETIME
         await asyncio.to_thread(self.console.create_session, token_hash(token), account_id, is_admin,
-                                secrets.token_urlsafe(32), lifetime)
+                                secrets.token_urlsafe(32), lifetime, self._admin_hex if is_admin else None)
         response.set_cookie(COOKIE, token, max_age=int(lifetime.total_seconds()), path="/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
 

@@ -29,6 +29,8 @@ console_sessions = sa.Table(
     sa.Column("token_hash", sa.String(64), primary_key=True),
     sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id")),  # null: the admin's session
     sa.Column("is_admin", sa.Boolean, nullable=False),
+    # An admin session holds the SHA-256 of the admin token it was opened with: a new token ends it.
+    sa.Column("admin_token_hash", sa.String(64)),
     sa.Column("csrf_token", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
@@ -48,6 +50,7 @@ class Session:
     token_hash: str
     account_id: int | None
     is_admin: bool
+    admin_token_hash: str | None
     csrf_token: str
     expires_at: dt.datetime
 
@@ -84,12 +87,13 @@ class ConsoleStore:
 
     # -- sessions -----------------------------------------------------------------------------------
     def create_session(self, token_hash: str, account_id: int | None, is_admin: bool, csrf_token: str,
-                       lifetime: dt.timedelta) -> None:
+                       lifetime: dt.timedelta, admin_token_hash: str | None = None) -> None:
         t = now()
         with self.db.begin() as c:
             c.execute(console_sessions.delete().where(console_sessions.c.expires_at < t))  # tidy as we go
             c.execute(console_sessions.insert().values(token_hash=token_hash, account_id=account_id,
-                                                       is_admin=is_admin, csrf_token=csrf_token, created_at=t,
+                                                       is_admin=is_admin, admin_token_hash=admin_token_hash,
+                                                       csrf_token=csrf_token, created_at=t,
                                                        expires_at=t + lifetime))
 
     def session(self, token_hash: str) -> Session | None:
@@ -98,7 +102,8 @@ class ConsoleStore:
             row = c.execute(sa.select(console_sessions).where(console_sessions.c.token_hash == token_hash)).first()
         if row is None or aware(row.expires_at) <= now():
             return None
-        return Session(row.token_hash, row.account_id, row.is_admin, row.csrf_token, aware(row.expires_at))
+        return Session(row.token_hash, row.account_id, row.is_admin, row.admin_token_hash, row.csrf_token,
+                       aware(row.expires_at))
 
     def end_session(self, token_hash: str) -> None:
         with self.db.begin() as c:

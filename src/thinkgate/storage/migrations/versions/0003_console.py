@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("token_hash", sa.String(64), primary_key=True),
         sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id")),
         sa.Column("is_admin", sa.Boolean, nullable=False),
+        sa.Column("admin_token_hash", sa.String(64)),
         sa.Column("csrf_token", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
