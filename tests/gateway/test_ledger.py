@@ -74,7 +74,7 @@ def test_a_plan_that_refuses_holds_nothing(db):
 def test_the_database_refuses_a_negative_balance(db):
     store, ledger = AccountStore(db), Ledger(db)
     acct = store.create_account("a", balance_units=10)
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError):
         ledger.hold("r", acct.id, None, "me", lambda avail: avail + 1)
     with pytest.raises(sa.exc.IntegrityError), db.begin() as c:
         c.execute(sa.text("UPDATE accounts SET balance_units = -1 WHERE id = :i"), {"i": acct.id})

@@ -65,6 +65,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
             if beat is not None:
                 beat.cancel()
                 await gateway.limiter.aclose()
+                await gateway.aclose()
             for p in providers.values():  # upstream providers hold pooled HTTP clients
                 if (close := getattr(p, "aclose", None)) is not None:
                     await close()

@@ -2,7 +2,8 @@
 address, rate limits, the hold that guarantees payment, and the capture when the request ends.
 
 No SQL here (storage/ does that) and no HTTP (the API turns the errors raised here into 401/402/403/429).
-Blocking database calls run in worker threads, off the event loop.
+Blocking database calls run off the event loop: holds and settlements on the ledger's own thread, many to a
+transaction (storage/ledger_writer.py), the rest in worker threads.
 
 Keys are cached per process by their hash (`authenticate(..., cached=True)`), which the API asks for only on
 the routes that generate: their next step, the hold, reads the key's row again inside its transaction and
@@ -23,6 +24,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 
 from thinkgate.errors import (
     AuthenticationError,
@@ -38,6 +40,7 @@ from thinkgate.gateway.providers.base import PreparedRequest, UsageRecord
 from thinkgate.storage.accounts import Account, AccountStore, Key, now
 from thinkgate.storage.db import Database
 from thinkgate.storage.ledger import KeyUnusable, Ledger
+from thinkgate.storage.ledger_writer import LedgerWriter
 
 log = logging.getLogger(__name__)
 BAD_KEY = "invalid API key: it is unknown, revoked or expired"  # one message for every case
@@ -77,6 +80,7 @@ class Gateway:
         self.db = db
         self.store = AccountStore(db)
         self.ledger = Ledger(db)
+        self.writer = LedgerWriter(db)
         self.prices = prices
         self.require_keys = require_keys
         self.limiter = limiter
@@ -84,6 +88,7 @@ class Gateway:
         self._anonymous: Account | None = None
         self._heartbeat: asyncio.Task | None = None
         self._keys: dict[str, tuple[float, Key, Account]] = {}  # hash -> (monotonic expiry, key, account)
+        self._orphans: set[asyncio.Future] = set()  # releases of holds whose request was cancelled meanwhile
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start_sync(self) -> None:
@@ -95,6 +100,12 @@ class Gateway:
             log.warning("released %d holds left open by a gateway process that stopped without settling", reaped)
         if not self.require_keys:
             self._anonymous = self.store.anonymous()
+
+    async def aclose(self) -> None:
+        """After the drain: finish the ledger's queued work and stop its thread."""
+        while self._orphans:  # a hold still being placed may add its release
+            await asyncio.gather(*self._orphans, return_exceptions=True)
+        await asyncio.to_thread(self.writer.close)
 
     async def run_heartbeat(self) -> None:
         while True:
@@ -195,9 +206,18 @@ class Gateway:
             granted.append(tokens // n)
             return price.cost(prepared.prompt_tokens, tokens // n * n)
 
+        op = partial(self.ledger.hold_on, request_id=request_id, account_id=caller.account.id,
+                     key_id=caller.key.id, owner=self.instance_id, plan=plan)
+        hold = self.writer.submit(op, caller.account.id)
         try:
-            held = await asyncio.to_thread(self.ledger.hold, request_id, caller.account.id, caller.key.id,
-                                           self.instance_id, plan)
+            held = await asyncio.shield(hold)
+        except asyncio.CancelledError:
+            # The request was cancelled while its hold was being placed: the hold may still commit, and
+            # nobody would settle it. Release it (a 0-token usage row) as soon as it is known.
+            self._orphans.add(hold)
+            hold.add_done_callback(partial(self._release_orphan, adm))
+            hold.add_done_callback(self._orphans.discard)
+            raise
         except KeyUnusable:  # revoked or expired since this process cached it
             self.forget_key(caller.key.secret_hash)
             await self.limiter.release(permit, 0)
@@ -214,6 +234,21 @@ class Gateway:
             adm.prepared = prepared.capped(granted[0])  # the balance pays this much: finish "length" at the cap
         return adm
 
+    def _release_orphan(self, adm: Admission, hold: asyncio.Future) -> None:
+        if hold.cancelled() or hold.exception() is not None or hold.result() is None:
+            if adm.permit is not None:
+                self._spawn(self.limiter.release(adm.permit, 0))
+            return
+        adm.held_units = hold.result()
+        record = UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None,
+                             "client_disconnect", None, 0.0)
+        self._spawn(self.settle(adm, record))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
     # -- after: capture --------------------------------------------------------------------------
     async def settle(self, adm: Admission, record: UsageRecord) -> UsageRecord:
         cost = adm.price.cost(record.prompt_tokens, record.completion_tokens, record.cached_prompt_tokens)
@@ -226,11 +261,16 @@ class Gateway:
                "latency_ms": record.total_time_s * 1000,
                "ttft_ms": None if record.time_to_first_token_s is None else record.time_to_first_token_s * 1000,
                "user": adm.user, "usage_source": record.usage_source, "backend": record.backend}
+        account_id = adm.caller.account.id
         try:
             if adm.held_units is None:
-                await asyncio.to_thread(self.ledger.record, adm.request_id, adm.caller.account.id, None, cost, row)
+                await self.writer.submit(partial(self.ledger.record_on, request_id=adm.request_id,
+                                              account_id=account_id, key_id=None, cost_units=cost, row=row),
+                                      account_id)
             else:
-                cost = (await asyncio.to_thread(self.ledger.settle, adm.request_id, cost, row)).cost_units
+                settled = await self.writer.submit(partial(self.ledger.settle_on, request_id=adm.request_id,
+                                                        cost_units=cost, row=row), account_id)
+                cost = settled.cost_units
         finally:
             if adm.permit is not None:
                 await self.limiter.release(adm.permit, record.prompt_tokens + record.completion_tokens)

@@ -115,54 +115,69 @@ class Ledger:
              plan: Callable[[int], int | None]) -> int | None:
         """Lock the account (and key), call `plan(available units)`, and hold what it returns; None from
         `plan` holds nothing. Returns the units held, or None; KeyUnusable if the key is revoked or expired."""
-        h = self._hot
         with self._cursor() as cur:
-            if key_id is None:
-                cur.execute(h.hold_row, {"account_id": account_id})
-            else:
-                cur.execute(h.hold_row_key, {"key_id": key_id, "account_id": account_id, "now": h.now()})
-            row = cur.fetchone()
-            if row is None:
-                raise KeyUnusable(key_id)
-            balance, limit, spent, held = row
-            available = balance if limit is None else min(balance, limit - spent - held)
-            units = plan(max(available, 0))
-            if units is None:
-                return None
-            assert 0 <= units <= available, (units, available)
-            cur.execute(h.insert_entry, h.entry(account_id, key_id, request_id, "hold", units, owner=owner))
-            h.move(cur, account_id, key_id, balance=-units, held=units)
-            return units
+            return self.hold_on(cur, request_id, account_id, key_id, owner, plan)
 
     def settle(self, request_id: str, cost_units: int, row: dict) -> Settled:
         """Capture the cost (at most the hold), release the rest and write the usage row, in one transaction.
         Idempotent by request id: a repeat returns the first settlement."""
-        h = self._hot
         with self._cursor() as cur:
-            cur.execute(h.entries_locked, {"r": request_id})
-            entries = {kind: (units, account_id, key_id) for kind, units, account_id, key_id in cur.fetchall()}
-            if "hold" not in entries:
-                raise LookupError(f"no hold for {request_id}")
-            held, account_id, key_id = entries["hold"]
-            if "capture" in entries:
-                return Settled(entries["capture"][0], first=False)
-            if "release" in entries:
-                return Settled(0, first=False)  # reaped: released whole, nothing captured
-            if cost_units > held:
-                # Cannot happen for requests whose cap the hold covered; never let it take the balance below 0.
-                log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units, held)
-                cost_units = held
-            cur.executemany(h.insert_entry, [h.entry(account_id, key_id, request_id, "capture", cost_units),
-                                             h.entry(account_id, key_id, request_id, "release", held - cost_units)])
-            h.move(cur, account_id, key_id, balance=held - cost_units, held=-held, spent=cost_units)
-            cur.execute(h.insert_usage, h.usage(request_id, account_id, key_id, cost_units, row))
-            return Settled(cost_units, first=True)
+            return self.settle_on(cur, request_id, cost_units, row)
 
     def record(self, request_id: str, account_id: int, key_id: int | None, cost_units: int, row: dict) -> None:
         """A usage row for a request that held nothing (an open server's anonymous account): metered, not
         charged. Idempotent by request id."""
         with self._cursor() as cur:
-            cur.execute(self._hot.insert_usage, self._hot.usage(request_id, account_id, key_id, cost_units, row))
+            self.record_on(cur, request_id, account_id, key_id, cost_units, row)
+
+    # The same three on a cursor inside a transaction the caller owns (storage/ledger_writer.py runs many in
+    # one). Each refuses (LookupError) before it writes anything, so a refusal never leaves half an operation
+    # in a shared transaction.
+    def hold_on(self, cur, request_id: str, account_id: int, key_id: int | None, owner: str,
+                plan: Callable[[int], int | None]) -> int | None:
+        h = self._hot
+        if key_id is None:
+            cur.execute(h.hold_row, {"account_id": account_id})
+        else:
+            cur.execute(h.hold_row_key, {"key_id": key_id, "account_id": account_id, "now": h.now()})
+        row = cur.fetchone()
+        if row is None:
+            raise KeyUnusable(key_id)
+        balance, limit, spent, held = row
+        available = balance if limit is None else min(balance, limit - spent - held)
+        units = plan(max(available, 0))
+        if units is None:
+            return None
+        if not 0 <= units <= available:
+            raise ValueError(f"a hold of {units} units with {available} available")
+        cur.execute(h.insert_entry, h.entry(account_id, key_id, request_id, "hold", units, owner=owner))
+        h.move(cur, account_id, key_id, balance=-units, held=units)
+        return units
+
+    def settle_on(self, cur, request_id: str, cost_units: int, row: dict) -> Settled:
+        h = self._hot
+        cur.execute(h.entries_locked, {"r": request_id})
+        entries = {kind: (units, account_id, key_id) for kind, units, account_id, key_id in cur.fetchall()}
+        if "hold" not in entries:
+            raise LookupError(f"no hold for {request_id}")
+        held, account_id, key_id = entries["hold"]
+        if "capture" in entries:
+            return Settled(entries["capture"][0], first=False)
+        if "release" in entries:
+            return Settled(0, first=False)  # reaped: released whole, nothing captured
+        if cost_units > held:
+            # Cannot happen for requests whose cap the hold covered; never let it take the balance below 0.
+            log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units, held)
+            cost_units = held
+        cur.executemany(h.insert_entry, [h.entry(account_id, key_id, request_id, "capture", cost_units),
+                                         h.entry(account_id, key_id, request_id, "release", held - cost_units)])
+        h.move(cur, account_id, key_id, balance=held - cost_units, held=-held, spent=cost_units)
+        cur.execute(h.insert_usage, h.usage(request_id, account_id, key_id, cost_units, row))
+        return Settled(cost_units, first=True)
+
+    def record_on(self, cur, request_id: str, account_id: int, key_id: int | None, cost_units: int,
+                  row: dict) -> None:
+        cur.execute(self._hot.insert_usage, self._hot.usage(request_id, account_id, key_id, cost_units, row))
 
     # -- instances and the reaper -----------------------------------------------------------------
     def register(self, instance_id: str, host: str, pid: int) -> None:
