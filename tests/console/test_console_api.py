@@ -5,7 +5,12 @@ and a server without an admin token has no admin sign-in."""
 
 from __future__ import annotations
 
+import html
+import os
 import re
+import shutil
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -21,8 +26,9 @@ MODEL = "tiny-thinker"
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
     db = tmp_path_factory.mktemp("console-api") / "console.db"
+    # 128 tokens of context: each code sample (no max_tokens, like the seed's) ends in a second or two.
     s = ServerProcess(str(checkpoints["qwen3"]), name=MODEL, extra=[
-        "--kv-cache-memory", str(64 * 2**20), "--max-model-len", "512", "--auth", "--price-input", "1",
+        "--kv-cache-memory", str(64 * 2**20), "--max-model-len", "128", "--auth", "--price-input", "1",
         "--price-output", "2", "--admin-token", ADMIN_TOKEN, "--db", f"sqlite:///{db}"])
     yield s
     s.stop()
@@ -145,3 +151,33 @@ def test_admin_codes_input_is_checked(server):
     assert admin.post("/console/api/admin/codes", {"amount": "2.5", "count": 3}).json()["amount"] == "2.5"
     # The admin's session is not a customer's.
     assert error(admin.http.get("/console/api/me"), 403)["code"] == "customer_only"
+
+
+# How to run each sample of a model page: the file it is saved as and the command (None: the tool is absent).
+RUNNERS = {
+    "curl": ("sample.sh", ["bash"]),
+    "python": ("sample.py", [sys.executable]),
+    "requests": ("sample_requests.py", [sys.executable]),
+    "javascript": ("sample.mjs", [shutil.which("node")] if shutil.which("node") else None),
+    "go": ("main.go", [shutil.which("go"), "run"] if shutil.which("go") else None),
+}
+
+
+@pytest.mark.parametrize("lang", list(RUNNERS))
+def test_every_code_sample_of_a_model_page_runs_against_the_server(server, lang, tmp_path):
+    page = httpx.get(server.base + f"/console/models/{MODEL}").text
+    code = html.unescape(re.search(rf'<code id="sample-{lang}">(.*?)</code>', page, re.S).group(1))
+    assert MODEL in code and server.base + "/api/gpt/v1" in code
+    name, command = RUNNERS[lang]
+    if command is None:
+        pytest.skip(f"no {'node' if lang == 'javascript' else 'go'} on PATH to run the {lang} sample")
+    admin = httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    account = f"sample-{lang}"
+    assert admin.post("/admin/accounts", json={"name": account, "balance": "10"}).status_code == 201
+    secret = admin.post("/admin/keys", json={"account": account, "name": account}).json()["secret"]
+    (tmp_path / name).write_text(code)
+    run = subprocess.run([*command, name], cwd=tmp_path, env={**os.environ, "THINKGATE_API_KEY": secret},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "chat.completion" in run.stdout or "content" in run.stdout or "answer:" in run.stdout, run.stdout
+    assert admin.get(f"/admin/accounts/{account}").json()["usage"]["requests"] == 1  # it reached the model

@@ -16,6 +16,7 @@ from thinkgate.console.auth import (
     COOKIE,
     FAILURE_WINDOW,
     MAX_FAILURES_PER_EMAIL,
+    MAX_SIGNUPS_PER_IP,
     Auth,
     hash_password,
     token_hash,
@@ -80,3 +81,14 @@ def test_the_rate_limit_waits_for_the_oldest_failure_to_leave_the_window(stores)
     asyncio.run(auth.check_rate(["email:other@example.com", "ip:10.0.0.1"]))  # 5 of 20 for the address
     console.clear_failures(subjects[0])
     asyncio.run(auth.check_rate(subjects))
+
+
+def test_sign_ups_per_address_are_limited(stores):
+    auth = Auth(*stores, None)
+    subject = ["signup:ip:10.0.0.2"]
+    for _ in range(MAX_SIGNUPS_PER_IP):
+        asyncio.run(auth.check_rate(subject))
+        asyncio.run(auth.note_failure(subject))
+    with pytest.raises(RateLimited):
+        asyncio.run(auth.check_rate(subject))
+    asyncio.run(auth.check_rate(["signup:ip:10.0.0.3"]))  # another address

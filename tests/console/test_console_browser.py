@@ -256,16 +256,22 @@ def test_playground_streams_reasoning_apart_and_the_console_shows_the_run(custom
     expect(page.locator("#pg-reasoning-text")).to_be_visible()
     shoot(page, "playground")
 
-    # A forced tool call: shown apart, as a call.
+    # The next message carries the conversation, and a forced tool call is shown apart, as a call.
     tool = '[{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]'
     page.fill("#playground-form textarea[name=tools]", tool)
     page.select_option("#playground-form select[name=tool_choice]", "required")
     page.fill("#playground-form input[name=max_tokens]", "60")
+    page.fill("#playground-form textarea[name=user]", "what time is it?")
     page.click("#pg-send")
     expect(page.locator("#pg-usage")).not_to_be_empty(timeout=120_000)
     expect(page.locator("#pg-tools")).to_contain_text("get_time(")
     tool_cost = Decimal(page.locator("#pg-usage").get_attribute("data-cost"))
     shoot(page, "playground-tools")
+    expect(page.locator("#pg-history li")).to_have_count(2)  # the first turn, above this one
+    expect(page.locator("#pg-history li").first).to_contain_text("hello")
+    page.click("#pg-new")
+    expect(page.locator("#pg-history li")).to_have_count(0)
+    expect(page.locator("#pg-usage")).to_be_empty()
 
     page.goto("/console")
     expect(page.locator("#requests-table tbody tr")).to_have_count(2)

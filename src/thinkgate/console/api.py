@@ -105,12 +105,15 @@ def add_customer_api(app: FastAPI, console: Console) -> None:
         console.need_gateway()
         auth.check_origin(request)
         body = await read_json(request, Credentials)
+        throttle = ["signup:" + client_subject(request)]
+        await auth.check_rate(throttle)
         hashed = await hash_password(body.password)
         try:
             acct = await asyncio.to_thread(console.store.sign_up, account_name_for(body.email), body.email, hashed)
         except AlreadyExists:
             raise ConflictError("this email is already registered: sign in instead", param="email",
                                 code="email_taken") from None
+        await auth.note_failure(throttle)  # counts sign-ups per address, like failed sign-ins
         return await session_answer(request, acct.id, False, "/console")
 
     @app.post("/console/api/signin", include_in_schema=False)

@@ -12,7 +12,8 @@
   requests anyway; the token is the second lock.
 - Sign-in rate limit: failed attempts are stored (so several gateway processes share them): at most
   MAX_FAILURES_PER_EMAIL per email and MAX_FAILURES_PER_IP per client address within FAILURE_WINDOW; past
-  that, 429 with Retry-After until the oldest failure leaves the window.
+  that, 429 with Retry-After until the oldest failure leaves the window. Sign-ups are counted the same way,
+  MAX_SIGNUPS_PER_IP per client address.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ADMIN_LIFETIME = dt.timedelta(hours=12)
 FAILURE_WINDOW = dt.timedelta(minutes=15)
 MAX_FAILURES_PER_EMAIL = 5
 MAX_FAILURES_PER_IP = 20
+MAX_SIGNUPS_PER_IP = 10  # accounts one client address may create within FAILURE_WINDOW
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
 
 _hasher = PasswordHasher()
@@ -176,7 +178,8 @@ class Auth:
     async def check_rate(self, subjects: list[str]) -> None:
         since = now() - FAILURE_WINDOW
         for subject in subjects:
-            cap = MAX_FAILURES_PER_IP if subject.startswith("ip:") else MAX_FAILURES_PER_EMAIL
+            cap = (MAX_SIGNUPS_PER_IP if subject.startswith("signup:") else
+                   MAX_FAILURES_PER_IP if subject.startswith("ip:") else MAX_FAILURES_PER_EMAIL)
             seen = await asyncio.to_thread(self.console.failures_since, subject, since)
             if len(seen) >= cap:
                 wait = max(1, int((seen[-cap] + FAILURE_WINDOW - now()).total_seconds()) + 1)

@@ -232,9 +232,28 @@ afterSubmit["codes-form"] = async (data) => {
 };
 
 // -- the playground: a streamed chat completion, reasoning apart from the answer -------------------------
+// The conversation so far (earlier turns), in memory only: a reload or "New chat" starts again.
+const history = [];
+
+function showHistory() {
+  const list = $("#pg-history");
+  list.replaceChildren();
+  for (const m of history) {
+    const li = document.createElement("li");
+    li.className = `turn ${m.role}`;
+    const who = document.createElement("strong");
+    who.textContent = m.role === "user" ? T.role_user : T.role_assistant;
+    const text = document.createElement("span");
+    text.textContent = m.shown;
+    li.append(who, text);
+    list.appendChild(li);
+  }
+}
+
 function playgroundRequest(v) {
   const messages = [];
   if (v.system) messages.push({ role: "system", content: v.system });
+  messages.push(...history.map(({ role, content }) => ({ role, content })));
   messages.push({ role: "user", content: v.user });
   const req = { model: v.model, messages };
   if (v.max_tokens) req.max_tokens = Number(v.max_tokens);
@@ -253,6 +272,12 @@ function bindPlayground() {
   let controller = null;
   const stop = $("#pg-stop");
   stop.addEventListener("click", () => controller && controller.abort());
+  $("#pg-new").addEventListener("click", () => {
+    history.length = 0;
+    showHistory();
+    for (const id of ["#pg-reasoning-text", "#pg-content", "#pg-tools", "#pg-usage"]) $(id).textContent = "";
+    $("#pg-tools-box").classList.add("hidden");
+  });
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const err = $(".error", form);
@@ -266,6 +291,7 @@ function bindPlayground() {
       return;
     }
     if (v.key) body.key = v.key;
+    showHistory(); // the turns before this one
     const reasoning = $("#pg-reasoning-text"), content = $("#pg-content"), tools = $("#pg-tools"), usage = $("#pg-usage");
     reasoning.textContent = ""; content.textContent = ""; tools.textContent = ""; usage.textContent = "";
     $("#pg-tools-box").classList.add("hidden");
@@ -321,6 +347,12 @@ function bindPlayground() {
             }
           }
         }
+      }
+      if (!err.textContent) { // a finished turn joins the conversation: shown above the next one
+        const said = content.textContent;
+        history.push({ role: "user", content: v.user, shown: v.user },
+          { role: "assistant", content: said, shown: [said, tools.textContent].filter(Boolean).join("\n") });
+        form.elements.user.value = "";
       }
     } catch (e) {
       if (e.name !== "AbortError") err.textContent = e.message;
