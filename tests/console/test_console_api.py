@@ -181,3 +181,15 @@ def test_every_code_sample_of_a_model_page_runs_against_the_server(server, lang,
     assert run.returncode == 0, run.stderr[-2000:]
     assert "chat.completion" in run.stdout or "content" in run.stdout or "answer:" in run.stdout, run.stdout
     assert admin.get(f"/admin/accounts/{account}").json()["usage"]["requests"] == 1  # it reached the model
+
+
+def test_forms_post_so_no_secret_can_land_in_a_url(server):
+    # Should the script not run, a form submits itself: as a POST, never as a GET with the fields in the URL.
+    alice = Browserless(server, f"forms-{uuid.uuid4().hex[:6]}@example.com")
+    assert alice.post("/console/api/keys", {"name": "k"}).status_code == 201  # the playground shows its form
+    pages = [alice.http.get(p).text for p in ("/console", "/console/playground")]
+    pages += [httpx.get(server.base + p).text for p in ("/console/signin", "/console/signup")]
+    forms = [f for page in pages for f in re.findall(r"<form[^>]*>", page)]
+    assert len(forms) >= 6 and all('method="post"' in f for f in forms), forms
+    r = httpx.post(server.base + "/console/signin", data={"token": "x"})
+    assert r.status_code == 405 and "token" not in str(r.url.query)

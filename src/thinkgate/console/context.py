@@ -26,11 +26,16 @@ class Console:
         return self.gateway
 
     def cards(self) -> list[dict]:
-        return [p.card() for p in self.providers.values()]
+        return [_card(p) for p in self.providers.values()]
 
     def card(self, model_id: str) -> dict | None:
         p = self.providers.get(model_id)
-        return p.card() if p is not None else None
+        return _card(p) if p is not None else None
+
+
+def _card(provider) -> dict:
+    """The model's /v1/models card, and whether it takes images (a catalog entry's `vision`)."""
+    return {**provider.card(), "vision": bool(getattr(provider, "vision", False))}
 
 
 def api_base(request: Request) -> str:
