@@ -5,7 +5,10 @@
 Each configuration runs in a server process of its own (uvicorn, as `thinkgate serve` runs it); this process
 is the client. Configurations: no gateway at all; `--no-auth` (usage metered under the anonymous account);
 keys required on SQLite; keys required on PostgreSQL (with --postgres). Latency: sequential requests on one
-keep-alive connection (p50, p99); throughput: `--concurrency` clients at once (requests per second).
+keep-alive connection (p50, p99), and the server process's CPU per request over them; throughput:
+`--concurrency` clients at once (requests per second), from Python (httpx, which on two cores takes about as
+much CPU as the server) and, where `wrk` is installed (Debian's package), from wrk, a C client that leaves
+the server the cores: the figure for what one server process can do.
 Results print as JSON lines; the median of `--repeats` runs of each figure is what BENCHMARKS.md quotes.
 """
 
@@ -15,6 +18,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -136,6 +141,31 @@ async def throughput(base: str, headers: dict, n: int, concurrency: int) -> floa
         return n / (time.perf_counter() - t)
 
 
+def wrk(base: str, headers: dict, concurrency: int, seconds: float) -> float | None:
+    """Requests per second from wrk (None without it); any non-2xx answer fails the run."""
+    if shutil.which("wrk") is None:
+        return None
+    body = json.dumps({"model": "fast", "messages": MSGS, "max_tokens": 16})
+    script = "".join([f"wrk.method = 'POST'\nwrk.body = {json.dumps(body)}\n",
+                      "wrk.headers['Content-Type'] = 'application/json'\n",
+                      *(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())])
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "-s", f.name,
+                              base + "/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk got errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -149,6 +179,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--wrk-seconds", type=float, default=10.0)
     ap.add_argument("--postgres", default=os.environ.get("THINKGATE_TEST_POSTGRES_URL"))
     args = ap.parse_args()
     if args.serve:
@@ -164,15 +195,20 @@ def main() -> None:
             headers = {"Authorization": f"Bearer {make_key(db_url)}"} if mode == "keys" else {}
             proc, base = start(mode, db_url)
             try:
+                latency(base, headers, 50)
+                c0 = cpu_seconds(proc.pid)
                 lat = latency(base, headers, args.requests)
+                cpu_ms = (cpu_seconds(proc.pid) - c0) / (args.requests + 50) * 1000
                 rps = asyncio.run(throughput(base, headers, args.requests, args.concurrency))
+                rps_wrk = wrk(base, headers, args.concurrency, args.wrk_seconds)
             finally:
                 proc.terminate()
                 proc.wait()
-            runs.append((statistics.median(lat), pct(lat, 0.99), rps))
-        p50, p99, rps = (statistics.median(r[k] for r in runs) for k in range(3))
+            runs.append((statistics.median(lat), pct(lat, 0.99), rps, cpu_ms, rps_wrk or 0.0))
+        p50, p99, rps, cpu_ms, rps_wrk = (statistics.median(r[k] for r in runs) for k in range(5))
         print(json.dumps({"config": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
-                          "requests_per_s": round(rps, 1), "runs": args.repeats,
+                          "server_cpu_ms_per_request": round(cpu_ms, 3), "requests_per_s": round(rps, 1),
+                          "requests_per_s_wrk": round(rps_wrk, 1) if rps_wrk else None, "runs": args.repeats,
                           "requests": args.requests, "concurrency": args.concurrency,
                           "load_average_1m": round(os.getloadavg()[0], 2)}), flush=True)
 
