@@ -109,6 +109,7 @@ TEXT: dict[str, tuple[str, str]] = {
     "thinking_budget": ("Thinking budget (tokens, optional)", "思考预算(tokens,可选)"),
     "tools_json": ("Tools (JSON array, optional)", "工具(JSON 数组,可选)"),
     "tool_choice": ("Tool choice", "工具选择"),
+    "seed": ("Seed (optional)", "随机种子(可选)"),
     "bill_key": ("Bill to key", "计费密钥"),
     "send": ("Send", "发送"),
     "new_chat": ("New chat", "新对话"),
@@ -125,6 +126,20 @@ TEXT: dict[str, tuple[str, str]] = {
     "no_data": ("No requests yet.", "暂无请求。"),
     "language": ("中文", "English"),  # the switch shows the other language
     "error": ("Error", "错误"),
+    "no_model": ("This server has no model with that id.", "此服务器没有该模型。"),
+    "admin_only_page": ("This page is for the admin: sign in with the admin token.",
+                        "此页面仅供管理员使用:请用管理员令牌登录。"),
+    # Errors the console's calls answer, by their `code` (others show the server's English message).
+    "err_bad_credentials": ("Wrong email or password.", "邮箱或密码错误。"),
+    "err_email_taken": ("This email is already registered: sign in instead.", "该邮箱已注册,请直接登录。"),
+    "err_too_many_sign_ins": ("Too many attempts: try again later.", "尝试次数过多,请稍后再试。"),
+    "err_bad_admin_token": ("Wrong admin token.", "管理员令牌错误。"),
+    "err_invalid_password": ("The password must be 8 to 256 characters.", "密码长度须为 8 到 256 个字符。"),
+    "err_invalid_code": ("This code is unknown or has already been redeemed.", "充值码无效或已被使用。"),
+    "err_insufficient_balance": ("The balance is too low for this request.", "余额不足,无法完成此请求。"),
+    "err_already_exists": ("That name is taken.", "该名称已被占用。"),
+    "err_not_signed_in": ("Sign in first.", "请先登录。"),
+    "err_bad_csrf_token": ("The page is out of date: reload it.", "页面已过期,请刷新。"),
 }
 
 

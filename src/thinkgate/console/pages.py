@@ -67,7 +67,7 @@ def add_pages(app: FastAPI, console: Console) -> None:
         card = console.card(model_id)
         if card is None:
             return render(request, console, viewer, "message.html", status=404,
-                          message=f"no model {model_id!r} on this server")
+                          message_key="no_model")
         base = api_base(request)
         code = samples(base, model_id)
         return render(request, console, viewer, "model.html", model=card, caps=capabilities(card),
@@ -99,7 +99,7 @@ def add_pages(app: FastAPI, console: Console) -> None:
             return RedirectResponse("/console/signin", status_code=303)
         if not viewer.is_admin:
             return render(request, console, viewer, "message.html", status=403,
-                          message="this page is for the admin: sign in with the admin token")
+                          message_key="admin_only_page")
         return render(request, console, viewer, "admin.html")
 
     @app.get("/console/playground", include_in_schema=False)

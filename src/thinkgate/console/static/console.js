@@ -6,6 +6,20 @@ const T = JSON.parse(document.getElementById("i18n").textContent);
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
 const $ = (sel, root = document) => root.querySelector(sel);
 
+// An error of a console call: the text in the page's language when its code has one, else the server's.
+class CallError extends Error {
+  constructor(e, status) {
+    const text = (e.code && T[`err_${e.code}`]) || (e.message || status) + (e.param ? ` (${e.param})` : "");
+    super(text);
+    this.code = e.code || "";
+  }
+}
+
+function showError(el, e) {
+  el.textContent = e.message;
+  el.dataset.code = e.code || "";
+}
+
 async function call(path, body, method = "POST") {
   const init = { method, headers: { "X-CSRF-Token": CSRF }, credentials: "same-origin" };
   if (body !== undefined) {
@@ -14,10 +28,7 @@ async function call(path, body, method = "POST") {
   }
   const r = await fetch(path, init);
   const data = await r.json().catch(() => ({}));
-  if (!r.ok) {
-    const e = (data && data.error) || {};
-    throw new Error((e.message || r.statusText) + (e.param ? ` (${e.param})` : ""));
-  }
+  if (!r.ok) throw new CallError((data && data.error) || {}, r.statusText);
   return data;
 }
 const get = (path) => call(path, undefined, "GET");
@@ -59,7 +70,7 @@ function bindForms() {
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const err = $(".error", form);
-      err.textContent = "";
+      showError(err, { message: "", code: "" });
       const button = $("button[type=submit]", form);
       button.disabled = true;
       try {
@@ -70,7 +81,7 @@ function bindForms() {
         const then = afterSubmit[form.id];
         if (then) await then(data, form);
       } catch (e) {
-        err.textContent = e.message;
+        showError(err, e);
       } finally {
         button.disabled = false;
       }
@@ -259,6 +270,7 @@ function playgroundRequest(v) {
   if (v.max_tokens) req.max_tokens = Number(v.max_tokens);
   if (v.temperature) req.temperature = Number(v.temperature);
   if (v.thinking_budget) req.reasoning = { max_tokens: Number(v.thinking_budget) };
+  if (v.seed) req.seed = Number(v.seed);
   if (v.tools) {
     req.tools = JSON.parse(v.tools);
     req.tool_choice = v.tool_choice;
@@ -281,7 +293,7 @@ function bindPlayground() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const err = $(".error", form);
-    err.textContent = "";
+    showError(err, { message: "", code: "" });
     const v = formValues(form);
     let body;
     try {
@@ -306,8 +318,7 @@ function bindPlayground() {
       });
       if (!r.ok) {
         const data = await r.json().catch(() => ({}));
-        const e = (data && data.error) || {};
-        throw new Error((e.message || r.statusText) + (e.param ? ` (${e.param})` : ""));
+        throw new CallError((data && data.error) || {}, r.statusText);
       }
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -324,7 +335,7 @@ function bindPlayground() {
             const payload = line.slice(6);
             if (payload === "[DONE]") continue;
             const chunk = JSON.parse(payload);
-            if (chunk.error) err.textContent = chunk.error.message;
+            if (chunk.error) showError(err, new CallError(chunk.error, ""));
             for (const c of chunk.choices || []) {
               const d = c.delta || {};
               if (d.reasoning) reasoning.textContent += d.reasoning;
@@ -355,7 +366,7 @@ function bindPlayground() {
         form.elements.user.value = "";
       }
     } catch (e) {
-      if (e.name !== "AbortError") err.textContent = e.message;
+      if (e.name !== "AbortError") showError(err, e);
     } finally {
       controller = null;
       $("#pg-send").disabled = false;
