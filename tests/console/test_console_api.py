@@ -75,6 +75,10 @@ def test_bad_sign_up_and_sign_in_input_is_a_400_naming_the_field(server):
     assert c.post("/console/api/signup", json={"email": email, "password": "password-123"}).status_code == 200
     taken = error(c.post("/console/api/signup", json={"email": email.upper(), "password": "password-456"}), 409)
     assert taken["param"] == "email" and taken["code"] == "email_taken"  # emails compare lower-cased
+    long_email = "x" * 200 + f"-{uuid.uuid4().hex[:6]}@example.com"  # longer than an account name may be
+    assert c.post("/console/api/signup", json={"email": long_email, "password": "password-123"}).status_code == 200
+    me = c.get("/console/api/me").json()
+    assert me["email"] == long_email and me["name"].startswith("user-x")
     unknown = error(c.post("/console/api/signin", json={"email": "nobody@example.com", "password": "password-1"}),
                     401)
     assert unknown["message"] == "wrong email or password"  # the same message as a wrong password
@@ -87,6 +91,7 @@ def test_a_customer_manages_only_their_own_keys_with_checked_input(server):
     assert error(alice.post("/console/api/keys", {"name": "k", "limit": "-1"}), 400)["param"] == "limit"
     assert error(alice.post("/console/api/keys", {"name": "k", "rpm": "0"}), 400)["param"] == "rpm"
     assert error(alice.post("/console/api/keys", {"name": "sk-looks-like-a-key"}), 400)["param"] == "name"
+    assert error(alice.post("/console/api/keys", {"name": "n" * 127}), 400)["param"] == "name"  # too long stored
     made = alice.post("/console/api/keys", {"name": "laptop", "limit": "1.5", "rpm": "30",
                                             "expires": "2999-01-01"})
     assert made.status_code == 201, made.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import secrets
 from typing import Annotated
 
 from fastapi import FastAPI, Request
@@ -69,7 +70,7 @@ def account_name_for(email: str) -> str:
     """A signed-up account is named after its email when that is a valid account name."""
     if manage.NAME.fullmatch(email) and not email.startswith("sk-"):
         return email
-    return "user-" + re.sub(r"[^A-Za-z0-9]", "", email)[:40] + "-" + now().strftime("%Y%m%d%H%M%S")
+    return "user-" + re.sub(r"[^A-Za-z0-9]", "", email)[:40] + "-" + secrets.token_hex(4)
 
 
 def own_key_name(account_id: int, label: str) -> str:
@@ -182,9 +183,13 @@ def add_customer_api(app: FastAPI, console: Console) -> None:
         acct = (await auth.require(request, customer=True, write=True)).account
         gw = console.need_gateway()
         body = await read_json(request, NewOwnKey)
+        full_name = own_key_name(acct.id, body.name)
+        if len(full_name) > 128:  # the stored name (the label under the account's id) has room for 128
+            raise InvalidRequestError(f"invalid name: at most {128 - len(full_name) + len(body.name)} characters",
+                                      param="name")
         with storage_errors(param="name"):
             key, secret = await asyncio.to_thread(
-                manage.create_key, gw.store, acct.name, own_key_name(acct.id, body.name),
+                manage.create_key, gw.store, acct.name, full_name,
                 limit_units=body.limit, expires_at=body.expires, rpm=body.rpm)
         return {"secret": secret, "key": manage.key_view(key, acct.name)}
 
