@@ -19,6 +19,7 @@ from thinkgate.console.auth import (
     MAX_SIGNUPS_PER_IP,
     Auth,
     hash_password,
+    same_host,
     token_hash,
     verify_password,
 )
@@ -92,3 +93,15 @@ def test_sign_ups_per_address_are_limited(stores):
     with pytest.raises(RateLimited):
         asyncio.run(auth.check_rate(subject))
     asyncio.run(auth.check_rate(["signup:ip:10.0.0.3"]))  # another address
+
+
+@pytest.mark.parametrize(("origin", "host", "same"), [
+    ("http://localhost:8080", "localhost:8080", True),
+    ("http://localhost:8080", "localhost", True),  # a proxy that forwards the host name only
+    ("https://api.example.com", "api.example.com:443", True),
+    ("http://localhost:9999", "localhost:8080", False),
+    ("https://evil.example", "localhost:8080", False),
+    ("null", "localhost:8080", False),  # an opaque origin (a sandboxed frame, a file)
+])
+def test_an_origin_is_this_server_only_when_host_and_port_agree(origin, host, same):
+    assert same_host(origin, host) is same

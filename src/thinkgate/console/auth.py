@@ -152,10 +152,8 @@ class Auth:
         if "application/json" not in ctype:
             raise InvalidRequestError("console calls send a JSON body (Content-Type: application/json)")
         origin = request.headers.get("origin")
-        if origin is not None:
-            o = urlsplit(origin)
-            if o.netloc != request.headers.get("host", request.url.netloc):
-                raise PermissionDenied("cross-site request refused", code="bad_origin")
+        if origin is not None and not same_host(origin, request.headers.get("host", request.url.netloc)):
+            raise PermissionDenied("cross-site request refused", code="bad_origin")
 
     async def require(self, request: Request, *, admin: bool = False, customer: bool = False,
                       write: bool = False) -> Viewer:
@@ -188,6 +186,18 @@ class Auth:
 
     async def note_failure(self, subjects: list[str]) -> None:
         await asyncio.to_thread(self.console.note_failure, subjects, now() - FAILURE_WINDOW)
+
+
+def same_host(origin: str, host: str) -> bool:
+    """Whether a browser's Origin names this server. A proxy that forwards the Host without its port (nginx's
+    `$host`) leaves only the name to compare; the CSRF token still has to match."""
+    o = urlsplit(origin)
+    if not o.hostname:
+        return False
+    h = urlsplit("//" + host)
+    if h.port is None:
+        return o.hostname == h.hostname
+    return (o.hostname, o.port or {"http": 80, "https": 443}.get(o.scheme)) == (h.hostname, h.port)
 
 
 def client_subject(request: Request) -> str:
