@@ -3,6 +3,9 @@ the customer's and the admin's views and the playground under `/console` (consol
 read and write under `/console/api` (console/api.py, console/admin_api.py, console/playground.py), and static
 files (Chart.js, vendored from npm with its licence, the console's own JS and CSS) under `/console/static`.
 
+static/chart.umd.min.js is `dist/chart.umd.min.js` of the npm package chart.js 4.6.1 (`npm pack chart.js@4.6.1`;
+sha256 87364cc2b2a76a6684929e7d6b80b18a897794db38400caff1fcf1791c6925d2), unchanged; static/chart.js.LICENSE.md is its MIT licence.
+
 Pages are rendered on the server with Jinja2 and work without a build step; the charts and tables are
 drawn by the browser from the JSON endpoints."""
 
