@@ -36,6 +36,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
+    "Vary": "Accept-Language, Cookie",  # the language and the viewer change the page
 }
 
 
