@@ -95,3 +95,19 @@ def test_default_gguf_served_with_one_form_per_linear(default_gguf):
     # the model holds its linears, the int8 embedding and small fp32 tensors (norms, biases, rotary tables)
     assert module_weight_bytes(lm.model) < linears + module_weight_bytes(emb) + 40 * 2**20
     assert linears <= params * FORM_BYTES[mode] * 1.01 + PER_ROW * 200_000
+
+
+def test_loading_a_gguf_does_not_import_the_compiler_stack(checkpoints, tmp_path):
+    """Building the model on the meta device must not run torch's Python decompositions: their first use imports
+    torch._dynamo, sympy and triton, ~230 MiB resident for the server's life (issue 23; measured in BENCHMARKS.md).
+    Checked in a fresh interpreter: this one has imported them long ago."""
+    import subprocess
+    import sys
+
+    gguf = write_gguf(checkpoints["qwen3"], tmp_path / "tiny.gguf", quant="Q8_0")
+    code = ("import sys; from thinkgate.models.loader import load_model; "
+            f"lm = load_model({str(gguf)!r}, device='cpu'); "
+            "print(sorted(m for m in ('sympy', 'torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

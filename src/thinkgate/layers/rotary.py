@@ -30,6 +30,17 @@ def _yarn_inv_freq(base: float, dim: int, scaling: dict) -> tuple[torch.Tensor, 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict | None = None):
         super().__init__()
+        # Computed on the CPU, then moved to the device being built on: under torch.device("meta") the same
+        # ops would run torch's Python decompositions, whose first use imports torch._dynamo and sympy.
+        target = torch.get_default_device()
+        with torch.device("cpu"):
+            inv_freq, mscale = self._inv_freq(head_dim, base, scaling)
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+        self.register_buffer("cos", (freqs.cos() * mscale).to(target), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * mscale).to(target), persistent=False)
+
+    @staticmethod
+    def _inv_freq(head_dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
         rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
         mscale = 1.0
         if rope_type == "yarn":
@@ -41,10 +52,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / scaling["factor"]
         else:
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
-        pos = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)  # [P, D/2]
-        self.register_buffer("cos", (freqs.cos() * mscale), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * mscale), persistent=False)
+        return inv_freq, mscale
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this step's positions, looked up once and shared by every layer: [T, 1, D/2]."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,8 +247,26 @@ def _load_random(spec: str, dtype, dev, max_model_len) -> LoadedModel:
                        eos_token_ids=eos, generation_defaults={}, source=spec)
 
 
+@contextmanager
+def empty_modules():
+    """Build modules on the meta device without running their initialisers: the checkpoint replaces every
+    parameter anyway, and an initialiser on a meta tensor goes through torch's Python decompositions, whose
+    first use imports torch._dynamo, sympy and triton (~140 MiB resident for the life of the server)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def _build(cfg: ModelConfig, names, get, dtype, dev, max_model_len, prepare=None) -> QwenForCausalLM:
-    with torch.device("meta"):
+    with empty_modules():
         model = QwenForCausalLM(cfg, max_positions=1)
     if prepare is None or dev.type != "cpu":
         sd = convert_state_dict(cfg, names, get, dtype)
