@@ -163,6 +163,24 @@ function drawUsage(rows) {
 const REQUEST_COLUMNS = [(r) => shortTime(r.created_at), "model", "key", "prompt_tokens", "completion_tokens",
   "reasoning_tokens", "cost", "finish_reason", "latency_ms"];
 
+// A key row's Revoke button (active keys only): confirm, revoke through `prefix`, then redraw the view.
+function revokeButton(prefix, reload) {
+  return (tr, k) => {
+    const td = cell(tr, "");
+    if (k.status !== "active") return;
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "secondary revoke";
+    b.textContent = T.revoke;
+    b.addEventListener("click", async () => {
+      if (!window.confirm(T.confirm_revoke)) return;
+      await call(`${prefix}${encodeURIComponent(k.name)}/revoke`, {});
+      await reload();
+    });
+    td.appendChild(b);
+  };
+}
+
 // -- the customer's view ----------------------------------------------------------------------------------
 async function loadCustomer() {
   const me = await get("/console/api/me");
@@ -170,20 +188,7 @@ async function loadCustomer() {
   $("#spent").textContent = `¥ ${me.spent}`;
   $("#request-count").textContent = me.requests;
   fillTable($("#keys-table"), me.keys, ["name", "prefix", "status", "spent", (k) => shortTime(k.created_at)],
-    (tr, k) => {
-      const td = cell(tr, "");
-      if (k.status !== "active") return;
-      const b = document.createElement("button");
-      b.type = "button";
-      b.className = "secondary revoke";
-      b.textContent = T.revoke;
-      b.addEventListener("click", async () => {
-        if (!window.confirm(T.confirm_revoke)) return;
-        await call(`/console/api/keys/${encodeURIComponent(k.name)}/revoke`, {});
-        await loadCustomer();
-      });
-      td.appendChild(b);
-    });
+    revokeButton("/console/api/keys/", loadCustomer));
   const usage = await get("/console/api/usage");
   drawUsage(usage.data);
   const recent = await get("/console/api/requests");
@@ -209,20 +214,7 @@ async function loadAdmin() {
   fillTable($("#accounts-table"), accounts.data,
     ["name", "email", "balance", "spent", "requests", (a) => shortTime(a.created_at)]);
   fillTable($("#keys-table"), keys.data, ["name", "account", "prefix", "status", "spent", (k) => shortTime(k.created_at)],
-    (tr, k) => {
-      const td = cell(tr, "");
-      if (k.status !== "active") return;
-      const b = document.createElement("button");
-      b.type = "button";
-      b.className = "secondary revoke";
-      b.textContent = T.revoke;
-      b.addEventListener("click", async () => {
-        if (!window.confirm(T.confirm_revoke)) return;
-        await call(`/console/api/admin/keys/${encodeURIComponent(k.name)}/revoke`, {});
-        await loadAdmin();
-      });
-      td.appendChild(b);
-    });
+    revokeButton("/console/api/admin/keys/", loadAdmin));
   drawUsage(usage.data);
   const cols = ["account", "requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cost"];
   fillTable($("#usage-table"), usage.accounts, cols);
