@@ -153,3 +153,35 @@ def test_a_request_cancelled_while_its_hold_is_placed_leaves_no_hold(db):
     assert gw.ledger.open_holds() == 0
     assert store.account("a").balance_units == 10**9  # released whole: nothing was generated
     assert acct.id == caller.account.id
+
+
+def test_sqlite_checkpoints_run_off_the_writer(tmp_path, monkeypatch):
+    """The writer's connection never checkpoints inside a commit; the checkpointer thread keeps the log short."""
+    from thinkgate.storage import ledger_writer
+    from thinkgate.storage.db import Database
+
+    monkeypatch.setattr(ledger_writer, "CHECKPOINT_EVERY", 10)
+    db = Database(f"sqlite:///{tmp_path}/cp.db")
+    db.upgrade()
+    store, ledger, writer = AccountStore(db), Ledger(db), LedgerWriter(db)
+    acct = store.create_account("a", balance_units=10**9)
+
+    async def main():
+        for i in range(200):  # one at a time: 200 commits
+            await writer.submit(hold_op(ledger, f"r{i}", acct.id, 1), acct.id)
+        return writer._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+
+    try:
+        autocheckpoint = asyncio.run(main())
+    finally:
+        writer.close()
+    assert autocheckpoint == 0
+    assert writer.checkpoints >= 1
+    wal = tmp_path / "cp.db-wal"
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "cp.db") as c:  # everything the writer committed is in the database file
+        busy, frames, copied = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and copied == frames and wal.exists()
+    assert store.account("a").balance_units == 10**9 - 200
+    db.dispose()
