@@ -42,3 +42,13 @@ def shoot(page, name: str) -> None:
         assert overflow <= 0, f"the {name} page is {overflow}px wider than a {w}px screen"
         page.screenshot(path=str(ARTIFACTS / f"{name}-{w}x{h}.png"), full_page=True)
     page.set_viewport_size({"width": SIZES[0][0], "height": SIZES[0][1]})
+
+
+def keyed_server(checkpoint, db_dir, model: str, admin_token: str, max_model_len: int):
+    """A real keyed `thinkgate serve` on a tiny model for the console's tests: priced (1 / 2 CNY per 1000
+    tokens), an admin token, SQLite in `db_dir`, a short context so each sample run ends in a second or two."""
+    from tests.conftest import ServerProcess
+
+    return ServerProcess(str(checkpoint), name=model, extra=[
+        "--kv-cache-memory", str(64 * 2**20), "--max-model-len", str(max_model_len), "--auth", "--price-input",
+        "1", "--price-output", "2", "--admin-token", admin_token, "--db", f"sqlite:///{db_dir / 'console.db'}"])

@@ -16,7 +16,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.console.browser import keyed_server
 
 pytestmark = pytest.mark.slow
 ADMIN_TOKEN = "console-api-admin-" + uuid.uuid4().hex
@@ -25,11 +25,8 @@ MODEL = "tiny-thinker"
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    db = tmp_path_factory.mktemp("console-api") / "console.db"
     # 128 tokens of context: each code sample (no max_tokens, like the seed's) ends in a second or two.
-    s = ServerProcess(str(checkpoints["qwen3"]), name=MODEL, extra=[
-        "--kv-cache-memory", str(64 * 2**20), "--max-model-len", "128", "--auth", "--price-input", "1",
-        "--price-output", "2", "--admin-token", ADMIN_TOKEN, "--db", f"sqlite:///{db}"])
+    s = keyed_server(checkpoints["qwen3"], tmp_path_factory.mktemp("console-api"), MODEL, ADMIN_TOKEN, 128)
     yield s
     s.stop()
 

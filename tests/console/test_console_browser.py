@@ -18,8 +18,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.console.browser import CHROMIUM, PageErrors, needs_chromium, shoot
+from tests.console.browser import CHROMIUM, PageErrors, keyed_server, needs_chromium, shoot
 from thinkgate.protocol import ChatCompletionRequest
 
 pytestmark = [pytest.mark.slow, needs_chromium]
@@ -31,11 +30,8 @@ state: dict = {}
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    db = tmp_path_factory.mktemp("console") / "console.db"
     # 512 tokens of context: the copied sample (no max_tokens, like the seed's) ends in seconds.
-    s = ServerProcess(str(checkpoints["qwen3"]), name=MODEL, extra=[
-        "--kv-cache-memory", str(64 * 2**20), "--max-model-len", "512", "--auth", "--price-input", "1",
-        "--price-output", "2", "--admin-token", ADMIN_TOKEN, "--db", f"sqlite:///{db}"])
+    s = keyed_server(checkpoints["qwen3"], tmp_path_factory.mktemp("console"), MODEL, ADMIN_TOKEN, 512)
     yield s
     s.stop()
 
