@@ -4,7 +4,7 @@
 
 Each configuration runs in a server process of its own (uvicorn, as `thinkgate serve` runs it); this process
 is the client. Configurations: no gateway at all; `--no-auth` (usage metered under the anonymous account);
-keys required on SQLite; keys required on PostgreSQL (with --postgres). Latency: sequential requests on one
+keys required on SQLite; with --postgres, `--no-auth` and keys required on PostgreSQL (`--only` picks some). Latency: sequential requests on one
 keep-alive connection (p50, p99), and the server process's CPU per request over them; throughput:
 `--concurrency` clients at once (requests per second), from Python (httpx, which on two cores takes about as
 much CPU as the server) and, where `wrk` is installed (Debian's package), from wrk, a C client that leaves
@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--wrk-seconds", type=float, default=10.0)
     ap.add_argument("--postgres", default=os.environ.get("THINKGATE_TEST_POSTGRES_URL"))
+    ap.add_argument("--only", default=None, help="run only these configurations: comma-separated of "
+                    "none, open, sqlite, open-postgres, postgres")
     args = ap.parse_args()
     if args.serve:
         return serve(args.serve, args.db, args.port)
@@ -188,30 +190,45 @@ def main() -> None:
     configs = [("no gateway", "none", None), ("--no-auth (metered)", "open", f"sqlite:///{tmp}/open.db"),
                ("keys, SQLite", "keys", f"sqlite:///{tmp}/keys.db")]
     if args.postgres:
-        configs.append(("keys, PostgreSQL", "keys", args.postgres))
-    for name, mode, db_url in configs:
-        runs = []
-        for _ in range(args.repeats):
-            headers = {"Authorization": f"Bearer {make_key(db_url)}"} if mode == "keys" else {}
-            proc, base = start(mode, db_url)
-            try:
-                latency(base, headers, 50)
-                c0 = cpu_seconds(proc.pid)
-                lat = latency(base, headers, args.requests)
-                cpu_ms = (cpu_seconds(proc.pid) - c0) / (args.requests + 50) * 1000
-                rps = asyncio.run(throughput(base, headers, args.requests, args.concurrency))
-                rps_wrk = wrk(base, headers, args.concurrency, args.wrk_seconds)
-            finally:
-                proc.terminate()
-                proc.wait()
-            runs.append((statistics.median(lat), pct(lat, 0.99), rps, cpu_ms, rps_wrk or 0.0))
-        p50, p99, rps, cpu_ms, rps_wrk = (statistics.median(r[k] for r in runs) for k in range(5))
+        configs += [("--no-auth (metered), PostgreSQL", "open", args.postgres),
+                    ("keys, PostgreSQL", "keys", args.postgres)]
+    if args.only:
+        wanted = set(args.only.split(","))
+        short = {"no gateway": "none", "--no-auth (metered)": "open", "keys, SQLite": "sqlite",
+                 "--no-auth (metered), PostgreSQL": "open-postgres", "keys, PostgreSQL": "postgres"}
+        configs = [c for c in configs if short[c[0]] in wanted]
+    # Repeats interleave the configurations (each round runs every one), so a change in the machine's load
+    # falls on all of them alike rather than on whichever ran at that moment.
+    runs: dict[str, list] = {name: [] for name, _, _ in configs}
+    for _ in range(args.repeats):
+        for name, mode, db_url in configs:
+            runs[name].append(measure(mode, db_url, args))
+    for name, _, _ in configs:
+        p50, p99, rps, cpu_ms, rps_wrk = (statistics.median(r[k] for r in runs[name]) for k in range(5))
         print(json.dumps({"config": name, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                          "p50_ms_runs": [round(r[0], 3) for r in runs[name]],
                           "server_cpu_ms_per_request": round(cpu_ms, 3), "requests_per_s": round(rps, 1),
                           "requests_per_s_wrk": round(rps_wrk, 1) if rps_wrk else None, "runs": args.repeats,
                           "requests": args.requests, "concurrency": args.concurrency,
                           "load_average_1m": round(os.getloadavg()[0], 2)}), flush=True)
 
+
+def measure(mode: str, db_url: str | None, args) -> tuple:
+    """One run of one configuration: (p50 ms, p99 ms, requests/s from httpx, server CPU ms per request,
+    requests/s from wrk or 0)."""
+    headers = {"Authorization": f"Bearer {make_key(db_url)}"} if mode == "keys" else {}
+    proc, base = start(mode, db_url)
+    try:
+        latency(base, headers, 50)
+        c0 = cpu_seconds(proc.pid)
+        lat = latency(base, headers, args.requests)
+        cpu_ms = (cpu_seconds(proc.pid) - c0) / (args.requests + 50) * 1000
+        rps = asyncio.run(throughput(base, headers, args.requests, args.concurrency))
+        rps_wrk = wrk(base, headers, args.concurrency, args.wrk_seconds)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return statistics.median(lat), pct(lat, 0.99), rps, cpu_ms, rps_wrk or 0.0
 
 if __name__ == "__main__":
     main()

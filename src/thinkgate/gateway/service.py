@@ -39,7 +39,7 @@ from thinkgate.gateway.money import Price, to_cny
 from thinkgate.gateway.providers.base import PreparedRequest, UsageRecord
 from thinkgate.storage.accounts import Account, AccountStore, Key, now
 from thinkgate.storage.db import Database
-from thinkgate.storage.ledger import KeyUnusable, Ledger
+from thinkgate.storage.ledger import HoldPlan, KeyUnusable, Ledger
 from thinkgate.storage.ledger_writer import LedgerWriter
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Gateway:
         """After the drain: finish the ledger's queued work and stop its thread."""
         while self._orphans:  # a hold still being placed may add its release
             await asyncio.gather(*self._orphans, return_exceptions=True)
-        await asyncio.to_thread(self.writer.close)
+        await self.writer.aclose()
 
     async def run_heartbeat(self) -> None:
         while True:
@@ -195,19 +195,9 @@ class Gateway:
         adm = Admission(caller, request_id, model, price, prepared, permit, None, user)
         if caller.key is None:
             return adm
-        n = prepared.params.n
-        want = prepared.max_tokens * n
-        granted: list[int] = []
-
-        def plan(available: int) -> int | None:
-            tokens = _affordable(price, prepared.prompt_tokens, want, available)
-            if tokens // n < 1:
-                return None
-            granted.append(tokens // n)
-            return price.cost(prepared.prompt_tokens, tokens // n * n)
-
-        op = partial(self.ledger.hold_on, request_id=request_id, account_id=caller.account.id,
-                     key_id=caller.key.id, owner=self.instance_id, plan=plan)
+        plan = HoldPlan(prepared.prompt_tokens, prepared.max_tokens * prepared.params.n, prepared.params.n,
+                        price.input_per_1k, price.output_per_1k)
+        op = self.ledger.hold_op(request_id, caller.account.id, caller.key.id, self.instance_id, plan)
         hold = self.writer.submit(op, caller.account.id)
         try:
             held = await asyncio.shield(hold)
@@ -230,8 +220,8 @@ class Gateway:
             raise PaymentRequired("the balance cannot pay for this request's prompt and one output token "
                                   f"at {model!r}'s prices", code="insufficient_balance")
         adm.held_units = held
-        if granted[0] < prepared.max_tokens:
-            adm.prepared = prepared.capped(granted[0])  # the balance pays this much: finish "length" at the cap
+        if plan.tokens_per_choice < prepared.max_tokens:
+            adm.prepared = prepared.capped(plan.tokens_per_choice)  # the balance pays this much: finish "length" at the cap
         return adm
 
     def _release_orphan(self, adm: Admission, hold: asyncio.Future) -> None:
@@ -264,26 +254,16 @@ class Gateway:
         account_id = adm.caller.account.id
         try:
             if adm.held_units is None:
-                await self.writer.submit(partial(self.ledger.record_on, request_id=adm.request_id,
-                                              account_id=account_id, key_id=None, cost_units=cost, row=row),
-                                      account_id)
+                await self.writer.submit(self.ledger.record_op(adm.request_id, account_id, None, cost, row),
+                                         account_id)
             else:
-                settled = await self.writer.submit(partial(self.ledger.settle_on, request_id=adm.request_id,
-                                                        cost_units=cost, row=row), account_id)
+                settled = await self.writer.submit(self.ledger.settle_op(adm.request_id, cost, row), account_id)
                 cost = settled.cost_units
         finally:
             if adm.permit is not None:
                 await self.limiter.release(adm.permit, record.prompt_tokens + record.completion_tokens)
         return replace(record, cost=to_cny(cost) if adm.held_units is not None else to_cny(0))
 
-
-
-def _affordable(price: Price, prompt: int, want: int, available: int) -> int:
-    """The most completion tokens (<= want) that `available` units pay for after the prompt."""
-    if price.output_per_1k == 0:
-        return want if price.cost(prompt, 0) <= available else 0
-    room = available * 1000 - prompt * price.input_per_1k  # cost(p, t) <= available <=> p*in + t*out <= 1000*avail
-    return max(0, min(want, room // price.output_per_1k))
 
 
 def _bearer(authorization: str | None) -> str | None:

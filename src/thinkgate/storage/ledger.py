@@ -8,16 +8,19 @@ is open until its request's `release` entry exists (every settlement writes one,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import sqlalchemy as sa
 
 from thinkgate.storage.accounts import aware, now
 from thinkgate.storage.db import Database
+from thinkgate.storage.pg_calls import Call
 from thinkgate.storage.schema import instances, ledger, usage
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,37 @@ log = logging.getLogger(__name__)
 
 class KeyUnusable(LookupError):
     """The key was revoked or expired (found so inside the hold's transaction)."""
+
+
+@dataclass
+class HoldPlan:
+    """What a request asks to hold: its prompt and up to `want` completion tokens over `n` choices, at integer
+    unit prices per 1000 tokens. Called with the units available, it returns the units to hold for the most
+    completion tokens per choice they pay for (rounded up once: gateway/money.py's rule), or None when not
+    even one token per choice is affordable; `tokens_per_choice` then says what it granted.
+    PostgreSQL runs the same arithmetic inside the hold (migration 0004's thinkgate_hold_plan)."""
+
+    prompt_tokens: int
+    want_tokens: int
+    n: int
+    input_per_1k: int
+    output_per_1k: int
+    tokens_per_choice: int | None = field(default=None, compare=False)
+
+    def __call__(self, available: int) -> int | None:
+        if self.output_per_1k == 0:
+            tokens = self.want_tokens if self._cost(0) <= available else 0
+        else:
+            room = available * 1000 - self.prompt_tokens * self.input_per_1k
+            tokens = max(0, min(self.want_tokens, room // self.output_per_1k))
+        per = tokens // self.n
+        if per < 1:
+            return None
+        self.tokens_per_choice = per
+        return self._cost(per * self.n)
+
+    def _cost(self, completion: int) -> int:
+        return -(-(self.prompt_tokens * self.input_per_1k + completion * self.output_per_1k) // 1000)
 
 
 @dataclass(frozen=True)
@@ -136,6 +170,8 @@ class Ledger:
     def hold_on(self, cur, request_id: str, account_id: int, key_id: int | None, owner: str,
                 plan: Callable[[int], int | None]) -> int | None:
         h = self._hot
+        if not h.sqlite and isinstance(plan, HoldPlan):
+            return self.hold_call(request_id, account_id, key_id, owner, plan).run(cur)
         if key_id is None:
             cur.execute(h.hold_row, {"account_id": account_id})
         else:
@@ -156,6 +192,8 @@ class Ledger:
 
     def settle_on(self, cur, request_id: str, cost_units: int, row: dict) -> Settled:
         h = self._hot
+        if not h.sqlite:
+            return self.settle_call(request_id, cost_units, row).run(cur)
         cur.execute(h.entries_locked, {"r": request_id})
         entries = {kind: (units, account_id, key_id) for kind, units, account_id, key_id in cur.fetchall()}
         if "hold" not in entries:
@@ -178,6 +216,55 @@ class Ledger:
     def record_on(self, cur, request_id: str, account_id: int, key_id: int | None, cost_units: int,
                   row: dict) -> None:
         cur.execute(self._hot.insert_usage, self._hot.usage(request_id, account_id, key_id, cost_units, row))
+
+    # -- the same three as operations for storage/ledger_writer.py: a Call (one statement) on PostgreSQL,
+    # a function of a cursor on SQLite ----------------------------------------------------------------
+    def hold_op(self, request_id: str, account_id: int, key_id: int | None, owner: str, plan: HoldPlan):
+        if self._hot.sqlite:
+            return partial(self.hold_on, request_id=request_id, account_id=account_id, key_id=key_id,
+                           owner=owner, plan=plan)
+        return self.hold_call(request_id, account_id, key_id, owner, plan)
+
+    def settle_op(self, request_id: str, cost_units: int, row: dict):
+        if self._hot.sqlite:
+            return partial(self.settle_on, request_id=request_id, cost_units=cost_units, row=row)
+        return self.settle_call(request_id, cost_units, row)
+
+    def record_op(self, request_id: str, account_id: int, key_id: int | None, cost_units: int, row: dict):
+        if self._hot.sqlite:
+            return partial(self.record_on, request_id=request_id, account_id=account_id, key_id=key_id,
+                           cost_units=cost_units, row=row)
+        values = self._hot.usage(request_id, account_id, key_id, cost_units, row)
+        return Call("record", (json.dumps({**values, "created_at": values["created_at"].isoformat()}),), _nothing)
+
+    def hold_call(self, request_id: str, account_id: int, key_id: int | None, owner: str,
+                  plan: HoldPlan) -> Call:
+        """PostgreSQL: the hold as one statement (migration 0004), the plan's arithmetic included."""
+        def finish(row):
+            status, units, per = row
+            if status == 2:
+                raise KeyUnusable(key_id)
+            if status == 1:
+                return None
+            plan.tokens_per_choice = per
+            return units
+
+        return Call("hold", (request_id, account_id, key_id, owner, self._hot.now(), plan.prompt_tokens,
+                             plan.want_tokens, plan.n, plan.input_per_1k, plan.output_per_1k), finish)
+
+    def settle_call(self, request_id: str, cost_units: int, row: dict) -> Call:
+        """PostgreSQL: the settlement as one statement (migration 0004); the usage row goes as JSON, the
+        columns it lacks (account, key, cost, time) filled in by the function."""
+        def finish(answer):
+            status, cost, first = answer
+            if status == 1:
+                raise LookupError(f"no hold for {request_id}")
+            if first and cost < cost_units:
+                log.error("request %s cost %d units over its hold of %d: capped", request_id, cost_units, cost)
+            return Settled(cost, first=bool(first))
+
+        usage_json = json.dumps({"usage_source": "engine", "backend": None, **row})
+        return Call("settle", (request_id, cost_units, self._hot.now(), usage_json), finish)
 
     # -- instances and the reaper -----------------------------------------------------------------
     def register(self, instance_id: str, host: str, pid: int) -> None:
@@ -239,6 +326,10 @@ class Ledger:
         with self.db.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(sa.select(ledger).where(ledger.c.account_id == account_id)
                                                         .order_by(ledger.c.id))]
+
+
+def _nothing(_row) -> None:
+    return None
 
 
 def _is_open(h):

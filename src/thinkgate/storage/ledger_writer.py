@@ -34,6 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from thinkgate.storage.db import Database
+from thinkgate.storage.ledger_lane import Lane, Refusal, settle_futures
+from thinkgate.storage.pg_calls import Call
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -53,15 +55,31 @@ class LedgerWriter:
         self.operations = 0
         self.checkpoints = 0
         self._checkpointer = _Checkpointer(db) if db.is_sqlite else None
+        self._lanes: dict[asyncio.AbstractEventLoop, Lane] = {}
 
-    def submit(self, op: Callable[[Any], Any], account_id: int) -> asyncio.Future:
-        """Queue `op(cursor)` to run inside a ledger transaction; the future gets its result or exception.
-        Once queued it runs, whatever becomes of the future (a cancelled waiter loses only the answer)."""
+    def submit(self, op: Callable[[Any], Any] | Call, account_id: int) -> asyncio.Future:
+        """Queue `op` to run inside a ledger transaction; the future gets its result or exception. Once
+        queued it runs, whatever becomes of the future (a cancelled waiter loses only the answer).
+        `op` is a function of a cursor (run on this writer's thread), or on PostgreSQL a Call: one statement,
+        run on the event loop's own connection (storage/ledger_lane.py), which saves two thread switches."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        if isinstance(op, Call) and not self.db.is_sqlite:
+            lane = self._lanes.get(loop)
+            if lane is None:
+                lane = self._lanes[loop] = Lane(self.db.url, self.max_batch, self)
+            lane.put(account_id, op, fut)
+            return fut
         self._ensure_started()
         self._queue.put((account_id, op, loop, fut))
         return fut
+
+    async def aclose(self) -> None:
+        """Finish what is queued (this event loop's lane, then the thread) and stop."""
+        lane = self._lanes.pop(asyncio.get_running_loop(), None)
+        if lane is not None:
+            await lane.aclose()
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread and close its connection."""
@@ -130,10 +148,11 @@ class LedgerWriter:
                     results.append(_refusal_or(op, cur))
                 conn.commit()
             else:
-                with conn.pipeline():  # statements whose answers are not read go out without a round trip
+                # BEGIN goes out with the first statement, COMMIT with the last writes: pipeline mode sends
+                # statements whose answers are not read without waiting for each.
+                with conn.pipeline(), conn.transaction():
                     for op in ops:
                         results.append(_refusal_or(op, cur))
-                    conn.commit()
         except BaseException:
             try:
                 conn.rollback()
@@ -160,7 +179,7 @@ class LedgerWriter:
             if self.db.is_sqlite:
                 self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job (see above)
             else:
-                self._conn.autocommit = False
+                self._conn.autocommit = True  # transactions are explicit (_transaction)
         return self._conn
 
     def _disconnect(self, broken: bool = False) -> None:
@@ -178,7 +197,7 @@ class LedgerWriter:
             by_loop.setdefault(loop, []).append((fut, result))
         for loop, pairs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle_futures, pairs)
+                loop.call_soon_threadsafe(settle_futures, pairs)
             except RuntimeError:  # that loop is closed: nobody waits for these any more
                 pass
 
@@ -223,27 +242,10 @@ class _Checkpointer:
             fairy.close()
 
 
-class _Refusal:
-    __slots__ = ("error",)
-
-    def __init__(self, error: LookupError):
-        self.error = error
-
-
 def _refusal_or(op: Callable, cur) -> Any:
     try:
         return op(cur)
     except LookupError as e:
-        return _Refusal(e)
+        return Refusal(e)
 
 
-def _settle_futures(pairs: list) -> None:
-    for fut, result in pairs:
-        if fut.done():  # its request was cancelled while the batch ran
-            continue
-        if isinstance(result, _Refusal):
-            fut.set_exception(result.error)
-        elif isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result)
