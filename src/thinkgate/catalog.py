@@ -340,14 +340,16 @@ def _decimal_str(units: int) -> str:
 def local_providers(catalog: Catalog, base_engine_config) -> dict:
     """One engine and one LocalProvider per servable entry, in catalog order, with the entry's card fields and
     its request timeout (`request_timeout_s`, read by admission control; None: the server's)."""
-    from thinkgate.engine.async_engine import AsyncEngine
-    from thinkgate.engine.llm_engine import LLMEngine
-    from thinkgate.gateway.providers.local import LocalProvider
-
     entries = catalog.servable()
     if not entries:
         raise CatalogError(f"catalog {catalog.source}: lists no model")
-    check_memory(catalog, [m for m in entries if m.local_backend is not None], base_engine_config)
+    local = [m for m in entries if m.local_backend is not None]
+    if local:  # only then: a gateway of upstream models alone never imports torch (start-up, memory)
+        from thinkgate.engine.async_engine import AsyncEngine
+        from thinkgate.engine.llm_engine import LLMEngine
+        from thinkgate.gateway.providers.local import LocalProvider
+
+        check_memory(catalog, local, base_engine_config)
     providers = {}
     for m in entries:
         if m.local_backend is None:

@@ -90,9 +90,6 @@ def build_app(args):
     catalog = load_catalog_for(args, require_keys) if args.config else None  # mistakes stop the start at once
     from thinkgate.api.app import create_app
     from thinkgate.catalog import pricing_card
-    from thinkgate.engine.async_engine import AsyncEngine
-    from thinkgate.engine.llm_engine import LLMEngine
-    from thinkgate.gateway.providers.local import LocalProvider
     from thinkgate.structured.backend import xgrammar_installed
 
     if args.grammar_backend == "xgrammar" and not xgrammar_installed():
@@ -114,6 +111,12 @@ def build_app(args):
         except CatalogError as e:
             raise SystemExit(str(e)) from None
     else:
+        # Imported here, not above: a gateway whose catalog lists only upstream models never loads torch
+        # (seconds of start-up and hundreds of MiB per gateway process).
+        from thinkgate.engine.async_engine import AsyncEngine
+        from thinkgate.engine.llm_engine import LLMEngine
+        from thinkgate.gateway.providers.local import LocalProvider
+
         model_id = args.served_model_name or model_id_for(args.model)
         prices = {model_id: price_from_args(args, model_id, require_keys)}
         async_engine = AsyncEngine.build(lambda: LLMEngine.from_config(ecfg))

@@ -367,3 +367,35 @@ def test_admin_backends_shows_each_models_backends_and_breaker_state(engine_fact
         {"name": "b", "type": "openai", "base_url": "http://b/v1", "state": "closed", "consecutive_failures": 0}]}
     assert by_model["tiny"] == {"model": "tiny", "type": "local", "active_requests": 0,
                                 "backends": [{"name": "local", "type": "local", "state": "running"}]}
+
+
+def test_a_gateway_of_upstream_models_alone_never_imports_torch(tmp_path):
+    """A gateway process in front of a vLLM cluster runs no engine: building its app and serving a request must
+    not load torch (seconds of start-up and hundreds of MiB in every gateway process behind the balancer)."""
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text('[[models]]\nid = "front"\nprice_input_per_1k = 0.00275\nprice_output_per_1k = 0.0095\n'
+                       '[models.backend]\ntype = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                       'remote_model = "x"\n')
+    script = f"""
+import argparse, asyncio, sys
+import httpx
+from thinkgate.cli import _serve_args, build_app
+p = argparse.ArgumentParser(); _serve_args(p)
+app, _ = build_app(p.parse_args(["--config", {str(catalog)!r}, "--no-auth", "--db", "sqlite:///{tmp_path}/g.db"]))
+async def main():
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            assert (await c.get("/v1/models")).json()["data"][0]["id"] == "front"
+            body = {{"model": "front", "messages": [{{"role": "user", "content": "hi"}}],
+                    "tools": [{{"type": "function", "function": {{"name": "f", "parameters": {{}}}}}}]}}
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 502, r.text  # its upstream (port 9) is down
+asyncio.run(main())
+print("torch" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False"

@@ -14,6 +14,7 @@ breaker (read when scraped).
 
 from __future__ import annotations
 
+import sys
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -104,7 +105,10 @@ class Metrics:
 
 def local_engines(providers: dict):
     """(model id, AsyncEngine) of the providers that run our engine."""
-    from thinkgate.engine.async_engine import AsyncEngine
+    engines = sys.modules.get("thinkgate.engine.async_engine")
+    if engines is None:  # no engine was ever built here (a gateway of upstreams): and torch stays unloaded
+        return
+    AsyncEngine = engines.AsyncEngine  # noqa: N806
 
     for model, p in providers.items():
         engine = getattr(p, "engine", None)

@@ -6,7 +6,6 @@ import json
 
 from thinkgate.errors import InvalidRequestError
 from thinkgate.protocol import ChatCompletionRequest, NamedToolChoice
-from thinkgate.structured.bounds import bound_time_formats
 
 
 def validate_tools(req: ChatCompletionRequest) -> None:
@@ -58,6 +57,8 @@ def tool_call_lark(req: ChatCompletionRequest, start_id: int | None, end_id: int
     """Lark grammar (llguidance dialect) for one or more well-formed calls of the allowed tools."""
     # Compact JSON, as the template shows: no whitespace between tokens, so none a model could repeat; times
     # with bounded fractional seconds, as response_format's (structured/bounds.py).
+    from thinkgate.structured.bounds import bound_time_formats  # torch: only where a local model constrains
+
     schema = {**bound_time_formats(tool_calls_schema(req)), "x-guidance": {"whitespace_flexible": False}}
     open_tag = f"<[{start_id}]>" if start_id is not None else json.dumps("<tool_call>")
     close_tag = f"<[{end_id}]>" if end_id is not None else json.dumps("</tool_call>")

@@ -9,9 +9,10 @@ digits of a number (structured/bounds.py), so a constrained answer cannot loop o
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: a gateway of upstream models alone never imports torch
+    import torch
 
 
 class GrammarError(ValueError):
