@@ -9,7 +9,7 @@ For each: decode tokens/s (from the first token to the last, so the identical pr
 same engine options with speculation off and on, the median of --repeats runs each, whether the greedy
 outputs are identical, and the share of proposed draft tokens that were accepted.
 
-    python benchmarks/speculative.py [--max-tokens 512] [--repeats 3] [--json out.json]
+    python benchmarks/speculative.py [--max-tokens 512] [--repeats 3] [--weight-quant auto] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--weight-quant", default="auto", help="the linears' serving form (as `thinkgate serve`)")
     args = ap.parse_args()
-    base = EngineConfig(max_model_len=8192, max_num_seqs=1)  # the served defaults otherwise (weight form, KV)
+    # The served defaults otherwise (KV cache, head); the weight form as asked.
+    base = EngineConfig(max_model_len=8192, max_num_seqs=1, weight_quant=args.weight_quant)
     loaded = load_model(str(pull_default_model()), base.dtype, base.device, base.max_model_len, base.weight_quant,
                         base.head_quant, base.cpu_kernels, base.quantization)
     tok = loaded.tokenizer
