@@ -148,11 +148,10 @@ class LedgerWriter:
                     results.append(_refusal_or(op, cur))
                 conn.commit()
             else:
-                # BEGIN goes out with the first statement, COMMIT with the last writes: pipeline mode sends
-                # statements whose answers are not read without waiting for each.
-                with conn.pipeline(), conn.transaction():
+                with conn.pipeline():  # statements whose answers are not read go out without a round trip
                     for op in ops:
                         results.append(_refusal_or(op, cur))
+                    conn.commit()
         except BaseException:
             try:
                 conn.rollback()
@@ -179,7 +178,7 @@ class LedgerWriter:
             if self.db.is_sqlite:
                 self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job (see above)
             else:
-                self._conn.autocommit = True  # transactions are explicit (_transaction)
+                self._conn.autocommit = False
         return self._conn
 
     def _disconnect(self, broken: bool = False) -> None:
