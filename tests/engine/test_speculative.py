@@ -222,3 +222,29 @@ def test_served_with_speculation(checkpoints):
         assert e.value.body["param"] == "speculative"
     finally:
         s.stop()
+
+
+def test_verify_attention_is_each_positions_decode_attention():
+    """The verify step's attention (the reference backend): query i of the pending token and its drafts sees its
+    first L - t + i + 1 keys and gets, bit for bit, what a one-token decode step at that position computes, so a
+    step with drafts cannot move a greedy near-tie (with one masked call over all queries it could: its sums run
+    in another order; the default model's prose answer changed at token 18 with int4 weights)."""
+    from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention
+
+    torch.manual_seed(0)
+    page, hq, hkv, d, length, t = 16, 4, 2, 32, 45, 6
+    nblk = -(-length // page)
+    kc = torch.randn(nblk + 2, page, hkv, d)
+    vc = torch.randn_like(kc)
+    table = [2, 0, 1][:nblk]  # blocks out of order, as the block manager hands them out
+    q = torch.randn(t, hq, d)
+    attn = TorchPagedAttention(scale=d ** -0.5)
+    cpu = torch.device("cpu")
+    meta = AttentionMetadata.build([t], [length], [table], page, cpu, verify=True)
+    assert meta.kind == "verify"
+    out = attn.forward(q, kc, vc, meta)
+    chunk = attn.forward(q, kc, vc, AttentionMetadata.build([t], [length], [table], page, cpu))
+    assert torch.allclose(out, chunk, atol=1e-5)  # the same attention ...
+    for i in range(t):  # ... computed as decode computes it
+        one = AttentionMetadata.build([1], [length - t + i + 1], [table], page, cpu)
+        assert torch.equal(out[i:i + 1], attn.forward(q[i:i + 1], kc, vc, one))

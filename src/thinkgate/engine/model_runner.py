@@ -116,7 +116,8 @@ class ModelRunner:
             q_lens.append(n)
             kv_lens.append(start + n)
             tables.append(seq.block_table)
-        meta = AttentionMetadata.build(q_lens, kv_lens, tables, self.block_size, self.device)
+        meta = AttentionMetadata.build(q_lens, kv_lens, tables, self.block_size, self.device,
+                                       verify=any(drafts))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]

@@ -25,7 +25,9 @@ class AttentionMetadata:
     mask: torch.Tensor | None = None  # [B, 1, Qmax, Lmax] bool, True = may attend
     token_batch: torch.Tensor | None = None  # [T] row in the padded layout of each flat token
     token_pos: torch.Tensor | None = None  # [T] column in the padded layout
-    kind: str = "mixed"  # "decode" (one query per sequence), "fresh" (one prompt, empty cache) or "mixed"
+    # "decode" (one query per sequence), "fresh" (one prompt, empty cache), "chunk" (a prompt's later chunk),
+    # "verify" (one sequence's pending token and its drafts) or "mixed"
+    kind: str = "mixed"
     # Decode as a paged kernel sees it (no gathered copy): block table rows and context lengths, int32.
     block_tables: torch.Tensor | None = None  # [B, M]
     context_lens: torch.Tensor | None = None  # [B]
@@ -38,11 +40,15 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, q_lens: list[int], kv_lens: list[int], block_tables: list[list[int]], block_size: int,
-              device: torch.device) -> AttentionMetadata:
+              device: torch.device, verify: bool = False) -> AttentionMetadata:
         b = len(q_lens)
         qmax, lmax = max(q_lens), max(kv_lens)
         # "chunk": one sequence's prompt chunk after earlier chunks; causal from the bottom right, no mask.
         kind = "decode" if qmax == 1 else ("mixed" if b > 1 else "fresh" if q_lens[0] == kv_lens[0] else "chunk")
+        if verify and kind == "chunk":
+            # One sequence's pending token and its drafts: each query attends exactly as a one-token decode
+            # step at its position would (TorchPagedAttention), so greedy output is the same with drafts.
+            kind = "verify"
         nblk = max(len(t) for t in block_tables)
         table = torch.zeros((b, nblk), dtype=torch.long)
         for i, t in enumerate(block_tables):
@@ -61,7 +67,7 @@ class AttentionMetadata:
         # Built where it is used ([B, Qmax, Lmax] is large for long chunks). A single prompt's later chunk
         # needs none on CUDA (a bottom-right causal bias); on CPU SDPA would materialise that bias in every
         # layer (as slow as the attention itself), so the step builds its mask once for all layers.
-        if kind in ("mixed", "decode") or (kind == "chunk" and device.type != "cuda"):
+        if kind in ("mixed", "decode") or (kind == "chunk" and device.type != "cuda"):  # "verify": none
             dpos, dq, dkv, dvalid = pos.to(device), qpos.to(device), kv_lens_t.to(device), q_valid.to(device)
             mask = (dpos[None, None, :] <= dq[:, :, None]) & (dpos[None, None, :] < dkv[:, None, None])
             mask = mask | (~dvalid)[:, :, None] & (dpos[None, None, :] == 0)  # padded rows: one key, no NaN
@@ -103,6 +109,14 @@ class TorchPagedAttention:
                        attn_mask=mask)  # [B, Hq, 1, D]
             return out.squeeze(2).to(q.dtype)
         k, v = gather_kv(k_cache, v_cache, meta.kv_slots, dtype)  # [B, Lmax, Hkv, D]
+        if meta.kind == "verify":
+            # Query i (of t) sees the first L - t + i + 1 keys: one unmasked SDPA per query over exactly those,
+            # the call a decode step makes at that position (same shapes, same kernel, the same sums), where
+            # one masked call over all t queries sums in another order and can flip a greedy near-tie.
+            n0 = k.shape[1] - t + 1
+            rows = [sdpa(q[i:i + 1].to(dtype).unsqueeze(2), k[:, :n0 + i].transpose(1, 2),
+                         v[:, :n0 + i].transpose(1, 2), scale=self.scale) for i in range(t)]
+            return torch.cat(rows).squeeze(2).to(q.dtype)  # [t, Hq, D]
         if meta.kind == "chunk":
             mask = meta.mask
             if mask is None:
