@@ -24,10 +24,15 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [_CSRC / name for name in (
     "q4_linear.cpp", "decode_ops.cpp", "paged_attention.cpp", "decoder.cpp", "bindings.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+# The GGUF block kernels (--weight-quant gguf): AVX2 on x86 (every x86 server CPU of the last decade), plain
+# C++ elsewhere, so they run where the AVX-512 module above cannot.
+GGML_SOURCES = [_CSRC / "ggml_linear.cpp", _CSRC / "ggml_bindings.cpp"]
 
 _lock = threading.Lock()
 _module = None
 _tried = False
+_ggml_module = None
+_ggml_tried = False
 
 
 def cpu_supports_vnni() -> bool:
@@ -40,14 +45,28 @@ def cpu_supports_vnni() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
 
 
-def _build_dir() -> Path:
+def cpu_supports_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx2", "fma", "f16c"))
+
+
+def ggml_flags() -> list[str]:
+    return ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"] if cpu_supports_avx2() else ["-O3", "-fopenmp"]
+
+
+def _build_dir(name: str = "thinkgate_cpu_kernels", flags: list[str] = FLAGS) -> Path:
     digest = hashlib.sha256()
     for src in sorted(_CSRC.iterdir()):  # the sources and the headers they include
         digest.update(src.name.encode() + src.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(name.encode() + " ".join(flags).encode())
     # The build files name the sources by path: two checkouts sharing a folder would rebuild it in turn.
     digest.update(str(_CSRC).encode())
-    key = f"torch{torch.__version__}-{digest.hexdigest()[:12]}".replace("+", "_")
+    key = f"{name}-torch{torch.__version__}-{digest.hexdigest()[:12]}".replace("+", "_")
     return cache_dir() / "kernels" / key
 
 
@@ -68,7 +87,28 @@ def load():
         return _module
 
 
-def _build(out: Path):
+def load_ggml():
+    """The GGUF block kernels' module (csrc/ggml_linear.cpp), or None without a compiler or with
+    THINKGATE_CPU_KERNELS=0."""
+    global _ggml_module, _ggml_tried
+    with _lock:
+        if _ggml_tried:
+            return _ggml_module
+        _ggml_tried = True
+        if os.environ.get("THINKGATE_CPU_KERNELS", "1") == "0":
+            return None
+        flags = ggml_flags()
+        try:
+            _ggml_module = _build(_build_dir("thinkgate_ggml_kernels", flags), "thinkgate_ggml_kernels",
+                                  GGML_SOURCES, flags)
+        except Exception as exc:
+            log.warning("thinkgate's GGUF block kernels could not be built (%s)", exc)
+            _ggml_module = None
+        return _ggml_module
+
+
+def _build(out: Path, name: str = "thinkgate_cpu_kernels", sources: list[Path] = SOURCES,
+           flags: list[str] = FLAGS):
     """Compile (or just load) the module in `out`, one process at a time.
 
     torch's builder guards its folder with a `lock` file that a killed build leaves behind, after which
@@ -82,7 +122,7 @@ def _build(out: Path):
     with open(out / "thinkgate.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (out / "lock").unlink(missing_ok=True)
-        if not (out / "thinkgate_cpu_kernels.so").exists():
+        if not (out / f"{name}.so").exists():
             log.info("compiling thinkgate's CPU kernels into %s (once per machine, ~30-60 s)", out)
-        return build(name="thinkgate_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+        return build(name=name, sources=[str(s) for s in sources], extra_cflags=flags,
                      extra_ldflags=["-fopenmp"], build_directory=str(out), verbose=False)

@@ -1,0 +1,556 @@
+// The GGUF file's own quantized blocks, multiplied as stored: the CPU linears of `--weight-quant gguf`.
+//
+// Why: re-quantizing a GGUF's weights into our int4/int8 forms changes the model a second time (issue 19
+// measured 0/16 greedy answers identical to the exact model that way, against llama.cpp's 8/16). Here each
+// weight row stays in the file's blocks and the product is llama.cpp's: the input row is quantized into
+// its 8-bit activation blocks (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for the types with a min, Q8_K for the
+// K-quants; the same rounding as ggml's x86 code), each block's products are summed in integers, scaled
+// in fp32 and accumulated, block after block. The per-block sums are exact, so the only difference from
+// ggml is the order in which fp32 adds the blocks' contributions.
+//
+// Every dot product has a scalar form (any CPU; the reference the tests compare the AVX2 form against)
+// and an AVX2 form (vpmaddubsw: 32 u8 x s8 products per instruction, as ggml's x86 code), chosen at
+// compile time; `scalar` forces the scalar one for tests.
+
+#include "ggml_blocks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+using namespace ggml;
+
+namespace {
+
+inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+inline uint16_t f2h(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+// Round half to even, as _mm256_round_ps(_MM_ROUND_NEAREST) and ggml's nearest_int do.
+inline int rne(float v) { return static_cast<int>(std::nearbyint(v)); }
+
+// ---- activation blocks (ggml's quantize_row_q8_0 / q8_1 on x86, quantize_row_q8_K_ref) ----
+
+void quantize_q8_0(const float* x, BlockQ8_0* y, int64_t k, bool with_sum, BlockQ8_1* y1) {
+    for (int64_t b = 0; b < k / QK; ++b, x += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+        const float d = amax / 127.f;
+        const float id = amax != 0.0f ? 127.f / amax : 0.0f;
+        int8_t* qs = with_sum ? y1[b].qs : y[b].qs;
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) {
+            qs[j] = static_cast<int8_t>(rne(x[j] * id));
+            sum += qs[j];
+        }
+        if (with_sum) {
+            y1[b].d = f2h(d);
+            y1[b].s = f2h(d * static_cast<float>(sum));
+        } else {
+            y[b].d = f2h(d);
+        }
+    }
+}
+
+void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t k) {
+    for (int64_t b = 0; b < k / QKK; ++b, x += QKK) {
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < QKK; ++j) {
+            const float ax = std::fabs(x[j]);
+            if (ax > amax) { amax = ax; max = x[j]; }
+        }
+        if (amax == 0.0f) {
+            std::memset(&y[b], 0, sizeof(BlockQ8_K));
+            continue;
+        }
+        const float iscale = -127.f / max;
+        for (int j = 0; j < QKK; ++j) y[b].qs[j] = static_cast<int8_t>(std::min(127, rne(iscale * x[j])));
+        for (int g = 0; g < QKK / 16; ++g) {
+            int sum = 0;
+            for (int j = 0; j < 16; ++j) sum += y[b].qs[16 * g + j];
+            y[b].bsums[g] = static_cast<int16_t>(sum);
+        }
+        y[b].d = 1.f / iscale;
+    }
+}
+
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// ---- the weights' integer codes of one block (scalar reference forms) ----
+
+// Legacy types: the 32 codes, and whether they carry a min (Q4_1/Q5_1) instead of a zero offset.
+inline void codes32(int type, const uint8_t* blk, int* q, float& d, float& m) {
+    m = 0.0f;
+    switch (type) {
+        case Q4_0: {
+            auto b = reinterpret_cast<const BlockQ4_0*>(blk);
+            d = h2f(b->d);
+            for (int j = 0; j < 16; ++j) { q[j] = (b->qs[j] & 0xF) - 8; q[j + 16] = (b->qs[j] >> 4) - 8; }
+            break;
+        }
+        case Q4_1: {
+            auto b = reinterpret_cast<const BlockQ4_1*>(blk);
+            d = h2f(b->d);
+            m = h2f(b->m);
+            for (int j = 0; j < 16; ++j) { q[j] = b->qs[j] & 0xF; q[j + 16] = b->qs[j] >> 4; }
+            break;
+        }
+        case Q5_0:
+        case Q5_1: {
+            const bool with_min = type == Q5_1;
+            const uint8_t* qh8 = with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->qh : reinterpret_cast<const BlockQ5_0*>(blk)->qh;
+            const uint8_t* qs = with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->qs : reinterpret_cast<const BlockQ5_0*>(blk)->qs;
+            uint32_t qh;
+            std::memcpy(&qh, qh8, 4);
+            d = h2f(with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->d : reinterpret_cast<const BlockQ5_0*>(blk)->d);
+            if (with_min) m = h2f(reinterpret_cast<const BlockQ5_1*>(blk)->m);
+            const int off = with_min ? 0 : 16;
+            for (int j = 0; j < 16; ++j) {
+                q[j] = ((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) - off;
+                q[j + 16] = ((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - off;
+            }
+            break;
+        }
+        default: {  // Q8_0
+            auto b = reinterpret_cast<const BlockQ8_0*>(blk);
+            d = h2f(b->d);
+            for (int j = 0; j < 32; ++j) q[j] = b->qs[j];
+        }
+    }
+}
+
+// K-quants: the 256 codes and, per group of 16 codes, an integer scale and min (a group's value is
+// code * d * scale - dmin * min). Q6_K has no min and codes already centred (code - 32).
+inline void codes256(int type, const uint8_t* blk, int* q, int* sc16, int* m16, float& d, float& dmin) {
+    if (type == Q6_K) {
+        auto b = reinterpret_cast<const BlockQ6_K*>(blk);
+        d = h2f(b->d);
+        dmin = 0.0f;
+        for (int n = 0; n < 2; ++n) {
+            const uint8_t* ql = b->ql + 64 * n;
+            const uint8_t* qh = b->qh + 32 * n;
+            for (int l = 0; l < 32; ++l) {
+                q[128 * n + l] = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                q[128 * n + l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                q[128 * n + l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                q[128 * n + l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            }
+        }
+        for (int g = 0; g < 16; ++g) { sc16[g] = b->scales[g]; m16[g] = 0; }
+        return;
+    }
+    const bool five = type == Q5_K;
+    const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
+    const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
+    d = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
+    dmin = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
+    for (int j = 0; j < 4; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            q[64 * j + l] = qs[32 * j + l] & 0xF;
+            q[64 * j + l + 32] = qs[32 * j + l] >> 4;
+            if (five) {
+                const uint8_t h = reinterpret_cast<const BlockQ5_K*>(blk)->qh[l];
+                q[64 * j + l] += ((h >> (2 * j)) & 1) << 4;
+                q[64 * j + l + 32] += ((h >> (2 * j + 1)) & 1) << 4;
+            }
+        }
+    }
+    for (int s = 0; s < 8; ++s) {
+        int sc, m;
+        scale_min_k4(s, scales, sc, m);
+        sc16[2 * s] = sc16[2 * s + 1] = sc;
+        m16[2 * s] = m16[2 * s + 1] = m;
+    }
+}
+
+// ---- dot products of one weight row with one quantized input row ----
+
+float dot_scalar(int type, const uint8_t* w, const void* act, int64_t k) {
+    float sum = 0.0f;
+    int q[QKK];
+    if (type == Q4_K || type == Q5_K || type == Q6_K) {
+        const int bb = type == Q6_K ? sizeof(BlockQ6_K) : type == Q5_K ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
+        auto y = static_cast<const BlockQ8_K*>(act);
+        int sc16[16], m16[16];
+        for (int64_t b = 0; b < k / QKK; ++b) {
+            float d, dmin;
+            codes256(type, w + b * bb, q, sc16, m16, d, dmin);
+            int sumi = 0, summ = 0;
+            for (int g = 0; g < 16; ++g) {
+                int s = 0;
+                for (int j = 0; j < 16; ++j) s += q[16 * g + j] * y[b].qs[16 * g + j];
+                sumi += sc16[g] * s;
+                summ += m16[g] * y[b].bsums[g];
+            }
+            sum += y[b].d * d * static_cast<float>(sumi) - y[b].d * dmin * static_cast<float>(summ);
+        }
+        return sum;
+    }
+    const int bb = type == Q4_0 ? sizeof(BlockQ4_0) : type == Q4_1 ? sizeof(BlockQ4_1) : type == Q5_0 ? sizeof(BlockQ5_0)
+                 : type == Q5_1 ? sizeof(BlockQ5_1) : sizeof(BlockQ8_0);
+    const bool with_min = type == Q4_1 || type == Q5_1;
+    for (int64_t b = 0; b < k / QK; ++b) {
+        float d, m;
+        codes32(type, w + b * bb, q, d, m);
+        const int8_t* qa = with_min ? static_cast<const BlockQ8_1*>(act)[b].qs : static_cast<const BlockQ8_0*>(act)[b].qs;
+        int sumi = 0;
+        for (int j = 0; j < QK; ++j) sumi += q[j] * qa[j];
+        if (with_min) {
+            const BlockQ8_1& y = static_cast<const BlockQ8_1*>(act)[b];
+            sum += d * h2f(y.d) * static_cast<float>(sumi) + m * h2f(y.s);
+        } else {
+            sum += d * h2f(static_cast<const BlockQ8_0*>(act)[b].d) * static_cast<float>(sumi);
+        }
+    }
+    return sum;
+}
+
+#ifdef __AVX2__
+
+inline float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// The 32 low-then-high nibbles of 16 bytes, each in 0..15.
+inline __m256i nibbles32(const uint8_t* p) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// 32 bits -> 32 bytes, 0xFF where the bit is set.
+inline __m256i bits32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(v)),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                 0x0101010101010101, 0x0000000000000000));
+    const __m256i probe = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    return _mm256_cmpeq_epi8(_mm256_or_si256(spread, probe), _mm256_set1_epi64x(-1));
+}
+
+// Sum of 32 u8 x s8 products in 8 int32 lanes (pairs can't saturate: |u| <= 128, |s| <= 127).
+inline __m256i dot_us8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+inline __m256i dot_ss8(__m256i a, __m256i b) { return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)); }
+
+float dot_legacy_avx2(int type, const uint8_t* w, const void* act, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.0f;
+    const int64_t nb = k / QK;
+    switch (type) {
+        case Q4_0:
+            for (int64_t b = 0; b < nb; ++b) {
+                auto x = reinterpret_cast<const BlockQ4_0*>(w) + b;
+                auto y = static_cast<const BlockQ8_0*>(act) + b;
+                const __m256i qx = _mm256_sub_epi8(nibbles32(x->qs), _mm256_set1_epi8(8));
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
+            }
+            break;
+        case Q5_0:
+            for (int64_t b = 0; b < nb; ++b) {
+                auto x = reinterpret_cast<const BlockQ5_0*>(w) + b;
+                auto y = static_cast<const BlockQ8_0*>(act) + b;
+                // Without its fifth bit a code is nibble - 16: setting the top nibble does that in int8.
+                const __m256i hi = _mm256_andnot_si256(bits32(x->qh), _mm256_set1_epi8(static_cast<char>(0xF0)));
+                const __m256i qx = _mm256_or_si256(nibbles32(x->qs), hi);
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
+            }
+            break;
+        case Q8_0:
+            for (int64_t b = 0; b < nb; ++b) {
+                auto x = reinterpret_cast<const BlockQ8_0*>(w) + b;
+                auto y = static_cast<const BlockQ8_0*>(act) + b;
+                const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs));
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
+            }
+            break;
+        case Q4_1:
+            for (int64_t b = 0; b < nb; ++b) {
+                auto x = reinterpret_cast<const BlockQ4_1*>(w) + b;
+                auto y = static_cast<const BlockQ8_1*>(act) + b;
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                summ += h2f(x->m) * h2f(y->s);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(nibbles32(x->qs), qy)), acc);
+            }
+            break;
+        case Q5_1:
+            for (int64_t b = 0; b < nb; ++b) {
+                auto x = reinterpret_cast<const BlockQ5_1*>(w) + b;
+                auto y = static_cast<const BlockQ8_1*>(act) + b;
+                const __m256i qx = _mm256_or_si256(nibbles32(x->qs), _mm256_and_si256(bits32(x->qh), _mm256_set1_epi8(0x10)));
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                summ += h2f(x->m) * h2f(y->s);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(qx, qy)), acc);
+            }
+            break;
+    }
+    return hsum8(acc) + summ;
+}
+
+// Two int16 scales over a 32-lane product: lanes 0-7 (codes 0-15) get a, lanes 8-15 (codes 16-31) get b.
+inline __m256i scale_pair(int a, int b) { return _mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b)), _mm_set1_epi16(static_cast<short>(a))); }
+
+float dot_k_avx2(int type, const uint8_t* w, const BlockQ8_K* y, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < k / QKK; ++b, ++y) {
+        const int8_t* q8 = y->qs;
+        __m256i sumi = _mm256_setzero_si256();
+        if (type == Q6_K) {
+            auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
+            const uint8_t* ql = x->ql;
+            const uint8_t* qh = x->qh;
+            const int8_t* sc = x->scales;
+            int centre = 0;  // 32 * sum(scale * bsum): the codes' offset, taken out once per super-block
+            for (int g = 0; g < 16; ++g) centre += sc[g] * y->bsums[g];
+            for (int n = 0; n < 2; ++n, ql += 64, qh += 32, q8 += 128, sc += 8) {
+                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+                const __m256i c[4] = {
+                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)),
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(48))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                    _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2))};
+                for (int i = 0; i < 4; ++i) {
+                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32 * i));
+                    const __m256i p = _mm256_maddubs_epi16(c[i], a);  // codes 0..63: pair sums fit int16
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(sc[2 * i], sc[2 * i + 1])));
+                }
+            }
+            const float d = y->d * h2f(x->d);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * centre, 0, 0, 0, 0, 0, 0, 0))), acc);
+            continue;
+        }
+        const bool five = type == Q5_K;
+        const uint8_t* blk = w + b * (five ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
+        const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
+        const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
+        const uint16_t dh = five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d;
+        const uint16_t mh = five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin;
+        int sc[8], mn[8], mins = 0;
+        for (int s = 0; s < 8; ++s) {
+            scale_min_k4(s, scales, sc[s], mn[s]);
+            mins += mn[s] * (y->bsums[2 * s] + y->bsums[2 * s + 1]);
+        }
+        const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
+                                   : _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j, qs += 32, q8 += 64) {
+            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+            __m256i lo = _mm256_and_si256(bits, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            if (five) {
+                const __m256i one = _mm256_set1_epi8(1);
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+            }
+            const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+            const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_set1_epi16(static_cast<short>(sc[2 * j]))));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), _mm256_set1_epi16(static_cast<short>(sc[2 * j + 1]))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y->d * h2f(dh)), _mm256_cvtepi32_ps(sumi), acc);
+        summ += y->d * h2f(mh) * static_cast<float>(mins);
+    }
+    return hsum8(acc) - summ;
+}
+
+#endif  // __AVX2__
+
+bool is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
+int block_bytes(int type) {
+    switch (type) {
+        case Q4_0: return sizeof(BlockQ4_0);
+        case Q4_1: return sizeof(BlockQ4_1);
+        case Q5_0: return sizeof(BlockQ5_0);
+        case Q5_1: return sizeof(BlockQ5_1);
+        case Q8_0: return sizeof(BlockQ8_0);
+        case Q4_K: return sizeof(BlockQ4_K);
+        case Q5_K: return sizeof(BlockQ5_K);
+        case Q6_K: return sizeof(BlockQ6_K);
+        default: return 0;
+    }
+}
+
+int64_t row_length(int type, int64_t row_bytes) { return row_bytes / block_bytes(type) * (is_k(type) ? QKK : QK); }
+
+// The input rows in each activation form the parts need, built once per call.
+struct Activations {
+    int64_t k = 0;
+    std::vector<BlockQ8_0> q8_0;
+    std::vector<BlockQ8_1> q8_1;
+    std::vector<BlockQ8_K> q8_k;
+
+    const void* row(int type, int64_t m) const {
+        if (is_k(type)) return q8_k.data() + m * (k / QKK);
+        if (type == Q4_1 || type == Q5_1) return q8_1.data() + m * (k / QK);
+        return q8_0.data() + m * (k / QK);
+    }
+};
+
+void check_type(int type) {
+    TORCH_CHECK(block_bytes(type) > 0, "ggml_linear: unsupported ggml type ", type);
+}
+
+}  // namespace
+
+// y[M, sum N_i] = x[M, K] @ concat(W_i)^T (+ bias): W_i given as the GGUF's rows of blocks of type types[i]
+// ([N_i, row bytes] uint8). x is fp32; y is fp32.
+at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
+                       const c10::optional<at::Tensor>& bias, bool scalar) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ggml_linear: x must be an fp32 [M, K] tensor");
+    TORCH_CHECK(types.size() == weights.size() && !types.empty(), "ggml_linear: one type per weight part");
+    const at::Tensor xc = x.contiguous();
+    const int64_t m = xc.size(0), k = xc.size(1);
+    int64_t n_total = 0;
+    bool need0 = false, need1 = false, needk = false;
+    for (size_t i = 0; i < types.size(); ++i) {
+        const int t = static_cast<int>(types[i]);
+        check_type(t);
+        TORCH_CHECK(weights[i].dim() == 2 && weights[i].scalar_type() == at::kByte && weights[i].is_contiguous(),
+                    "ggml_linear: each weight part is a contiguous uint8 [N, row bytes] tensor");
+        TORCH_CHECK(row_length(t, weights[i].size(1)) == k && weights[i].size(1) % block_bytes(t) == 0,
+                    "ggml_linear: a weight part's rows do not hold K = ", k, " values");
+        n_total += weights[i].size(0);
+        need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0;
+        need1 |= t == Q4_1 || t == Q5_1;
+        needk |= is_k(t);
+    }
+    Activations act;
+    act.k = k;
+    const float* px = xc.data_ptr<float>();
+    if (need0) {
+        act.q8_0.resize(m * (k / QK));
+        for (int64_t r = 0; r < m; ++r) quantize_q8_0(px + r * k, act.q8_0.data() + r * (k / QK), k, false, nullptr);
+    }
+    if (need1) {
+        act.q8_1.resize(m * (k / QK));
+        for (int64_t r = 0; r < m; ++r) quantize_q8_0(px + r * k, nullptr, k, true, act.q8_1.data() + r * (k / QK));
+    }
+    if (needk) {
+        act.q8_k.resize(m * (k / QKK));
+        for (int64_t r = 0; r < m; ++r) quantize_q8_k(px + r * k, act.q8_k.data() + r * (k / QKK), k);
+    }
+    at::Tensor y = at::empty({m, n_total}, xc.options());
+    float* py = y.data_ptr<float>();
+    // Tasks of kTile weight rows: a tile's rows stay in cache while every input row uses them (prefill).
+    constexpr int64_t kTile = 16;
+    struct Task { int part; int64_t r0, r1, col; };
+    std::vector<Task> tasks;
+    int64_t col = 0;
+    for (size_t i = 0; i < types.size(); ++i) {
+        const int64_t n = weights[i].size(0);
+        for (int64_t r = 0; r < n; r += kTile) tasks.push_back({static_cast<int>(i), r, std::min(n, r + kTile), col});
+        col += n;
+    }
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            const Task& task = tasks[t];
+            const int type = static_cast<int>(types[task.part]);
+            const int64_t rb = weights[task.part].size(1);
+            const uint8_t* pw = weights[task.part].data_ptr<uint8_t>();
+            for (int64_t i = 0; i < m; ++i) {
+                const void* a = act.row(type, i);
+                float* out = py + i * n_total + task.col;
+                for (int64_t r = task.r0; r < task.r1; ++r) {
+                    const uint8_t* row = pw + r * rb;
+#ifdef __AVX2__
+                    if (!scalar) {
+                        out[r] = is_k(type) ? dot_k_avx2(type, row, static_cast<const BlockQ8_K*>(a), k)
+                                            : dot_legacy_avx2(type, row, a, k);
+                        continue;
+                    }
+#endif
+                    out[r] = dot_scalar(type, row, a, k);
+                }
+            }
+        }
+    });
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+}
+
+// The activation blocks ggml_linear multiplies with, as bytes [M, blocks * block size] (for the tests).
+at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ggml_quantize_activations: fp32 [M, K]");
+    const at::Tensor xc = x.contiguous();
+    const int64_t m = xc.size(0), k = xc.size(1);
+    const int64_t per = vec_type == Q8_K ? k / QKK * sizeof(BlockQ8_K) : k / QK * (vec_type == Q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0));
+    TORCH_CHECK(k % (vec_type == Q8_K ? QKK : QK) == 0, "ggml_quantize_activations: K is not a whole number of blocks");
+    at::Tensor out = at::empty({m, per}, xc.options().dtype(at::kByte));
+    for (int64_t r = 0; r < m; ++r) {
+        const float* row = xc.data_ptr<float>() + r * k;
+        void* dst = out.data_ptr<uint8_t>() + r * per;
+        if (vec_type == Q8_K) quantize_q8_k(row, static_cast<BlockQ8_K*>(dst), k);
+        else if (vec_type == Q8_1) quantize_q8_0(row, nullptr, k, true, static_cast<BlockQ8_1*>(dst));
+        else quantize_q8_0(row, static_cast<BlockQ8_0*>(dst), k, false, nullptr);
+    }
+    return out;
+}
+
+// Rows `ids` of a [V, row bytes] block matrix, dequantized to fp32 as ggml's dequantize_row_* computes them
+// (the embedding lookup: llama.cpp's get_rows).
+at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids) {
+    const int t = static_cast<int>(type);
+    check_type(t);
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous(),
+                "ggml_dequantize_rows: weight must be a contiguous uint8 [V, row bytes] tensor");
+    const at::Tensor idx = ids.to(at::kLong).contiguous();
+    const int64_t rb = weight.size(1), k = row_length(t, rb), n = idx.numel(), v = weight.size(0);
+    at::Tensor out = at::empty({n, k}, weight.options().dtype(at::kFloat));
+    const int64_t* pi = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(pi[i] >= 0 && pi[i] < v, "ggml_dequantize_rows: id out of range");
+    at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+        int q[QKK], sc16[16], m16[16];
+        for (int64_t i = i0; i < i1; ++i) {
+            const uint8_t* row = weight.data_ptr<uint8_t>() + pi[i] * rb;
+            float* y = out.data_ptr<float>() + i * k;
+            if (is_k(t)) {
+                for (int64_t b = 0; b < k / QKK; ++b, y += QKK) {
+                    float d, dmin;
+                    codes256(t, row + b * block_bytes(t), q, sc16, m16, d, dmin);
+                    if (t == Q6_K) {
+                        for (int j = 0; j < QKK; ++j) y[j] = d * static_cast<float>(sc16[j / 16]) * static_cast<float>(q[j]);
+                    } else {
+                        for (int j = 0; j < QKK; ++j) {
+                            const float ds = d * static_cast<float>(sc16[j / 16]), ms = dmin * static_cast<float>(m16[j / 16]);
+                            y[j] = ds * static_cast<float>(q[j]) - ms;
+                        }
+                    }
+                }
+            } else {
+                for (int64_t b = 0; b < k / QK; ++b, y += QK) {
+                    float d, m;
+                    codes32(t, row + b * block_bytes(t), q, d, m);
+                    for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(q[j]) * d + m;
+                }
+            }
+        }
+    });
+    return out;
+}

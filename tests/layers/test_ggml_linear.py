@@ -1,0 +1,162 @@
+"""The GGUF block kernels (csrc/ggml_linear.cpp) against an fp64 model of llama.cpp's arithmetic.
+
+The weights are random blocks of each type, decoded by the gguf package's own dequantizers (an independent
+reading of the formats); the activations are quantized by a numpy model of ggml's rules, which must give the
+kernel's activation blocks bit for bit; the product is then computed in fp64 and the kernel's fp32 result
+must agree to fp32 accumulation error. Both the AVX2 and the scalar forms are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from thinkgate.layers import cpu_kernels
+
+ops = cpu_kernels.load_ggml()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler to build the GGUF block kernels")
+
+# block bytes, weights per block, offsets of the fp16 fields (scale first, then min where there is one)
+FORMATS = {T.Q4_0: (18, 32, [0]), T.Q4_1: (20, 32, [0, 2]), T.Q5_0: (22, 32, [0]), T.Q5_1: (24, 32, [0, 2]),
+           T.Q8_0: (34, 32, [0]), T.Q4_K: (144, 256, [0, 2]), T.Q5_K: (176, 256, [0, 2]), T.Q6_K: (210, 256, [208])}
+
+
+def random_blocks(qtype, n: int, k: int, rng) -> np.ndarray:
+    """[n, row bytes] of random codes and scales (any bit pattern is a valid block but for the fp16
+    fields, which get finite values of a realistic size)."""
+    size, per, halves = FORMATS[qtype]
+    nb = k // per
+    raw = rng.integers(0, 256, size=(n, nb, size), dtype=np.uint8)
+    for j, off in enumerate(halves):
+        scale = 0.01 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) and j == 0 else 0.05
+        vals = rng.uniform(0.2, 1.0, size=(n, nb)) * scale * (1 if j == 0 else rng.choice([-1, 1], size=(n, nb)))
+        if qtype == T.Q6_K:  # its scales are signed int8, stored as is: keep the magnitude realistic
+            vals = vals / 20
+        raw[:, :, off:off + 2] = vals.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    return raw.reshape(n, nb * size)
+
+
+def quantize_q8_0(x: np.ndarray, with_sum: bool):
+    """ggml's x86 quantize_row_q8_0 / q8_1: (d as fp16, codes, s = fp16(d * sum) or None) per 32."""
+    b = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(b).max(-1)
+    d = amax / np.float32(127)
+    inv = np.where(amax != 0, np.float32(127) / np.where(amax == 0, 1, amax), 0).astype(np.float32)
+    q = np.rint(b * inv[..., None]).astype(np.int32)
+    s = (d * q.sum(-1).astype(np.float32)).astype(np.float16) if with_sum else None
+    return d.astype(np.float16), q, s
+
+
+def quantize_q8_k(x: np.ndarray):
+    """ggml's quantize_row_q8_K_ref: (d fp32, codes) per 256; the signed value of largest magnitude -> -127."""
+    b = x.reshape(x.shape[0], -1, 256).astype(np.float32)
+    idx = np.abs(b).argmax(-1)
+    mx = np.take_along_axis(b, idx[..., None], -1)[..., 0]
+    iscale = np.float32(-127) / np.where(mx == 0, 1, mx).astype(np.float32)
+    q = np.minimum(127, np.rint(b * iscale[..., None])).astype(np.int32)
+    d = np.where(mx == 0, 0, np.float32(1) / iscale).astype(np.float32)
+    return d, np.where(mx[..., None] == 0, 0, q)
+
+
+def kernel_blocks(x: torch.Tensor, vec: T):
+    raw = ops.ggml_quantize_activations(x, int(vec)).numpy()
+    m = raw.shape[0]
+    if vec == T.Q8_K:
+        blk = raw.reshape(m, -1, 292)
+        return blk[..., :4].copy().view(np.float32)[..., 0], blk[..., 4:260].view(np.int8).astype(np.int32)
+    size = 36 if vec == T.Q8_1 else 34
+    blk = raw.reshape(m, -1, size)
+    d = blk[..., :2].copy().view(np.float16)[..., 0]
+    s = blk[..., 2:4].copy().view(np.float16)[..., 0] if vec == T.Q8_1 else None
+    return d, blk[..., size - 32:].view(np.int8).astype(np.int32), s
+
+
+def model_product(qtype, blocks: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """fp64: sum over blocks of (weight block . activation block) as ggml defines it."""
+    w = dequantize(blocks, qtype).reshape(blocks.shape[0], k).astype(np.float64)
+    if qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        d, q = quantize_q8_k(x)
+        xa = (d[..., None].astype(np.float64) * q).reshape(x.shape[0], k)
+        return xa @ w.T
+    with_min = qtype in (T.Q4_1, T.Q5_1)
+    d, q, s = quantize_q8_0(x, with_min)
+    xa = (d[..., None].astype(np.float64) * q).reshape(x.shape[0], k)
+    out = xa @ w.T
+    if with_min:
+        # ggml takes the activations' block sum from s = fp16(d * sum q), not from fp16(d) * sum q.
+        size = FORMATS[qtype][0]
+        mins = blocks.reshape(blocks.shape[0], -1, size)[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        exact = d.astype(np.float64) * q.sum(-1)
+        out += (s.astype(np.float64) - exact) @ mins.T
+    return out
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["avx2", "scalar"])
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_each_block_type_against_the_fp64_model(qtype, scalar):
+    rng = np.random.default_rng(int(qtype))
+    k, n = 512, 37  # 37 rows: the 16-row tiles end part-way
+    blocks = random_blocks(qtype, n, k, rng)
+    for m in (1, 3, 20):
+        x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 4.0, size=(m, 1)).astype(np.float32)
+        y = ops.ggml_linear(torch.from_numpy(x), [int(qtype)], [torch.from_numpy(blocks)], None, scalar).numpy()
+        ref = model_product(qtype, blocks, x, k)
+        w = np.abs(dequantize(blocks, qtype).reshape(n, k).astype(np.float64))
+        bound = 2e-6 * (np.abs(x).astype(np.float64) @ w.T) + 1e-6
+        assert y.shape == (m, n)
+        assert np.all(np.abs(y - ref) <= bound), f"{qtype.name} m={m}: max err {np.abs(y - ref).max():.3g}"
+
+
+@pytest.mark.parametrize("vec", [T.Q8_0, T.Q8_1, T.Q8_K], ids=lambda t: t.name)
+def test_activation_blocks_are_ggmls_bit_for_bit(vec):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    x[1] = 0.0  # an all-zero row: scale 0, codes 0
+    x[2, :256] *= 1000.0
+    x[3, 7] = -50.0  # the largest magnitude negative: Q8_K maps it to +127 with a negative scale
+    got = kernel_blocks(torch.from_numpy(x), vec)
+    if vec == T.Q8_K:
+        d, q = quantize_q8_k(x)
+        np.testing.assert_array_equal(got[0], d)
+        np.testing.assert_array_equal(got[1], q)
+        return
+    d, q, s = quantize_q8_0(x, vec == T.Q8_1)
+    np.testing.assert_array_equal(got[0], d)
+    np.testing.assert_array_equal(got[1], q)
+    if vec == T.Q8_1:
+        np.testing.assert_array_equal(got[2], s)
+
+
+def test_parts_of_different_types_fill_one_output_with_bias():
+    """A fused q/k/v projection whose v rows the file stores in another type."""
+    rng = np.random.default_rng(3)
+    k = 256
+    parts = [(T.Q5_0, random_blocks(T.Q5_0, 24, k, rng)), (T.Q4_K, random_blocks(T.Q4_K, 8, k, rng)),
+             (T.Q8_0, random_blocks(T.Q8_0, 8, k, rng))]
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    y = ops.ggml_linear(torch.from_numpy(x), [int(t) for t, _ in parts], [torch.from_numpy(b) for _, b in parts],
+                        torch.from_numpy(bias), False).numpy()
+    ref = np.concatenate([model_product(t, b, x, k) for t, b in parts], axis=1) + bias
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_dequantized_rows_are_the_gguf_packages(qtype):
+    rng = np.random.default_rng(11)
+    blocks = random_blocks(qtype, 50, 512, rng)
+    ids = torch.tensor([3, 0, 49, 3])
+    got = ops.ggml_dequantize_rows(torch.from_numpy(blocks), int(qtype), ids).numpy()
+    ref = dequantize(blocks[ids.numpy()], qtype).reshape(4, 512)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_input_is_refused_by_name():
+    x = torch.zeros(1, 100)
+    with pytest.raises(RuntimeError, match="K = 100"):
+        ops.ggml_linear(x, [int(T.Q8_0)], [torch.zeros(2, 34, dtype=torch.uint8)], None, False)
+    with pytest.raises(RuntimeError, match="unsupported ggml type"):
+        ops.ggml_linear(torch.zeros(1, 32), [int(T.Q2_K)], [torch.zeros(2, 84, dtype=torch.uint8)], None, False)
