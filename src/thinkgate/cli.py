@@ -37,13 +37,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=e.block_size)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool (default on CPU: "
                    "--max-model-len x --max-num-seqs tokens when --max-model-len is given, else 8 x 8192)")
-    p.add_argument("--kv-cache-dtype", default=e.kv_cache_dtype, choices=["auto", "bfloat16", "float32"],
-                   help="KV pool dtype (auto: bf16 on CPU, fp32 where thinkgate's C++ kernels read it)")
+    p.add_argument("--kv-cache-dtype", default=e.kv_cache_dtype, choices=["auto", "float16", "bfloat16", "float32"],
+                   help="KV pool dtype (auto: fp32 where thinkgate's C++ kernels read it, else fp16 for a GGUF "
+                        "served from its own blocks as llama.cpp does, bf16 for other quantized CPU models)")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
-                   help="quantized linear layers on CPU, held in their serving form only (auto: mixed = int4 for "
-                        "one-row steps and int8 weights x int8 activations for the rest where thinkgate's AVX-512 "
-                        "VNNI kernels run, W8A8 throughout on other x86 CPUs, none with --dtype float32)")
+    p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed",
+                                                                       "gguf"],
+                   help="quantized linear layers on CPU, held in their serving form only (auto: for a GGUF on an "
+                        "x86 CPU with AVX2, gguf = the file's own quantized blocks with llama.cpp's arithmetic; "
+                        "else mixed = int4 for one-row steps and int8 weights x int8 activations for the rest where "
+                        "thinkgate's AVX-512 VNNI kernels run, W8A8 throughout on other x86 CPUs; none with "
+                        "--dtype float32)")
     p.add_argument("--head-quant", default=e.head_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed"],
                    help="quantization of the output projection (auto: same as --weight-quant)")
     p.add_argument("--quantization", default=e.quantization, choices=["none", "fp8"],
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--profile", action="store_true")
-    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
+    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed", "gguf"])
     be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
     be.add_argument("--no-cpu-kernels", action="store_true", help="CPU: torch's ops only (the comparison run)")
     be.set_defaults(fn=cmd_bench_engine)

@@ -20,11 +20,12 @@ class EngineConfig:
     # when max_model_len is set, else 8 x 8192 tokens (at most a quarter of available memory); on a GPU 85% of
     # the memory free after the weights.
     kv_cache_memory: int | None = None
-    kv_cache_dtype: str = "auto"  # auto | bfloat16 | float32 (auto: bf16 on CPU, fp32 for the C++ kernels)
+    kv_cache_dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (engine/kv_pool.resolve_kv_dtype)
     enable_prefix_caching: bool = True
-    # Quantized linear layers on CPU, one serving form each (models/loader.resolve_weight_quant): auto = mixed
-    # where our AVX-512 VNNI kernels run, W8A8 elsewhere on x86, none when float32 is asked for.
-    weight_quant: str = "auto"  # auto | none | int8 | int4 | w8a8 | mixed
+    # Quantized linear layers on CPU, one serving form each (models/loader.resolve_weight_quant): auto = gguf
+    # (the file's own blocks) for a GGUF on x86 with AVX2, else mixed where our AVX-512 VNNI kernels run, W8A8
+    # elsewhere on x86, none when float32 is asked for.
+    weight_quant: str = "auto"  # auto | none | int8 | int4 | w8a8 | mixed | gguf
     head_quant: str = "auto"  # the output projection: auto (= weight_quant) | none | int8 | int4
     # GPU weights: none (the checkpoint's dtype) | fp8 (e4m3, per-channel scales; layers/fp8.py).
     quantization: str = "none"

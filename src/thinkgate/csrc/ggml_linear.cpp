@@ -18,7 +18,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -31,7 +31,11 @@ using namespace ggml;
 
 namespace {
 
+#ifdef __F16C__
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }  // one instruction; the portable form is ~15
+#else
 inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#endif
 inline uint16_t f2h(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
 // Round half to even, as _mm256_round_ps(_MM_ROUND_NEAREST) and ggml's nearest_int do.
 inline int rne(float v) { return static_cast<int>(std::nearbyint(v)); }

@@ -38,19 +38,24 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: to
 
 
 def resolve_kv_dtype(asked: str, compute_dtype: torch.dtype, device: str, cpu_kernels_run: bool,
-                     quantized: bool) -> torch.dtype:
-    """`asked`: auto, float32 or bfloat16. auto on CPU: bf16 when the weights are served quantized (the pool's
-    rounding is small beside theirs, BENCHMARKS.md), fp32 for an exact float model (the reference) and where our
-    C++ kernels read the pool; on a GPU the dtype attention computes in."""
+                     quantized: bool, gguf_blocks: bool = False) -> torch.dtype:
+    """`asked`: auto, float32, float16 or bfloat16. auto on CPU: fp32 for an exact float model (the reference)
+    and where our C++ kernels read the pool; fp16 for a GGUF served from its own blocks (llama.cpp's own cache
+    dtype, and 3 more mantissa bits than bf16 in the same bytes); bf16 for the other quantized forms (the pool's
+    rounding is small beside theirs, BENCHMARKS.md); on a GPU the dtype attention computes in."""
     if asked in ("float32", "fp32"):
         return torch.float32
     if asked in ("bfloat16", "bf16"):
         return torch.bfloat16
+    if asked in ("float16", "fp16"):
+        return torch.float16
     if asked != "auto":
-        raise ValueError(f"unknown KV cache dtype {asked!r}; choose auto, bfloat16 or float32")
+        raise ValueError(f"unknown KV cache dtype {asked!r}; choose auto, float16, bfloat16 or float32")
     if device != "cpu":
         return compute_dtype
-    return torch.bfloat16 if quantized and not cpu_kernels_run else torch.float32
+    if cpu_kernels_run or not (quantized or gguf_blocks):
+        return torch.float32
+    return torch.float16 if gguf_blocks else torch.bfloat16
 
 
 def cpu_kernels_expected(cpu_kernels: bool) -> bool:

@@ -42,7 +42,9 @@ class LLMEngine:
         device = model.norm.weight.device
         cpu_kernels_run = device.type == "cpu" and config.cpu_kernels and cpu_fused_available()
         quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, device.type, cpu_kernels_run, quantized)
+        gguf_blocks = any(type(m).__name__ == "GGMLLinear" for m in model.modules())
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, device.type, cpu_kernels_run, quantized,
+                                    gguf_blocks)
         per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, kv_dtype)
         num_blocks = self._num_blocks(per_block, device)
         ctx = config.max_model_len or model.cfg.max_position_embeddings
@@ -62,6 +64,8 @@ class LLMEngine:
                      ", one-sequence steps in the C++ layer loop" if self.runner.cpu_decoder is not None else "")
         else:
             self.runner.use_reference_ops()
+            if gguf_blocks and device.type == "cpu" and self.runner.enable_ggml_decoder(config.max_num_seqs):
+                log.info("CPU decode steps in thinkgate's C++ layer loop over the GGUF's blocks")
         self.seqs: dict[str, Sequence] = {}
         # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None

@@ -35,6 +35,20 @@ class ModelRunner:
         self.paged_decode = False
         self.graphs: DecodeGraphs | None = None
         self.cpu_decoder = None  # csrc/decoder.cpp's Q4Decoder, for one-sequence CPU decode steps
+        self.decoder_rows = 1  # decode steps of up to this many sequences go to cpu_decoder
+
+    def enable_ggml_decoder(self, max_batch: int) -> bool:
+        """Decode steps (any batch) through csrc/ggml_decoder.cpp, for a model served from a GGUF's own blocks;
+        False where some layer cannot run there."""
+        from thinkgate.models.gguf_blocks import build_ggml_decoder
+
+        decoder = build_ggml_decoder(self.model, self.kv_caches)
+        if decoder is None:
+            return False
+        self.paged_decode = True
+        self.cpu_decoder = decoder
+        self.decoder_rows = max_batch
+        return True
 
     def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
                             fused: bool = True, kernels: str = "auto") -> None:
@@ -73,6 +87,7 @@ class ModelRunner:
         self.paged_decode = False
         self.graphs = None
         self.cpu_decoder = None
+        self.decoder_rows = 1
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -144,7 +159,7 @@ class ModelRunner:
         meta = AttentionMetadata.paged_decode(slots.to(dev), table.to(dev),
                                               torch.tensor(pos, dtype=torch.int32).add_(1).to(dev))
         input_ids, positions = torch.tensor(ids, device=dev), torch.tensor(pos, device=dev)
-        if self.cpu_decoder is not None and len(ids) == 1:
+        if self.cpu_decoder is not None and len(ids) <= self.decoder_rows:
             hidden = self.cpu_decoder.forward(self.model.embed_tokens(input_ids), positions, meta.slot_mapping,
                                               meta.block_tables, meta.context_lens)
             return self.model.compute_logits(hidden)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,20 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     check_quantization(quantization, dev)
-    quant = "none" if quantization == "fp8" else resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype)
+    gguf = is_gguf(spec)
+    quant = "none" if quantization == "fp8" else resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype,
+                                                                      gguf=gguf, cpu_kernels=cpu_kernels)
+    if quant == "gguf":
+        if dtype == "auto":
+            tdtype = torch.float32  # activations in fp32 between the quantized products, as llama.cpp keeps them
+        loaded = _load(spec, tdtype, dev, max_model_len, GGUF_BLOCKS)
+        from thinkgate.layers.ggml_linear import GGMLLinear
+        from thinkgate.models.resident import release_freed_memory
+
+        release_freed_memory()
+        n = sum(isinstance(m, GGMLLinear) for m in loaded.model.modules())
+        log.info("the GGUF's own quantized blocks on %d linear layers (llama.cpp's arithmetic)", n)
+        return loaded
     head = quant if head_quant == "auto" else head_quant
     prepare = None if quant == "none" else lambda m: _serving_form(m, quant, head, cpu_kernels)
     loaded = _load(spec, tdtype, dev, max_model_len, prepare)
@@ -100,22 +114,38 @@ def check_quantization(mode: str, dev: torch.device) -> None:
         raise ValueError("--quantization fp8 needs a GPU with fp8 matmuls (compute capability 8.9 or later)")
 
 
-def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype_asked: str = "auto") -> str:
+GGUF_BLOCKS = "gguf-blocks"  # `prepare` for --weight-quant gguf: resolved by _load_gguf, which holds the file
+WEIGHT_QUANTS = ("none", "int8", "int4", "w8a8", "mixed", "gguf")
+
+
+def is_gguf(spec: str) -> bool:
+    return spec.endswith(".gguf") and Path(spec).expanduser().is_file()
+
+
+def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype_asked: str = "auto",
+                         gguf: bool = False, cpu_kernels: bool = True) -> str:
+    if mode == "gguf" and not gguf:
+        raise ValueError("--weight-quant gguf serves a GGUF file's own quantized blocks; this model is not a .gguf")
     if mode == "auto":
-        # On CPU the weights are served quantized unless float32 was asked for (the exact reference): where
+        # On CPU the weights are served quantized unless float32 was asked for (the exact reference). A GGUF is
+        # served from its own blocks with llama.cpp's arithmetic (`gguf`) where those kernels run (x86 with
+        # AVX2): re-quantizing them into our forms changed the model (issue 19, BENCHMARKS.md). Otherwise: where
         # our AVX-512 VNNI kernels run, one-row steps in int4 and batched ones in W8A8 (`mixed`); elsewhere
         # on x86 W8A8 throughout (fbgemm's kernel beat fp32 and int4 at every row count on an AVX2 EPYC,
         # BENCHMARKS.md); int4 where fbgemm is missing (ARM) and the model runs in bf16.
         if dev.type != "cpu" or dtype_asked in ("float32", "fp32"):
             return "none"
-        from thinkgate.layers.cpu_kernels import cpu_supports_vnni
+        from thinkgate.layers.cpu_kernels import cpu_supports_avx2, cpu_supports_vnni
         from thinkgate.layers.linear import DynInt8Linear
+
+        if gguf and cpu_kernels and cpu_supports_avx2() and os.environ.get("THINKGATE_CPU_KERNELS", "1") != "0":
+            return "gguf"
 
         if not DynInt8Linear.available():
             return "int4" if dtype == torch.bfloat16 else "none"
         return "mixed" if cpu_supports_vnni() and dtype == torch.bfloat16 else "w8a8"
-    if mode not in ("none", "int8", "int4", "w8a8", "mixed"):
-        raise ValueError(f"unknown weight quantization {mode!r}; choose auto, none, int8, int4, w8a8 or mixed")
+    if mode not in WEIGHT_QUANTS:
+        raise ValueError(f"unknown weight quantization {mode!r}; choose auto, {', '.join(WEIGHT_QUANTS)}")
     if mode != "none" and dev.type != "cpu":
         raise ValueError("weight-only int8/int4 kernels are used on CPU only; serve GPUs in bf16")
     return mode
@@ -198,6 +228,10 @@ def _load_gguf(path: Path, dtype, dev, max_model_len, prepare=None) -> LoadedMod
     from thinkgate.models.gguf_file import GGUFModel
 
     g = GGUFModel(path)
+    if prepare == GGUF_BLOCKS:
+        from thinkgate.models.gguf_blocks import serve_gguf_blocks
+
+        prepare = lambda m: serve_gguf_blocks(g, m)  # noqa: E731
     cfg = ModelConfig.from_hf(g.hf_config())
     tokenizer = g.tokenizer()
     model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len, prepare)

@@ -1,0 +1,61 @@
+"""Linears and the embedding served from a GGUF file's own quantized blocks (`--weight-quant gguf`).
+
+The file's weights are already quantized (Q5_0, Q8_0, Q4_K, Q6_K ... in a Q4_K_M file); re-quantizing them
+into our int4 / int8 forms would change the model a second time. These modules keep each weight's rows as the
+file stores them and multiply with llama.cpp's arithmetic (csrc/ggml_linear.cpp: activations quantized into
+its 8-bit blocks, integer sums per block), so a GGUF served here is the model llama.cpp serves from it. The
+embedding dequantizes the rows it looks up, as llama.cpp's get_rows does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thinkgate.layers import cpu_kernels
+
+# ggml type ids the kernels multiply as stored (GGMLQuantizationType values).
+SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def available() -> bool:
+    return cpu_kernels.load_ggml() is not None
+
+
+class GGMLLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W the concatenation of `parts`: (ggml type id, [rows, row bytes] uint8 blocks).
+    A fused projection (q/k/v, gate/up) whose pieces the file stores in different types keeps each piece's
+    type."""
+
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._ops = cpu_kernels.load_ggml()
+        self.types = [int(t) for t, _ in parts]
+        self.blocks = []
+        for i, (_, b) in enumerate(parts):
+            self.register_buffer(f"blocks_{i}", b.contiguous())
+            self.blocks.append(getattr(self, f"blocks_{i}"))
+        self.in_features = in_features
+        self.out_features = sum(b.shape[0] for _, b in parts)
+        self.bias32 = None if bias is None else bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = self._ops.ggml_linear(flat.float().contiguous(), self.types, self.blocks, self.bias32, False)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class GGMLEmbedding(nn.Module):
+    """The token embedding in the file's blocks: each looked-up row dequantized (fp32, then the model's dtype)."""
+
+    def __init__(self, qtype: int, blocks: torch.Tensor, embedding_dim: int, out_dtype: torch.dtype):
+        super().__init__()
+        self._ops = cpu_kernels.load_ggml()
+        self.qtype = int(qtype)
+        self.register_buffer("blocks", blocks.contiguous())
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], embedding_dim
+        self.out_dtype = out_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._ops.ggml_dequantize_rows(self.blocks, self.qtype, ids.reshape(-1))
+        return rows.view(*ids.shape, self.embedding_dim).to(self.out_dtype)

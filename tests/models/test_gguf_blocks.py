@@ -1,0 +1,109 @@
+"""`--weight-quant gguf`: a GGUF served from its own blocks (layers/ggml_linear, csrc/ggml_decoder.cpp)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.gguf_fixture import write_gguf
+from thinkgate.config import EngineConfig
+from thinkgate.engine.llm_engine import LLMEngine
+from thinkgate.layers import cpu_kernels
+from thinkgate.layers.ggml_linear import GGMLEmbedding, GGMLLinear
+from thinkgate.layers.linear import QuantizedLinear
+from thinkgate.models.loader import load_model, resolve_weight_quant
+
+pytestmark = pytest.mark.skipif(cpu_kernels.load_ggml() is None, reason="no C++ compiler for the GGUF block kernels")
+
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 7, 64, 128]
+
+
+def _logits_along(lm, ids: list[int]) -> torch.Tensor:
+    """Every position's logits, one token at a time through the model's Python forward (paged fp32 cache)."""
+    from thinkgate.layers.attention import AttentionMetadata
+
+    cfg, bs = lm.config, 16
+    n_blocks = len(ids) // bs + 2
+    kv = [(torch.zeros(n_blocks, bs, cfg.num_kv_heads, cfg.head_dim), torch.zeros(n_blocks, bs, cfg.num_kv_heads,
+                                                                                   cfg.head_dim))
+          for _ in range(cfg.num_layers)]
+    out = []
+    with torch.inference_mode():
+        for i, t in enumerate(ids):
+            meta = AttentionMetadata.build([1], [i + 1], [list(range(n_blocks))], bs, torch.device("cpu"))
+            out.append(lm.model.compute_logits(lm.model(torch.tensor([t]), torch.tensor([i]), kv, meta))[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch,quant", [("qwen2", "Q5_0"), ("qwen3", "Q8_0"), ("qwen3", "Q4_0")])
+def test_blocks_model_is_the_exact_model_up_to_activation_rounding(checkpoints, tmp_path, arch, quant):
+    path = write_gguf(checkpoints[arch], tmp_path / f"tiny-{quant}.gguf", quant=quant)
+    exact = load_model(str(path), dtype="float32", device="cpu")
+    blocks = load_model(str(path), device="cpu", weight_quant="gguf")
+    mods = list(blocks.model.modules())
+    assert isinstance(blocks.model.embed_tokens, GGMLEmbedding)
+    assert sum(isinstance(m, GGMLLinear) for m in mods) == 4 * exact.config.num_layers + 1  # + the head
+    assert not any(isinstance(m, (QuantizedLinear, torch.nn.Linear)) for m in mods)
+    assert blocks.model.norm.weight.dtype == torch.float32  # activations stay fp32, as in llama.cpp
+    ids = PROMPT * 3
+    a, b = _logits_along(exact, ids), _logits_along(blocks, ids)
+    # Only the activations' 8-bit rounding separates the two (the weights are the same codes): close, not equal.
+    assert not torch.equal(a, b)
+    err = (a - b).abs().max().item()
+    assert err < 0.05 * a.abs().max().item(), err
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_decode_steps_in_the_cpp_layer_loop_match_the_python_path(checkpoints, tmp_path, arch):
+    """Three sequences decode together through the C++ loop, teacher-forced along the same tokens as the
+    model's Python forward: the hidden states agree to fp32 rounding at every step (the random tiny models'
+    nearly flat distributions make greedy paths part on such rounding, so states, not paths, are compared)."""
+    from thinkgate.layers.attention import AttentionMetadata
+
+    path = write_gguf(checkpoints[arch], tmp_path / "tiny-q5.gguf", quant="Q5_0")
+    lm = load_model(str(path), device="cpu", weight_quant="gguf")
+    cfg = EngineConfig(model=str(path), kv_cache_memory=16 * 2**20, weight_quant="gguf", enable_prefix_caching=False)
+    runner = LLMEngine(lm, cfg).runner
+    assert runner.cpu_decoder is not None and runner.decoder_rows == cfg.max_num_seqs
+    assert runner.kv_caches[0][0].dtype == torch.float16  # llama.cpp's cache dtype, the auto choice here
+    bs, seqs = runner.block_size, [PROMPT * 4, PROMPT[::-1] * 3, PROMPT[3:] * 5]
+    tables = [[10 * i + b for b in range(4)] for i in range(3)]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        for i, ids in enumerate(seqs):  # the first 4 tokens of each as a prefill, through the Python forward
+            meta = AttentionMetadata.build([4], [4], [tables[i]], bs, cpu)
+            lm.model(torch.tensor(ids[:4]), torch.arange(4), runner.kv_caches, meta)
+        for pos in range(4, min(len(s) for s in seqs)):
+            toks = torch.tensor([s[pos] for s in seqs])
+            slots = torch.tensor([t[pos // bs] * bs + pos % bs for t in tables])
+            lens = torch.full((3,), pos + 1, dtype=torch.int32)
+            got = runner.cpu_decoder.forward(lm.model.embed_tokens(toks), torch.full((3,), pos), slots,
+                                             torch.tensor(tables, dtype=torch.int32), lens)
+            for i in range(3):  # the reference writes the same K/V into the same slot: the cache stays shared
+                meta = AttentionMetadata.build([1], [pos + 1], [tables[i]], bs, cpu)
+                want = lm.model(toks[i:i + 1], torch.tensor([pos]), runner.kv_caches, meta)[0]
+                assert torch.allclose(got[i], want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (pos, i)
+
+
+def test_auto_serves_a_gguf_from_its_blocks_and_only_a_gguf(checkpoints, tmp_path):
+    cpu = torch.device("cpu")
+    expected = "gguf" if cpu_kernels.cpu_supports_avx2() else resolve_weight_quant("auto", cpu, torch.float32)
+    assert resolve_weight_quant("auto", cpu, torch.float32, gguf=True) == expected
+    assert resolve_weight_quant("auto", cpu, torch.float32, dtype_asked="float32", gguf=True) == "none"
+    assert resolve_weight_quant("auto", cpu, torch.float32, gguf=True, cpu_kernels=False) != "gguf"
+    with pytest.raises(ValueError, match="not a .gguf"):
+        load_model(str(checkpoints["qwen3"]), device="cpu", weight_quant="gguf")
+
+
+def test_the_default_model_keeps_the_files_types(default_gguf):
+    lm = load_model(str(default_gguf), device="cpu", weight_quant="gguf", max_model_len=256)
+    layer = lm.model.layers[0]
+    names = {2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"}
+    assert [names[t] for t in layer.self_attn.qkv_proj.types] == ["Q5_0", "Q5_0", "Q8_0"]
+    assert [names[t] for t in layer.mlp.gate_up_proj.types] == ["Q5_0", "Q5_0"]
+    assert {names[lm.model.layers[i].mlp.down_proj.types[0]] for i in range(24)} == {"Q4_K", "Q6_K"}
+    assert names[lm.model.lm_head.types[0]] == "Q8_0"
+    held = sum(b.numel() for m in lm.model.modules() if isinstance(m, (GGMLLinear, GGMLEmbedding))
+               for b in m.buffers())
+    assert 0.97 < held / default_gguf.stat().st_size < 1.0  # the file's blocks, nothing re-quantized beside them
