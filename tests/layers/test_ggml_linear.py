@@ -160,3 +160,15 @@ def test_bad_input_is_refused_by_name():
         ops.ggml_linear(x, [int(T.Q8_0)], [torch.zeros(2, 34, dtype=torch.uint8)], None, False)
     with pytest.raises(RuntimeError, match="unsupported ggml type"):
         ops.ggml_linear(torch.zeros(1, 32), [int(T.Q2_K)], [torch.zeros(2, 84, dtype=torch.uint8)], None, False)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype):
+    """Input rows share each unpacked weight block in groups of up to 4; each row must still get exactly the
+    bits it gets alone (batched decode and speculative verification compare with one-row steps)."""
+    rng = np.random.default_rng(5)
+    blocks = torch.from_numpy(random_blocks(qtype, 21, 512, rng))
+    x = torch.from_numpy(rng.standard_normal((7, 512)).astype(np.float32))
+    together = ops.ggml_linear(x, [int(qtype)], [blocks], None, False)
+    alone = torch.cat([ops.ggml_linear(x[i:i + 1], [int(qtype)], [blocks], None, False) for i in range(7)])
+    assert torch.equal(together, alone)

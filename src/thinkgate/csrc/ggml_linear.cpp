@@ -256,84 +256,94 @@ inline __m256i dot_us8(__m256i u, __m256i s) {
 }
 inline __m256i dot_ss8(__m256i a, __m256i b) { return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)); }
 
-float dot_legacy_avx2(int type, const uint8_t* w, const void* act, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0.0f;
+// One weight row against NA input rows at once: each block of weights is unpacked once and used NA times
+// (prefill, batched decode). Every (weight row, input row) pair gets exactly the operations, in the order, of
+// NA = 1, so a row's result never depends on which rows share its call (speculative verification and
+// batching rely on that).
+template <int NA>
+void dot_legacy_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    float summ[NA];
+    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
     const int64_t nb = k / QK;
-    switch (type) {
-        case Q4_0:
-            for (int64_t b = 0; b < nb; ++b) {
+    const bool with_min = type == Q4_1 || type == Q5_1;
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i qx;
+        float dx, mx = 0.0f;
+        switch (type) {
+            case Q4_0: {
                 auto x = reinterpret_cast<const BlockQ4_0*>(w) + b;
-                auto y = static_cast<const BlockQ8_0*>(act) + b;
-                const __m256i qx = _mm256_sub_epi8(nibbles32(x->qs), _mm256_set1_epi8(8));
-                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
+                qx = _mm256_sub_epi8(nibbles32(x->qs), _mm256_set1_epi8(8));
+                dx = h2f(x->d);
+                break;
             }
-            break;
-        case Q5_0:
-            for (int64_t b = 0; b < nb; ++b) {
+            case Q5_0: {
                 auto x = reinterpret_cast<const BlockQ5_0*>(w) + b;
-                auto y = static_cast<const BlockQ8_0*>(act) + b;
                 // Without its fifth bit a code is nibble - 16: setting the top nibble does that in int8.
                 const __m256i hi = _mm256_andnot_si256(bits32(x->qh), _mm256_set1_epi8(static_cast<char>(0xF0)));
-                const __m256i qx = _mm256_or_si256(nibbles32(x->qs), hi);
-                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
+                qx = _mm256_or_si256(nibbles32(x->qs), hi);
+                dx = h2f(x->d);
+                break;
             }
-            break;
-        case Q8_0:
-            for (int64_t b = 0; b < nb; ++b) {
-                auto x = reinterpret_cast<const BlockQ8_0*>(w) + b;
-                auto y = static_cast<const BlockQ8_0*>(act) + b;
-                const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs));
-                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_ss8(qx, qy)), acc);
-            }
-            break;
-        case Q4_1:
-            for (int64_t b = 0; b < nb; ++b) {
+            case Q4_1: {
                 auto x = reinterpret_cast<const BlockQ4_1*>(w) + b;
-                auto y = static_cast<const BlockQ8_1*>(act) + b;
-                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
-                summ += h2f(x->m) * h2f(y->s);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(nibbles32(x->qs), qy)), acc);
+                qx = nibbles32(x->qs);
+                dx = h2f(x->d);
+                mx = h2f(x->m);
+                break;
             }
-            break;
-        case Q5_1:
-            for (int64_t b = 0; b < nb; ++b) {
+            case Q5_1: {
                 auto x = reinterpret_cast<const BlockQ5_1*>(w) + b;
-                auto y = static_cast<const BlockQ8_1*>(act) + b;
-                const __m256i qx = _mm256_or_si256(nibbles32(x->qs), _mm256_and_si256(bits32(x->qh), _mm256_set1_epi8(0x10)));
-                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
-                summ += h2f(x->m) * h2f(y->s);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x->d) * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(qx, qy)), acc);
+                qx = _mm256_or_si256(nibbles32(x->qs), _mm256_and_si256(bits32(x->qh), _mm256_set1_epi8(0x10)));
+                dx = h2f(x->d);
+                mx = h2f(x->m);
+                break;
             }
-            break;
+            default: {  // Q8_0
+                auto x = reinterpret_cast<const BlockQ8_0*>(w) + b;
+                qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs));
+                dx = h2f(x->d);
+            }
+        }
+        if (with_min) {
+            for (int j = 0; j < NA; ++j) {
+                auto y = static_cast<const BlockQ8_1*>(act[j]) + b;
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                summ[j] += mx * h2f(y->s);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(qx, qy)), acc[j]);
+            }
+        } else {
+            const __m256i ax = _mm256_sign_epi8(qx, qx);
+            for (int j = 0; j < NA; ++j) {
+                auto y = static_cast<const BlockQ8_0*>(act[j]) + b;
+                const __m256i qy = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs)), qx);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dx * h2f(y->d)), _mm256_cvtepi32_ps(dot_us8(ax, qy)), acc[j]);
+            }
+        }
     }
-    return hsum8(acc) + summ;
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) + summ[j];
 }
 
 // Two int16 scales over a 32-lane product: lanes 0-7 (codes 0-15) get a, lanes 8-15 (codes 16-31) get b.
 inline __m256i scale_pair(int a, int b) { return _mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b)), _mm_set1_epi16(static_cast<short>(a))); }
 
-float dot_k_avx2(int type, const uint8_t* w, const BlockQ8_K* y, int64_t k) {
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0.0f;
+template <int NA>
+void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    float summ[NA];
+    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < k / QKK; ++b, ++y) {
-        const int8_t* q8 = y->qs;
-        __m256i sumi = _mm256_setzero_si256();
+    for (int64_t b = 0; b < k / QKK; ++b) {
+        __m256i sumi[NA];
+        for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
         if (type == Q6_K) {
             auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
-            const uint8_t* ql = x->ql;
-            const uint8_t* qh = x->qh;
             const int8_t* sc = x->scales;
-            int centre = 0;  // 32 * sum(scale * bsum): the codes' offset, taken out once per super-block
-            for (int g = 0; g < 16; ++g) centre += sc[g] * y->bsums[g];
-            for (int n = 0; n < 2; ++n, ql += 64, qh += 32, q8 += 128, sc += 8) {
+            for (int n = 0; n < 2; ++n) {
+                const uint8_t* ql = x->ql + 64 * n;
                 const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
                 const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh + 32 * n));
                 const __m256i c[4] = {
                     _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)),
                     _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)),
@@ -341,46 +351,69 @@ float dot_k_avx2(int type, const uint8_t* w, const BlockQ8_K* y, int64_t k) {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
                                     _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2))};
                 for (int i = 0; i < 4; ++i) {
-                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32 * i));
-                    const __m256i p = _mm256_maddubs_epi16(c[i], a);  // codes 0..63: pair sums fit int16
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(sc[2 * i], sc[2 * i + 1])));
+                    const __m256i s2 = scale_pair(sc[8 * n + 2 * i], sc[8 * n + 2 * i + 1]);
+                    for (int j = 0; j < NA; ++j) {
+                        const int8_t* q8 = static_cast<const BlockQ8_K*>(act[j])[b].qs + 128 * n + 32 * i;
+                        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+                        // codes 0..63: pair sums fit int16
+                        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(c[i], a), s2));
+                    }
                 }
             }
-            const float d = y->d * h2f(x->d);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * centre, 0, 0, 0, 0, 0, 0, 0))), acc);
+            const float dx = h2f(x->d);
+            for (int j = 0; j < NA; ++j) {
+                const BlockQ8_K& y = static_cast<const BlockQ8_K*>(act[j])[b];
+                int centre = 0;  // 32 * sum(scale * bsum): the codes' offset, taken out once per super-block
+                for (int g = 0; g < 16; ++g) centre += sc[g] * y.bsums[g];
+                const __m256i s = _mm256_sub_epi32(sumi[j], _mm256_setr_epi32(32 * centre, 0, 0, 0, 0, 0, 0, 0));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(s), acc[j]);
+            }
             continue;
         }
         const bool five = type == Q5_K;
         const uint8_t* blk = w + b * (five ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
         const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
         const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
-        const uint16_t dh = five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d;
-        const uint16_t mh = five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin;
-        int sc[8], mn[8], mins = 0;
-        for (int s = 0; s < 8; ++s) {
-            scale_min_k4(s, scales, sc[s], mn[s]);
-            mins += mn[s] * (y->bsums[2 * s] + y->bsums[2 * s + 1]);
-        }
+        const float dx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
+        const float mx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
+        int sc[8], mn[8];
+        for (int s = 0; s < 8; ++s) scale_min_k4(s, scales, sc[s], mn[s]);
         const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
                                    : _mm256_setzero_si256();
-        for (int j = 0; j < 4; ++j, qs += 32, q8 += 64) {
-            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+        for (int i = 0; i < 4; ++i) {
+            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * i));
             __m256i lo = _mm256_and_si256(bits, m4);
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             if (five) {
                 const __m256i one = _mm256_set1_epi8(1);
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * i), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * i + 1), one), 4));
             }
-            const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
-            const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_set1_epi16(static_cast<short>(sc[2 * j]))));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), _mm256_set1_epi16(static_cast<short>(sc[2 * j + 1]))));
+            const __m256i slo = _mm256_set1_epi16(static_cast<short>(sc[2 * i]));
+            const __m256i shi = _mm256_set1_epi16(static_cast<short>(sc[2 * i + 1]));
+            for (int j = 0; j < NA; ++j) {
+                const int8_t* q8 = static_cast<const BlockQ8_K*>(act[j])[b].qs + 64 * i;
+                const __m256i alo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8));
+                const __m256i ahi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + 32));
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), slo));
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), shi));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y->d * h2f(dh)), _mm256_cvtepi32_ps(sumi), acc);
-        summ += y->d * h2f(mh) * static_cast<float>(mins);
+        for (int j = 0; j < NA; ++j) {
+            const BlockQ8_K& y = static_cast<const BlockQ8_K*>(act[j])[b];
+            int mins = 0;
+            for (int s = 0; s < 8; ++s) mins += mn[s] * (y.bsums[2 * s] + y.bsums[2 * s + 1]);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+            summ[j] += y.d * mx * static_cast<float>(mins);
+        }
     }
-    return hsum8(acc) - summ;
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
+}
+
+template <int NA>
+inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    if (type == Q4_K || type == Q5_K || type == Q6_K) dot_k_avx2<NA>(type, w, act, k, out);
+    else dot_legacy_avx2<NA>(type, w, act, k, out);
 }
 
 #endif  // __AVX2__
@@ -478,19 +511,27 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             const int type = static_cast<int>(types[task.part]);
             const int64_t rb = weights[task.part].size(1);
             const uint8_t* pw = weights[task.part].data_ptr<uint8_t>();
-            for (int64_t i = 0; i < m; ++i) {
-                const void* a = act.row(type, i);
-                float* out = py + i * n_total + task.col;
+            constexpr int kRows = 4;  // input rows sharing each unpacked weight block
+            const void* acts[kRows];
+            float res[kRows];
+            for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+                const int na = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+                for (int j = 0; j < na; ++j) acts[j] = act.row(type, i0 + j);
                 for (int64_t r = task.r0; r < task.r1; ++r) {
                     const uint8_t* row = pw + r * rb;
 #ifdef __AVX2__
                     if (!scalar) {
-                        out[r] = is_k(type) ? dot_k_avx2(type, row, static_cast<const BlockQ8_K*>(a), k)
-                                            : dot_legacy_avx2(type, row, a, k);
+                        switch (na) {
+                            case 4: dot_avx2<4>(type, row, acts, k, res); break;
+                            case 3: dot_avx2<3>(type, row, acts, k, res); break;
+                            case 2: dot_avx2<2>(type, row, acts, k, res); break;
+                            default: dot_avx2<1>(type, row, acts, k, res);
+                        }
+                        for (int j = 0; j < na; ++j) py[(i0 + j) * n_total + task.col + r] = res[j];
                         continue;
                     }
 #endif
-                    out[r] = dot_scalar(type, row, a, k);
+                    for (int j = 0; j < na; ++j) py[(i0 + j) * n_total + task.col + r] = dot_scalar(type, row, acts[j], k);
                 }
             }
         }
