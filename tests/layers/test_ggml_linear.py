@@ -172,3 +172,19 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(qtype):
     together = ops.ggml_linear(x, [int(qtype)], [blocks], None, False)
     alone = torch.cat([ops.ggml_linear(x[i:i + 1], [int(qtype)], [blocks], None, False) for i in range(7)])
     assert torch.equal(together, alone)
+
+
+def test_the_avx2_layout_of_q5_0_gives_the_same_bits():
+    """Q5_0 rows rearranged for the AVX2 kernel (ggml_repack): same codes, so bit-identical products."""
+    rng = np.random.default_rng(9)
+    blocks = torch.from_numpy(random_blocks(T.Q5_0, 19, 896, rng))
+    qtype, packed = ops.ggml_repack(blocks, int(T.Q5_0))
+    if qtype == int(T.Q5_0):
+        pytest.skip("this CPU has no AVX2: Q5_0 is multiplied in the file's layout")
+    assert packed.shape == (19, 896 // 128 * 96)
+    for m in (1, 6):
+        x = torch.from_numpy(rng.standard_normal((m, 896)).astype(np.float32))
+        want = ops.ggml_linear(x, [int(T.Q5_0)], [blocks], None, False)
+        assert torch.equal(ops.ggml_linear(x, [qtype], [packed], None, False), want)
+    odd = torch.from_numpy(random_blocks(T.Q5_0, 3, 96, rng))  # 3 blocks a row: left as stored
+    assert ops.ggml_repack(odd, int(T.Q5_0))[0] == int(T.Q5_0)

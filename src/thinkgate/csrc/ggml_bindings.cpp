@@ -9,6 +9,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
                        const c10::optional<at::Tensor>& bias, bool scalar);
 at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type);
 at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids);
+std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type);
 void bind_ggml_decoder(py::module& m);  // ggml_decoder.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,5 +17,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("types"), py::arg("weights"), py::arg("bias") = py::none(), py::arg("scalar") = false);
     m.def("ggml_quantize_activations", &ggml_quantize_activations, "rows -> Q8_0 / Q8_1 / Q8_K blocks (bytes)");
     m.def("ggml_dequantize_rows", &ggml_dequantize_rows, "rows of a block matrix, dequantized to fp32");
+    m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes");
     bind_ggml_decoder(m);
 }

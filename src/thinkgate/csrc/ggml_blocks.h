@@ -12,7 +12,9 @@ constexpr int QKK = 256;  // weights per super-block of the K-quants
 
 // ggml's type ids (GGMLQuantizationType in the gguf package).
 enum Type : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9, Q4_K = 12,
-                  Q5_K = 13, Q6_K = 14, Q8_K = 15 };
+                  Q5_K = 13, Q6_K = 14, Q8_K = 15,
+                  // Ours: Q5_0 rows rearranged for AVX2 decode (same codes and scales; ggml_linear.cpp).
+                  Q5_0_R4 = 106 };
 
 struct BlockQ4_0 { uint16_t d; uint8_t qs[QK / 2]; };
 struct BlockQ4_1 { uint16_t d, m; uint8_t qs[QK / 2]; };
@@ -25,6 +27,16 @@ struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[QKK / 8]; ui
 struct BlockQ6_K { uint8_t ql[QKK / 2]; uint8_t qh[QKK / 4]; int8_t scales[QKK / 16]; uint16_t d; };
 struct BlockQ8_K { float d; int8_t qs[QKK]; int16_t bsums[QKK / 16]; };
 
+// Four Q5_0 blocks of a row, rearranged so AVX2 unpacks them with fewer operations: the scales as fp32 (the
+// same values), the low nibbles of blocks 0/1 and 2/3 sharing bytes (byte j: weight j of the first block in
+// the low nibble, of the second in the high), and the fifth bits as planes (byte j, bit k: weight j of block
+// k; bit k + 4: weight j + 16 of block k).
+struct BlockQ5_0R4 { float d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t hb[16]; };
+// An activation block for it: the scale as fp32 and, per 4 codes (an int32 lane), 16 x their sum, which the
+// kernel subtracts to turn its unsigned codes (0..31) back into Q5_0's signed ones (-16..15).
+struct BlockQ8_0L { int32_t corr[8]; float d; int8_t qs[QK]; };
+
+static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ8_0L) == 68, "a repacked layout has padding");
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 &&
               sizeof(BlockQ5_1) == 24 && sizeof(BlockQ8_0) == 34 && sizeof(BlockQ8_1) == 36 &&
               sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210 &&

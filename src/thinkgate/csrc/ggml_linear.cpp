@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 using namespace ggml;
@@ -410,9 +411,41 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
 }
 
+// Q5_0 in the R4 layout: per 4 blocks, one broadcast of the bit planes, two nibble loads. The int32 lane
+// sums equal the signed kernel's exactly and the fp32 operations are the same, so results are bit-identical
+// to dot_legacy_avx2 on the original blocks (tested).
+template <int NA>
+void dot_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
+    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
+        const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+        const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
+        const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
+        const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
+                                _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+        for (int bk = 0; bk < 4; ++bk) {
+            const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
+            const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5);
+            const __m256i u = _mm256_or_si256(nib[bk], high);  // code + 16, in 0..31
+            const __m256 dx = _mm256_set1_ps(x->d[bk]);
+            for (int j = 0; j < NA; ++j) {
+                auto y = static_cast<const BlockQ8_0L*>(act[j]) + 4 * g + bk;
+                const __m256i qy = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs));
+                const __m256i s = _mm256_sub_epi32(dot_us8(u, qy), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->corr)));
+                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(dx, _mm256_set1_ps(y->d)), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
 template <int NA>
 inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     if (type == Q4_K || type == Q5_K || type == Q6_K) dot_k_avx2<NA>(type, w, act, k, out);
+    else if (type == Q5_0_R4) dot_q5r4_avx2<NA>(w, act, k, out);
     else dot_legacy_avx2<NA>(type, w, act, k, out);
 }
 
@@ -430,11 +463,16 @@ int block_bytes(int type) {
         case Q4_K: return sizeof(BlockQ4_K);
         case Q5_K: return sizeof(BlockQ5_K);
         case Q6_K: return sizeof(BlockQ6_K);
+#ifdef __AVX2__
+        case Q5_0_R4: return sizeof(BlockQ5_0R4);
+#endif
         default: return 0;
     }
 }
 
-int64_t row_length(int type, int64_t row_bytes) { return row_bytes / block_bytes(type) * (is_k(type) ? QKK : QK); }
+int64_t row_length(int type, int64_t row_bytes) {
+    return row_bytes / block_bytes(type) * (is_k(type) ? QKK : type == Q5_0_R4 ? 4 * QK : QK);
+}
 
 // The input rows in each activation form the parts need, built once per call.
 struct Activations {
@@ -442,9 +480,11 @@ struct Activations {
     std::vector<BlockQ8_0> q8_0;
     std::vector<BlockQ8_1> q8_1;
     std::vector<BlockQ8_K> q8_k;
+    std::vector<BlockQ8_0L> q8_0l;
 
     const void* row(int type, int64_t m) const {
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
+        if (type == Q5_0_R4) return q8_0l.data() + m * (k / QK);
         if (type == Q4_1 || type == Q5_1) return q8_1.data() + m * (k / QK);
         return q8_0.data() + m * (k / QK);
     }
@@ -465,7 +505,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     const at::Tensor xc = x.contiguous();
     const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
-    bool need0 = false, need1 = false, needk = false;
+    bool need0 = false, need1 = false, needk = false, need0l = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -474,7 +514,9 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         TORCH_CHECK(row_length(t, weights[i].size(1)) == k && weights[i].size(1) % block_bytes(t) == 0,
                     "ggml_linear: a weight part's rows do not hold K = ", k, " values");
         n_total += weights[i].size(0);
-        need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0;
+        TORCH_CHECK(!(scalar && t == Q5_0_R4), "ggml_linear: the R4 layout has no scalar form");
+        need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0 || t == Q5_0_R4;
+        need0l |= t == Q5_0_R4;
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
     }
@@ -484,6 +526,16 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     if (need0) {
         act.q8_0.resize(m * (k / QK));
         for (int64_t r = 0; r < m; ++r) quantize_q8_0(px + r * k, act.q8_0.data() + r * (k / QK), k, false, nullptr);
+    }
+    if (need0l) {  // the same blocks, scale as fp32, plus the lane sums the R4 kernel subtracts
+        act.q8_0l.resize(m * (k / QK));
+        for (size_t b = 0; b < act.q8_0.size(); ++b) {
+            BlockQ8_0L& o = act.q8_0l[b];
+            o.d = h2f(act.q8_0[b].d);
+            std::memcpy(o.qs, act.q8_0[b].qs, QK);
+            for (int l = 0; l < 8; ++l)
+                o.corr[l] = 16 * (o.qs[4 * l] + o.qs[4 * l + 1] + o.qs[4 * l + 2] + o.qs[4 * l + 3]);
+        }
     }
     if (need1) {
         act.q8_1.resize(m * (k / QK));
@@ -598,4 +650,38 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at
         }
     });
     return out;
+}
+
+// A weight part in the layout its AVX2 kernel reads fastest, with the same codes and scales: (type, blocks).
+// Q5_0 rows whose length is a multiple of 128 become Q5_0_R4; everything else is returned as it is.
+std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type) {
+#ifdef __AVX2__
+    if (type == Q5_0 && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) % (4 * sizeof(BlockQ5_0)) == 0) {
+        const int64_t n = weight.size(0), groups = weight.size(1) / (4 * sizeof(BlockQ5_0));
+        at::Tensor out = at::empty({n, groups * static_cast<int64_t>(sizeof(BlockQ5_0R4))}, weight.options());
+        for (int64_t r = 0; r < n; ++r) {
+            auto src = reinterpret_cast<const BlockQ5_0*>(weight.data_ptr<uint8_t>() + r * weight.size(1));
+            auto dst = reinterpret_cast<BlockQ5_0R4*>(out.data_ptr<uint8_t>() + r * out.size(1));
+            for (int64_t g = 0; g < groups; ++g) {
+                BlockQ5_0R4& o = dst[g];
+                std::memset(&o, 0, sizeof(o));
+                for (int bk = 0; bk < 4; ++bk) {
+                    const BlockQ5_0& b = src[4 * g + bk];
+                    o.d[bk] = h2f(b.d);
+                    uint32_t qh;
+                    std::memcpy(&qh, b.qh, 4);
+                    uint8_t* nib = bk < 2 ? o.nib01 : o.nib23;
+                    const int shift = (bk % 2) * 4;
+                    for (int j = 0; j < QK; ++j) {
+                        const int code = j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
+                        nib[j] |= static_cast<uint8_t>(code << shift);
+                        if ((qh >> j) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (bk + (j < 16 ? 0 : 4)));
+                    }
+                }
+            }
+        }
+        return {static_cast<int64_t>(Q5_0_R4), out};
+    }
+#endif
+    return {type, weight};
 }
