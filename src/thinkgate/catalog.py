@@ -66,7 +66,7 @@ class LocalBackend(_Strict):
     max_model_len: Annotated[StrictInt, Field(gt=0)] | None = None
     kv_cache_memory: Annotated[StrictInt, Field(gt=0)] | None = None  # bytes for the KV cache pool
     max_num_seqs: Annotated[StrictInt, Field(gt=0)] | None = None
-    weight_quant: Literal["auto", "none", "int8", "int4", "w8a8", "mixed", "gguf"] | None = None
+    weight_quant: Literal["auto", "none", "int8", "int4", "w8a8", "mixed", "gguf", "gguf-q8"] | None = None
 
     def engine_config(self, base, catalog_dir: Path | None = None):
         """`base` (an EngineConfig from the command line) with this backend's keys. A relative `model` path is

@@ -42,7 +42,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "served from its own blocks as llama.cpp does, bf16 for other quantized CPU models)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed",
-                                                                       "gguf"],
+                                                                       "gguf", "gguf-q8"],
                    help="quantized linear layers on CPU, held in their serving form only (auto: for a GGUF on an "
                         "x86 CPU with AVX2, gguf = the file's own quantized blocks with llama.cpp's arithmetic; "
                         "else mixed = int4 for one-row steps and int8 weights x int8 activations for the rest where "
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument("--profile", action="store_true")
-    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed", "gguf"])
+    be.add_argument("--weight-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed", "gguf", "gguf-q8"])
     be.add_argument("--head-quant", default="auto", choices=["auto", "none", "int8", "int4", "w8a8", "mixed"])
     be.add_argument("--no-cpu-kernels", action="store_true", help="CPU: torch's ops only (the comparison run)")
     be.set_defaults(fn=cmd_bench_engine)

@@ -23,7 +23,7 @@
 #include <vector>
 
 at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
-                       const c10::optional<at::Tensor>& bias, bool scalar);
+                       const c10::optional<at::Tensor>& bias, bool scalar, int64_t passes);
 
 namespace {
 
@@ -31,7 +31,8 @@ struct Linear {
     std::vector<int64_t> types;
     std::vector<at::Tensor> blocks;
     c10::optional<at::Tensor> bias;
-    at::Tensor operator()(const at::Tensor& x) const { return ggml_linear(x, types, blocks, bias, false); }
+    int64_t passes;
+    at::Tensor operator()(const at::Tensor& x) const { return ggml_linear(x, types, blocks, bias, false, passes); }
 };
 
 struct Layer {
@@ -129,7 +130,7 @@ public:
                    c10::optional<at::Tensor> k_norm, std::vector<int64_t> qkv_types, std::vector<at::Tensor> qkv,
                    c10::optional<at::Tensor> qkv_bias, std::vector<int64_t> o_types, std::vector<at::Tensor> o,
                    std::vector<int64_t> gu_types, std::vector<at::Tensor> gate_up, std::vector<int64_t> down_types,
-                   std::vector<at::Tensor> down, at::Tensor k_cache, at::Tensor v_cache) {
+                   std::vector<at::Tensor> down, at::Tensor k_cache, at::Tensor v_cache, int64_t passes) {
         TORCH_CHECK(k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat,
                     "GGMLDecoder: the KV cache must be fp16 or fp32");
         auto f32 = [](const at::Tensor& t) { return t.contiguous().to(at::kFloat); };
@@ -137,8 +138,9 @@ public:
             return t.has_value() ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;
         };
         layers_.push_back(Layer{f32(input_norm), f32(post_norm), opt(q_norm), opt(k_norm),
-                                Linear{qkv_types, qkv, opt(qkv_bias)}, Linear{o_types, o, c10::nullopt},
-                                Linear{gu_types, gate_up, c10::nullopt}, Linear{down_types, down, c10::nullopt},
+                                Linear{qkv_types, qkv, opt(qkv_bias), passes}, Linear{o_types, o, c10::nullopt, passes},
+                                Linear{gu_types, gate_up, c10::nullopt, passes},
+                                Linear{down_types, down, c10::nullopt, passes},
                                 k_cache, v_cache});
     }
 

@@ -27,7 +27,8 @@ class GGMLLinear(nn.Module):
     A fused projection (q/k/v, gate/up) whose pieces the file stores in different types keeps each piece's
     type."""
 
-    def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int, bias: torch.Tensor | None = None):
+    def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int, bias: torch.Tensor | None = None,
+                 passes: int = 2):
         super().__init__()
         self._ops = cpu_kernels.load_ggml()
         # Each part in the layout its kernel reads fastest (Q5_0 -> our R4 layout on AVX2: the same codes and
@@ -41,10 +42,13 @@ class GGMLLinear(nn.Module):
         self.in_features = in_features
         self.out_features = sum(b.shape[0] for _, b in parts)
         self.bias32 = None if bias is None else bias.detach().float().contiguous()
+        # 1: llama.cpp's arithmetic (8-bit activation blocks); 2: a second 8-bit pass over what the first missed
+        # (~15-bit activations: closer to the exact model, BENCHMARKS.md), the default.
+        self.passes = passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = self._ops.ggml_linear(flat.float().contiguous(), self.types, self.blocks, self.bias32, False)
+        y = self._ops.ggml_linear(flat.float().contiguous(), self.types, self.blocks, self.bias32, False, self.passes)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -252,7 +252,7 @@ def plan(entries: list[tuple[str, object]]) -> list[Need]:
         gguf = str(cfg.model).endswith(".gguf") and Path(cfg.model).expanduser().is_file()
         quant = resolve_weight_quant(cfg.weight_quant, dev, dtype, cfg.dtype, gguf=gguf,
                                      cpu_kernels=cfg.cpu_kernels) if device == "cpu" else "none"
-        if quant == "gguf":  # served from the file's own blocks: their bytes are about the file's
+        if quant in ("gguf", "gguf-q8"):  # served from the file's own blocks: their bytes are about the file's
             weights = Path(cfg.model).expanduser().stat().st_size
         elif shape.params is not None:
             weights = int(shape.params * QUANT_BYTES.get(quant, dtype.itemsize))
@@ -266,7 +266,7 @@ def plan(entries: list[tuple[str, object]]) -> list[Need]:
             kv, source = int(free * GPU_KV_FRACTION), "the default: 85% of the GPU memory left"
         elif known:  # the engine's own rule (engine/kv_pool.py), in the dtype it will pick
             kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, torch.float32, "cpu", cpu_kernels_expected(cfg.cpu_kernels),
-                                        quant not in ("none", "gguf"), quant == "gguf")
+                                        quant not in ("none", "gguf", "gguf-q8"), quant in ("gguf", "gguf-q8"))
             per_token = bytes_per_token(shape.layers, shape.kv_heads, shape.head_dim, kv_dtype)
             size = cpu_pool_size(None, cfg.max_model_len, cfg.max_num_seqs, per_token, free, cfg.block_size)
             kv, source = size.tokens * per_token, size.source

@@ -24,14 +24,14 @@ def _blocks(g, name: str) -> tuple[int, torch.Tensor] | None:
     return SUPPORTED_TYPES[t.tensor_type.name], torch.from_numpy(data)
 
 
-def _linear(g, names: list[str], dense: nn.Linear) -> GGMLLinear | None:
+def _linear(g, names: list[str], dense: nn.Linear, passes: int) -> GGMLLinear | None:
     parts = [_blocks(g, n) for n in names]
     if any(p is None for p in parts):
         return None
-    return GGMLLinear(parts, dense.in_features, dense.bias)
+    return GGMLLinear(parts, dense.in_features, dense.bias, passes)
 
 
-def serve_gguf_blocks(g, module: nn.Module) -> int:
+def serve_gguf_blocks(g, module: nn.Module, passes: int = 2) -> int:
     """Replace what `module` (a DecoderLayer, or the whole model) holds; returns how many modules changed."""
     from thinkgate.models.qwen import DecoderLayer, DenseMLP
 
@@ -40,12 +40,12 @@ def serve_gguf_blocks(g, module: nn.Module) -> int:
         i, attn, mlp = module.index, module.self_attn, module.mlp
         b = f"blk.{i}."
         swaps.append((attn, "qkv_proj", _linear(g, [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
-                                                attn.qkv_proj)))
-        swaps.append((attn, "o_proj", _linear(g, [b + "attn_output.weight"], attn.o_proj)))
+                                                attn.qkv_proj, passes)))
+        swaps.append((attn, "o_proj", _linear(g, [b + "attn_output.weight"], attn.o_proj, passes)))
         if isinstance(mlp, DenseMLP):
             swaps.append((mlp, "gate_up_proj", _linear(g, [b + "ffn_gate.weight", b + "ffn_up.weight"],
-                                                       mlp.gate_up_proj)))
-            swaps.append((mlp, "down_proj", _linear(g, [b + "ffn_down.weight"], mlp.down_proj)))
+                                                       mlp.gate_up_proj, passes)))
+            swaps.append((mlp, "down_proj", _linear(g, [b + "ffn_down.weight"], mlp.down_proj, passes)))
     elif isinstance(getattr(module, "embed_tokens", None), nn.Embedding):
         emb = module.embed_tokens
         tied = "output.weight" not in g._tensors
@@ -55,7 +55,7 @@ def serve_gguf_blocks(g, module: nn.Module) -> int:
                                                                 emb.weight.dtype)))
         head = blocks if tied else _blocks(g, "output.weight")
         if head is not None:  # a tied head multiplies with the embedding's own blocks (the same tensor)
-            swaps.append((module, "lm_head", GGMLLinear([head], module.lm_head.in_features)))
+            swaps.append((module, "lm_head", GGMLLinear([head], module.lm_head.in_features, passes=passes)))
     count = 0
     for parent, name, new in swaps:
         if new is not None:
@@ -88,5 +88,5 @@ def build_ggml_decoder(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                           None if attn.q_norm is None else attn.q_norm.weight.detach(),
                           None if attn.k_norm is None else attn.k_norm.weight.detach(),
                           qkv.types, qkv.blocks, qkv.bias32, o.types, o.blocks, gate_up.types, gate_up.blocks,
-                          down.types, down.blocks, k_cache, v_cache)
+                          down.types, down.blocks, k_cache, v_cache, down.passes)
     return decoder

@@ -64,10 +64,10 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
     gguf = is_gguf(spec)
     quant = "none" if quantization == "fp8" else resolve_weight_quant(weight_quant, dev, tdtype, dtype_asked=dtype,
                                                                       gguf=gguf, cpu_kernels=cpu_kernels)
-    if quant == "gguf":
+    if quant in ("gguf", "gguf-q8"):
         if dtype == "auto":
             tdtype = torch.float32  # activations in fp32 between the quantized products, as llama.cpp keeps them
-        loaded = _load(spec, tdtype, dev, max_model_len, GGUF_BLOCKS)
+        loaded = _load(spec, tdtype, dev, max_model_len, GGUF_BLOCKS if quant == "gguf" else GGUF_BLOCKS_Q8)
         from thinkgate.layers.ggml_linear import GGMLLinear
         from thinkgate.models.resident import release_freed_memory
 
@@ -114,8 +114,9 @@ def check_quantization(mode: str, dev: torch.device) -> None:
         raise ValueError("--quantization fp8 needs a GPU with fp8 matmuls (compute capability 8.9 or later)")
 
 
-GGUF_BLOCKS = "gguf-blocks"  # `prepare` for --weight-quant gguf: resolved by _load_gguf, which holds the file
-WEIGHT_QUANTS = ("none", "int8", "int4", "w8a8", "mixed", "gguf")
+# `prepare` for --weight-quant gguf / gguf-q8: resolved by _load_gguf, which holds the file
+GGUF_BLOCKS, GGUF_BLOCKS_Q8 = "gguf-blocks", "gguf-blocks-q8"
+WEIGHT_QUANTS = ("none", "int8", "int4", "w8a8", "mixed", "gguf", "gguf-q8")
 
 
 def is_gguf(spec: str) -> bool:
@@ -124,7 +125,7 @@ def is_gguf(spec: str) -> bool:
 
 def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype_asked: str = "auto",
                          gguf: bool = False, cpu_kernels: bool = True) -> str:
-    if mode == "gguf" and not gguf:
+    if mode in ("gguf", "gguf-q8") and not gguf:
         raise ValueError("--weight-quant gguf serves a GGUF file's own quantized blocks; this model is not a .gguf")
     if mode == "auto":
         # On CPU the weights are served quantized unless float32 was asked for (the exact reference). A GGUF is
@@ -228,10 +229,11 @@ def _load_gguf(path: Path, dtype, dev, max_model_len, prepare=None) -> LoadedMod
     from thinkgate.models.gguf_file import GGUFModel
 
     g = GGUFModel(path)
-    if prepare == GGUF_BLOCKS:
+    if prepare in (GGUF_BLOCKS, GGUF_BLOCKS_Q8):
         from thinkgate.models.gguf_blocks import serve_gguf_blocks
 
-        prepare = lambda m: serve_gguf_blocks(g, m)  # noqa: E731
+        passes = 2 if prepare == GGUF_BLOCKS else 1
+        prepare = lambda m: serve_gguf_blocks(g, m, passes)  # noqa: E731
     cfg = ModelConfig.from_hf(g.hf_config())
     tokenizer = g.tokenizer()
     model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len, prepare)
