@@ -100,10 +100,13 @@ def test_the_default_model_keeps_the_files_types(default_gguf):
     lm = load_model(str(default_gguf), device="cpu", weight_quant="gguf", max_model_len=256)
     layer = lm.model.layers[0]
     names = {2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"}
+    if cpu_kernels.cpu_supports_avx2():
+        names[106] = "Q5_0"  # Q5_0 rearranged for the AVX2 kernel (same codes and scales)
     assert [names[t] for t in layer.self_attn.qkv_proj.types] == ["Q5_0", "Q5_0", "Q8_0"]
     assert [names[t] for t in layer.mlp.gate_up_proj.types] == ["Q5_0", "Q5_0"]
     assert {names[lm.model.layers[i].mlp.down_proj.types[0]] for i in range(24)} == {"Q4_K", "Q6_K"}
     assert names[lm.model.lm_head.types[0]] == "Q8_0"
     held = sum(b.numel() for m in lm.model.modules() if isinstance(m, (GGMLLinear, GGMLEmbedding))
                for b in m.buffers())
-    assert 0.97 < held / default_gguf.stat().st_size < 1.0  # the file's blocks, nothing re-quantized beside them
+    # the file's blocks, nothing re-quantized beside them (Q5_0's scales held as fp32 on AVX2: 24 bytes a block)
+    assert 0.97 < held / default_gguf.stat().st_size < 1.06
