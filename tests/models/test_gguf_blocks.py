@@ -110,3 +110,27 @@ def test_the_default_model_keeps_the_files_types(default_gguf):
                for b in m.buffers())
     # the file's blocks, nothing re-quantized beside them (Q5_0's scales held as fp32 on AVX2: 24 bytes a block)
     assert 0.97 < held / default_gguf.stat().st_size < 1.06
+
+
+def test_speculative_greedy_answers_are_the_plain_ones(checkpoints, tmp_path):
+    """Verify steps run through the same C++ decoder as plain steps, each draft a row at its own position, so
+    n-gram speculation changes no greedy token (repetitive prompts: most drafts are accepted)."""
+    import random
+
+    from thinkgate.sampling.params import SamplingParams
+
+    path = write_gguf(checkpoints["qwen3"], tmp_path / "tiny-q5.gguf", quant="Q5_0")
+    lm = load_model(str(path), device="cpu", weight_quant="gguf")
+    rng = random.Random(3)
+    prompts = []
+    for _ in range(3):
+        unit = [rng.randrange(5, 900) for _ in range(rng.randrange(6, 12))]
+        prompts.append(unit * 4 + unit[:2])
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    base = dict(model=str(path), kv_cache_memory=16 * 2**20, weight_quant="gguf", enable_prefix_caching=False)
+    plain = LLMEngine(lm, EngineConfig(**base))
+    want = [plain.generate([p], params)[0] for p in prompts]
+    spec = LLMEngine(lm, EngineConfig(**base, speculative="ngram"))
+    assert spec.runner.cpu_decoder is not None
+    assert [spec.generate([p], params)[0] for p in prompts] == want
+    assert spec.generate(prompts, params) == plain.generate(prompts, params)

@@ -53,9 +53,9 @@ def resolve_kv_dtype(asked: str, compute_dtype: torch.dtype, device: str, cpu_ke
         raise ValueError(f"unknown KV cache dtype {asked!r}; choose auto, float16, bfloat16 or float32")
     if device != "cpu":
         return compute_dtype
-    if cpu_kernels_run or not (quantized or gguf_blocks):
-        return torch.float32
-    return torch.float16 if gguf_blocks else torch.bfloat16
+    if gguf_blocks:  # its C++ decoder reads fp16 (and fp32) pools, on any x86 CPU
+        return torch.float16
+    return torch.float32 if cpu_kernels_run or not quantized else torch.bfloat16
 
 
 def cpu_kernels_expected(cpu_kernels: bool) -> bool:

@@ -57,6 +57,8 @@ class LLMEngine:
             capturable = model.cfg.num_experts == 0 or grouped_mm_supported(self.runner.device, dtype)
             graphs = "capture" if capturable and not config.enforce_eager else "off"
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, graphs)
+        elif gguf_blocks and device.type == "cpu" and self.runner.enable_ggml_decoder(config.max_num_seqs):
+            log.info("CPU decode steps in thinkgate's C++ layer loop over the GGUF's blocks")
         elif cpu_kernels_run and dtype == torch.float32 and kv_dtype == torch.float32:
             # Our C++ decode kernels (they read an fp32 pool).
             self.runner.enable_paged_decode(config.max_num_seqs, self.max_model_len, "off")
@@ -64,8 +66,6 @@ class LLMEngine:
                      ", one-sequence steps in the C++ layer loop" if self.runner.cpu_decoder is not None else "")
         else:
             self.runner.use_reference_ops()
-            if gguf_blocks and device.type == "cpu" and self.runner.enable_ggml_decoder(config.max_num_seqs):
-                log.info("CPU decode steps in thinkgate's C++ layer loop over the GGUF's blocks")
         self.seqs: dict[str, Sequence] = {}
         # Overlapped decode: on with CUDA graphs unless configured (see _step_overlapped).
         self.overlap = config.async_decode if config.async_decode is not None else self.runner.graphs is not None

@@ -45,6 +45,7 @@ class ModelRunner:
         decoder = build_ggml_decoder(self.model, self.kv_caches)
         if decoder is None:
             return False
+        self.use_reference_ops()  # prefill and mixed steps: the model's own forward (the model may be shared)
         self.paged_decode = True
         self.cpu_decoder = decoder
         self.decoder_rows = max_batch
@@ -122,6 +123,9 @@ class ModelRunner:
         """Logits at each sampling sequence's last position, or (`counts`) at its last counts[i] positions."""
         if self.paged_decode and all(n == 1 for n in batch.num_new):
             return self._decode_logits(batch)
+        if self.decoder_rows > 1 and batch.drafts and any(batch.drafts) and \
+                all(len(s.all_ids) - s.num_computed == 1 for s in batch.seqs):
+            return self._verify_in_decoder(batch, counts)
         ids, pos, q_lens, kv_lens, tables = [], [], [], [], []
         drafts = batch.drafts or [[]] * len(batch.seqs)
         for seq, n, d in zip(batch.seqs, batch.num_new, drafts, strict=True):
@@ -143,6 +147,32 @@ class ModelRunner:
         if not want:
             return None
         return self.model.compute_logits(hidden[torch.tensor(want, device=self.device)])  # [sum(counts), V]
+
+    def _verify_in_decoder(self, batch: ScheduledBatch, counts: list[int] | None) -> torch.Tensor:
+        """A step with drafts on decoding sequences, through the batched C++ decoder: each pending or draft
+        token is a row of its own at its position, over its sequence's blocks (the decoder writes every row's
+        K/V before any row attends, and a row attends up to its own position). Each row is then computed
+        exactly as a one-token decode step at that position would compute it, so greedy answers with drafts
+        are the answers without them."""
+        ids, pos, tables = [], [], []
+        for seq, n, d in zip(batch.seqs, batch.num_new, batch.drafts, strict=True):
+            start = seq.num_computed
+            ids.extend(([seq.all_ids[start]] + d)[:n])
+            pos.extend(range(start, start + n))
+            tables.extend([seq.block_table] * n)
+        ends, k = [], 0
+        for n in batch.num_new:
+            k += n
+            ends.append(k)
+        cs = counts if counts is not None else [1] * len(batch.seqs)
+        want = [p for end, c in zip(ends, cs, strict=True) for p in range(end - c, end)]
+        bs = self.block_size
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        slots = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)])
+        hidden = self.cpu_decoder.forward(self.model.embed_tokens(torch.tensor(ids)), torch.tensor(pos), slots,
+                                          table, torch.tensor(pos, dtype=torch.int32).add_(1))
+        return self.model.compute_logits(hidden[torch.tensor(want)])
 
     def _decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """A decode-only step through the paged kernel: a graph replay when the batch fits a bucket.
