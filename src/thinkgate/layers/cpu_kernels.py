@@ -35,24 +35,22 @@ _ggml_module = None
 _ggml_tried = False
 
 
-def cpu_supports_vnni() -> bool:
+def _x86_has(*flags: str) -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    return all(f in text for f in flags)
+
+
+def cpu_supports_vnni() -> bool:
+    return _x86_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
 def cpu_supports_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx2", "fma", "f16c"))
+    return _x86_has("avx2", "fma", "f16c")
 
 
 def ggml_flags() -> list[str]:
