@@ -76,13 +76,14 @@ def test_a_tied_head_reads_the_embeddings_int8_rows(tmp_path):
 @pytest.mark.slow
 @pytest.mark.network
 def test_default_gguf_served_with_one_form_per_linear(default_gguf):
-    """`thinkgate serve`'s defaults on the default model: every linear in the form(s) its mode serves from
-    (W8A8 on x86 without our AVX-512 VNNI kernels: one int8 form; `mixed` where they run: its one-row int4
-    form and its batched W8A8 form), nothing else."""
+    """The default model re-quantized in the mode `auto` picks for a checkpoint that is not a GGUF (W8A8 on x86
+    without our AVX-512 VNNI kernels: one int8 form; `mixed` where they run: its one-row int4 form and its
+    batched W8A8 form): every linear in the form(s) its mode serves from, nothing else. (A GGUF itself is served
+    from its own blocks where AVX2 runs: tests/models/test_gguf_blocks.py checks what that holds.)"""
     from thinkgate.models.loader import resolve_dtype, resolve_weight_quant
 
-    lm = load_model(str(default_gguf), dtype="auto", device="cpu", weight_quant="auto")
     mode = resolve_weight_quant("auto", torch.device("cpu"), resolve_dtype("auto", torch.device("cpu")))
+    lm = load_model(str(default_gguf), dtype="auto", device="cpu", weight_quant=mode)
     report = _linear_report(lm.model, mode)
     assert len(report) == 4 * 24 + 1
     for name, held, forms, weights in report:
