@@ -134,3 +134,14 @@ def test_speculative_greedy_answers_are_the_plain_ones(checkpoints, tmp_path):
     assert spec.runner.cpu_decoder is not None
     assert [spec.generate([p], params)[0] for p in prompts] == want
     assert spec.generate(prompts, params) == plain.generate(prompts, params)
+
+
+def test_without_the_block_kernels_auto_falls_back_and_gguf_says_why(monkeypatch, checkpoints, tmp_path):
+    import thinkgate.layers.ggml_linear as gl
+
+    monkeypatch.setattr(gl, "available", lambda: False)  # as where no C++ compiler could build them
+    cpu = torch.device("cpu")
+    assert resolve_weight_quant("auto", cpu, torch.float32, gguf=True) not in ("gguf", "gguf-q8")
+    path = write_gguf(checkpoints["qwen3"], tmp_path / "tiny.gguf", quant="Q8_0")
+    with pytest.raises(ValueError, match="could not be built"):
+        load_model(str(path), device="cpu", weight_quant="gguf")

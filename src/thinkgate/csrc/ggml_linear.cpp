@@ -494,6 +494,22 @@ void check_type(int type) {
     TORCH_CHECK(block_bytes(type) > 0, "ggml_linear: unsupported ggml type ", type);
 }
 
+// Each input row's activation blocks at out + r * passes * per_row; with two passes the blocks of what they miss
+// (the row minus their dequantized values, `value`) follow them.
+template <typename B, typename Quantize, typename Value>
+void quantize_rows(const float* px, int64_t m, int64_t k, int64_t passes, int64_t per_row, B* out, Quantize quantize,
+                   Value value) {
+    std::vector<float> rest(passes == 2 ? k : 0);
+    for (int64_t r = 0; r < m; ++r) {
+        B* a = out + r * passes * per_row;
+        quantize(px + r * k, a);
+        if (passes == 2) {
+            for (int64_t j = 0; j < k; ++j) rest[j] = px[r * k + j] - value(a, j);
+            quantize(rest.data(), a + per_row);
+        }
+    }
+}
+
 }  // namespace
 
 // y[M, sum N_i] = x[M, K] @ concat(W_i)^T (+ bias): W_i given as the GGUF's rows of blocks of type types[i]
@@ -529,18 +545,12 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     act.k = k;
     const float* px = xc.data_ptr<float>();
     const int64_t nb = k / QK, nbk = k / QKK;
-    std::vector<float> rest(passes == 2 ? k : 0);
     // Virtual row passes * r is row r's blocks, passes * r + 1 (with two passes) what they miss.
     if (need0) {
         act.q8_0.resize(mv * nb);
-        for (int64_t r = 0; r < m; ++r) {
-            BlockQ8_0* a = act.q8_0.data() + r * passes * nb;
-            quantize_q8_0(px + r * k, a, k, false, nullptr);
-            if (passes == 2) {
-                for (int64_t j = 0; j < k; ++j) rest[j] = px[r * k + j] - h2f(a[j / QK].d) * a[j / QK].qs[j % QK];
-                quantize_q8_0(rest.data(), a + nb, k, false, nullptr);
-            }
-        }
+        quantize_rows(px, m, k, passes, nb, act.q8_0.data(),
+                      [&](const float* row, BlockQ8_0* a) { quantize_q8_0(row, a, k, false, nullptr); },
+                      [](const BlockQ8_0* a, int64_t j) { return h2f(a[j / QK].d) * a[j / QK].qs[j % QK]; });
     }
     if (need0l) {  // the same blocks, scale as fp32, plus the lane sums the R4 kernel subtracts
         act.q8_0l.resize(mv * nb);
@@ -554,25 +564,15 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     }
     if (need1) {
         act.q8_1.resize(mv * nb);
-        for (int64_t r = 0; r < m; ++r) {
-            BlockQ8_1* a = act.q8_1.data() + r * passes * nb;
-            quantize_q8_0(px + r * k, nullptr, k, true, a);
-            if (passes == 2) {
-                for (int64_t j = 0; j < k; ++j) rest[j] = px[r * k + j] - h2f(a[j / QK].d) * a[j / QK].qs[j % QK];
-                quantize_q8_0(rest.data(), nullptr, k, true, a + nb);
-            }
-        }
+        quantize_rows(px, m, k, passes, nb, act.q8_1.data(),
+                      [&](const float* row, BlockQ8_1* a) { quantize_q8_0(row, nullptr, k, true, a); },
+                      [](const BlockQ8_1* a, int64_t j) { return h2f(a[j / QK].d) * a[j / QK].qs[j % QK]; });
     }
     if (needk) {
         act.q8_k.resize(mv * nbk);
-        for (int64_t r = 0; r < m; ++r) {
-            BlockQ8_K* a = act.q8_k.data() + r * passes * nbk;
-            quantize_q8_k(px + r * k, a, k);
-            if (passes == 2) {
-                for (int64_t j = 0; j < k; ++j) rest[j] = px[r * k + j] - a[j / QKK].d * a[j / QKK].qs[j % QKK];
-                quantize_q8_k(rest.data(), a + nbk, k);
-            }
-        }
+        quantize_rows(px, m, k, passes, nbk, act.q8_k.data(),
+                      [&](const float* row, BlockQ8_K* a) { quantize_q8_k(row, a, k); },
+                      [](const BlockQ8_K* a, int64_t j) { return a[j / QKK].d * a[j / QKK].qs[j % QKK]; });
     }
     at::Tensor y = at::empty({m, n_total}, xc.options());
     float* py = y.data_ptr<float>();

@@ -119,6 +119,13 @@ GGUF_BLOCKS, GGUF_BLOCKS_Q8 = "gguf-blocks", "gguf-blocks-q8"
 WEIGHT_QUANTS = ("none", "int8", "int4", "w8a8", "mixed", "gguf", "gguf-q8")
 
 
+def _block_kernels_built() -> bool:
+    """Whether csrc/ggml_linear.cpp is built (compiled here once per machine; None without a compiler)."""
+    from thinkgate.layers.ggml_linear import available
+
+    return available()
+
+
 def is_gguf(spec: str) -> bool:
     return spec.endswith(".gguf") and Path(spec).expanduser().is_file()
 
@@ -139,12 +146,16 @@ def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype
         from thinkgate.layers.cpu_kernels import cpu_supports_avx2, cpu_supports_vnni
         from thinkgate.layers.linear import DynInt8Linear
 
-        if gguf and cpu_kernels and cpu_supports_avx2() and os.environ.get("THINKGATE_CPU_KERNELS", "1") != "0":
+        if gguf and cpu_kernels and cpu_supports_avx2() and os.environ.get("THINKGATE_CPU_KERNELS", "1") != "0" \
+                and _block_kernels_built():
             return "gguf"
 
         if not DynInt8Linear.available():
             return "int4" if dtype == torch.bfloat16 else "none"
         return "mixed" if cpu_supports_vnni() and dtype == torch.bfloat16 else "w8a8"
+    if mode in ("gguf", "gguf-q8") and not _block_kernels_built():
+        raise ValueError(f"--weight-quant {mode} needs thinkgate's GGUF block kernels, which could not be built here "
+                         "(a C++ compiler is needed; the log says why); choose another --weight-quant")
     if mode not in WEIGHT_QUANTS:
         raise ValueError(f"unknown weight quantization {mode!r}; choose auto, {', '.join(WEIGHT_QUANTS)}")
     if mode != "none" and dev.type != "cpu":
