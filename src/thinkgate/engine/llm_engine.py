@@ -18,6 +18,7 @@ from thinkgate.engine.scheduler import ScheduledBatch, Scheduler
 from thinkgate.engine.speculative import NgramProposer
 from thinkgate.engine.thinking import ThinkingTracker
 from thinkgate.layers.cpu_fused import available as cpu_fused_available
+from thinkgate.layers.ggml_linear import GGMLLinear
 from thinkgate.layers.linear import QuantizedLinear
 from thinkgate.layers.moe import grouped_mm_supported
 from thinkgate.models.footprint import available_memory
@@ -42,7 +43,7 @@ class LLMEngine:
         device = model.norm.weight.device
         cpu_kernels_run = device.type == "cpu" and config.cpu_kernels and cpu_fused_available()
         quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-        gguf_blocks = any(type(m).__name__ == "GGMLLinear" for m in model.modules())
+        gguf_blocks = any(isinstance(m, GGMLLinear) for m in model.modules())
         kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, device.type, cpu_kernels_run, quantized,
                                     gguf_blocks)
         per_block = ModelRunner.kv_bytes_per_block(model.cfg, config.block_size, kv_dtype)

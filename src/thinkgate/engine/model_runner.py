@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from thinkgate.engine.cuda_graphs import DecodeGraphs
@@ -160,10 +162,7 @@ class ModelRunner:
             ids.extend(([seq.all_ids[start]] + d)[:n])
             pos.extend(range(start, start + n))
             tables.extend([seq.block_table] * n)
-        ends, k = [], 0
-        for n in batch.num_new:
-            k += n
-            ends.append(k)
+        ends = list(itertools.accumulate(batch.num_new))
         cs = counts if counts is not None else [1] * len(batch.seqs)
         want = [p for end, c in zip(ends, cs, strict=True) for p in range(end - c, end)]
         bs = self.block_size

@@ -237,7 +237,7 @@ def plan(entries: list[tuple[str, object]]) -> list[Need]:
         cpu_pool_size,
         resolve_kv_dtype,
     )
-    from thinkgate.models.loader import resolve_device, resolve_dtype, resolve_weight_quant
+    from thinkgate.models.loader import is_gguf, resolve_device, resolve_dtype, resolve_weight_quant
 
     needs: list[Need] = []
     used: dict[str, int] = {}
@@ -249,8 +249,7 @@ def plan(entries: list[tuple[str, object]]) -> list[Need]:
             shape = checkpoint_shape(cfg.model)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             shape = Shape(None)  # unreadable: loading it will say why
-        gguf = str(cfg.model).endswith(".gguf") and Path(cfg.model).expanduser().is_file()
-        quant = resolve_weight_quant(cfg.weight_quant, dev, dtype, cfg.dtype, gguf=gguf,
+        quant = resolve_weight_quant(cfg.weight_quant, dev, dtype, cfg.dtype, gguf=is_gguf(str(cfg.model)),
                                      cpu_kernels=cfg.cpu_kernels) if device == "cpu" else "none"
         if quant in ("gguf", "gguf-q8"):  # served from the file's own blocks: their bytes are about the file's
             weights = Path(cfg.model).expanduser().stat().st_size

@@ -16,12 +16,10 @@ from thinkgate.layers.ggml_linear import SUPPORTED_TYPES, GGMLEmbedding, GGMLLin
 
 
 def _blocks(g, name: str) -> tuple[int, torch.Tensor] | None:
-    t = g._tensors.get(name)
-    if t is None or t.tensor_type.name not in SUPPORTED_TYPES:
+    stored = g.stored(name)
+    if stored is None or stored[0] not in SUPPORTED_TYPES:
         return None
-    rows = int(np.prod([int(s) for s in t.shape[1:]]))
-    data = np.array(t.data, dtype=np.uint8, copy=True).reshape(rows, -1)  # out of the memory map
-    return SUPPORTED_TYPES[t.tensor_type.name], torch.from_numpy(data)
+    return SUPPORTED_TYPES[stored[0]], torch.from_numpy(np.array(stored[1], dtype=np.uint8, copy=True))  # off the map
 
 
 def _linear(g, names: list[str], dense: nn.Linear, passes: int) -> GGMLLinear | None:
@@ -48,7 +46,7 @@ def serve_gguf_blocks(g, module: nn.Module, passes: int = 2) -> int:
             swaps.append((mlp, "down_proj", _linear(g, [b + "ffn_down.weight"], mlp.down_proj, passes)))
     elif isinstance(getattr(module, "embed_tokens", None), nn.Embedding):
         emb = module.embed_tokens
-        tied = "output.weight" not in g._tensors
+        tied = g.stored("output.weight") is None
         blocks = _blocks(g, "token_embd.weight")
         if blocks is not None:
             swaps.append((module, "embed_tokens", GGMLEmbedding(blocks[0], blocks[1], emb.embedding_dim,

@@ -152,6 +152,14 @@ class GGUFModel:
                 names.append(hf)
         return names
 
+    def stored(self, gguf_name: str):
+        """(type name, [rows, row bytes] array of the file's blocks, memory-mapped) of a tensor, or None."""
+        t = self._tensors.get(gguf_name)
+        if t is None:
+            return None
+        rows = int(np.prod([int(s) for s in t.shape[1:]]))
+        return t.tensor_type.name, t.data.reshape(rows, -1)
+
     def dequantize(self, gguf_name: str) -> torch.Tensor:
         from gguf.quants import dequantize
 
