@@ -209,3 +209,42 @@ def test_two_passes_carry_the_activations_to_about_15_bits(qtype):
     assert torch.equal(torch.from_numpy(two), alone)
     qt, packed = ops.ggml_repack(bt, int(qtype))
     assert torch.equal(ops.ggml_linear(xt, [qt], [packed], None, False, 2), torch.from_numpy(two))
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_whole_weight_dequantization_is_the_gguf_packages(qtype):
+    """ggml_dequantize (prefill's float GEMM): the parts stacked, each row the gguf package's values; the AVX2
+    form gives the scalar form's floats, and the R4 layout of Q5_0 the file layout's."""
+    rng = np.random.default_rng(17)
+    a, b = random_blocks(qtype, 13, 512, rng), random_blocks(qtype, 6, 512, rng)
+    parts = [torch.from_numpy(a), torch.from_numpy(b)]
+    ref = np.concatenate([dequantize(a, qtype).reshape(13, 512), dequantize(b, qtype).reshape(6, 512)])
+    fast = ops.ggml_dequantize([int(qtype)] * 2, parts)
+    np.testing.assert_allclose(fast.numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert torch.equal(fast, ops.ggml_dequantize([int(qtype)] * 2, parts, True))
+    repacked = [ops.ggml_repack(p, int(qtype)) for p in parts]
+    assert torch.equal(ops.ggml_dequantize([t for t, _ in repacked], [p for _, p in repacked]), fast)
+    scratch = torch.full((19 * 512 + 5,), float("nan"))  # a caller's buffer is filled in place and returned
+    into = ops.ggml_dequantize([int(qtype)] * 2, parts, False, scratch)
+    assert into.data_ptr() == scratch.data_ptr() and torch.equal(into, fast)
+
+
+def test_many_rows_take_the_float_gemm_over_the_exact_weights():
+    """From GEMM_MIN_ROWS rows a GGMLLinear multiplies the dequantized weights in fp32 (no 8-bit rounding of the
+    rows): against fp64 it is far closer than the block kernels; below it the block kernels' bits are kept."""
+    from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
+
+    rng = np.random.default_rng(19)
+    parts = [(int(T.Q5_0), torch.from_numpy(random_blocks(T.Q5_0, 40, 896, rng))),
+             (int(T.Q8_0), torch.from_numpy(random_blocks(T.Q8_0, 8, 896, rng)))]
+    bias = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+    lin = GGMLLinear(parts, 896, bias)
+    w = np.concatenate([dequantize(b.numpy(), T(t)).reshape(-1, 896) for t, b in parts]).astype(np.float64)
+    x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS, 896)).astype(np.float32))
+    exact = x.numpy().astype(np.float64) @ w.T + bias.numpy()
+    many = lin(x).numpy()
+    blockwise = ops.ggml_linear(x, lin.types, lin.blocks, lin.bias32, False, 2).numpy()
+    e_gemm, e_blocks = np.abs(many - exact).max(), np.abs(blockwise - exact).max()
+    assert e_gemm < 1e-4 and e_gemm < e_blocks / 10, (e_gemm, e_blocks)
+    few = x[:GEMM_MIN_ROWS - 1]
+    assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, 2))

@@ -145,3 +145,42 @@ def test_without_the_block_kernels_auto_falls_back_and_gguf_says_why(monkeypatch
     path = write_gguf(checkpoints["qwen3"], tmp_path / "tiny.gguf", quant="Q8_0")
     with pytest.raises(ValueError, match="could not be built"):
         load_model(str(path), device="cpu", weight_quant="gguf")
+
+
+def test_a_decoding_sequence_is_the_same_beside_a_long_prefill(checkpoints, tmp_path):
+    """A prefill of many rows multiplies in a float GEMM (layers/ggml_linear.GEMM_MIN_ROWS); a step that mixes it
+    with decoding sequences runs as two, so a decoding sequence's logprobs are bit for bit the ones it gets
+    alone, and the prefilled sequence's are the ones it gets alone too."""
+    from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS
+    from thinkgate.sampling.params import SamplingParams
+
+    path = write_gguf(checkpoints["qwen2"], tmp_path / "tiny-q5.gguf", quant="Q5_0")
+    lm = load_model(str(path), device="cpu", weight_quant="gguf")
+    eng = LLMEngine(lm, EngineConfig(model=str(path), kv_cache_memory=16 * 2**20, weight_quant="gguf",
+                                     enable_prefix_caching=False))
+    split = []
+    inner = eng.runner._split_logits
+    eng.runner._split_logits = lambda *a: split.append(1) or inner(*a)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=True)
+    long_prompt = (PROMPT * 10)[:GEMM_MIN_ROWS + 7]
+
+    def run(requests: list[tuple[str, list[int], int]]) -> dict[str, list]:
+        """requests: (id, prompt, the step at which it is added)."""
+        got: dict[str, list] = {rid: [] for rid, _, _ in requests}
+        step = 0
+        while step == 0 or eng.has_unfinished():
+            for rid, prompt, at in requests:
+                if at == step:
+                    eng.add_request(rid, prompt, params)
+            for out in eng.step():
+                got[out.request_id].extend(out.logprobs or [])
+            step += 1
+        return got
+
+    alone_a = run([("a", PROMPT, 0)])["a"]
+    alone_b = run([("b", long_prompt, 0)])["b"]
+    assert not split
+    both = run([("a", PROMPT, 0), ("b", long_prompt, 4)])
+    assert split  # the long prefill shared a step with a's decoding
+    assert both["a"] == alone_a and len(alone_a) == 20
+    assert both["b"] == alone_b

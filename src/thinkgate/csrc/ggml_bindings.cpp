@@ -9,6 +9,8 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
                        const c10::optional<at::Tensor>& bias, bool scalar, int64_t passes);
 at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type);
 at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids);
+at::Tensor ggml_dequantize(const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights, bool scalar,
+                           const c10::optional<at::Tensor>& scratch);
 std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type);
 void bind_ggml_decoder(py::module& m);  // ggml_decoder.cpp
 
@@ -18,6 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("passes") = 1);
     m.def("ggml_quantize_activations", &ggml_quantize_activations, "rows -> Q8_0 / Q8_1 / Q8_K blocks (bytes)");
     m.def("ggml_dequantize_rows", &ggml_dequantize_rows, "rows of a block matrix, dequantized to fp32");
+    m.def("ggml_dequantize", &ggml_dequantize, "the stacked weight parts, dequantized to fp32 [rows, k]",
+          py::arg("types"), py::arg("weights"), py::arg("scalar") = false, py::arg("scratch") = py::none());
     m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes");
     bind_ggml_decoder(m);
 }

@@ -449,6 +449,95 @@ inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t
     else dot_legacy_avx2<NA>(type, w, act, k, out);
 }
 
+// ---- dequantization (prefill's float GEMM) ----
+
+// 32 signed byte codes c -> y[i] = c[i] * d[i / 16] (+ m): the scalar form's operations in its order (a product,
+// then the min subtracted), so both forms give the same floats.
+inline void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256* m_lo = nullptr, const __m256* m_hi = nullptr) {
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) {
+        __m256 v = _mm256_mul_ps(i < 2 ? d_lo : d_hi, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])));
+        if (m_lo) v = _mm256_sub_ps(v, i < 2 ? *m_lo : *m_hi);
+        _mm256_storeu_ps(y + 8 * i, v);
+    }
+}
+
+// One row of a type the default GGUF uses (Q5_0 as R4, Q8_0, Q4_K, Q6_K) dequantized with AVX2; false for the
+// other types (the scalar form serves them).
+bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    if (t == Q5_0_R4) {
+        const __m256i b5 = _mm256_set1_epi8(0x10), b16 = _mm256_set1_epi8(16);
+        for (int64_t g = 0; g < k / (4 * QK); ++g) {
+            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
+            const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+            const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
+            const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
+            const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
+                                    _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+            for (int bk = 0; bk < 4; ++bk, y += QK) {
+                const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
+                const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5);
+                const __m256 d = _mm256_set1_ps(x->d[bk]);
+                put32(_mm256_sub_epi8(_mm256_or_si256(nib[bk], high), b16), d, d, y);
+            }
+        }
+        return true;
+    }
+    if (t == Q8_0) {
+        for (int64_t b = 0; b < k / QK; ++b, y += QK) {
+            auto x = reinterpret_cast<const BlockQ8_0*>(row) + b;
+            const __m256 d = _mm256_set1_ps(h2f(x->d));
+            put32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs)), d, d, y);
+        }
+        return true;
+    }
+    if (t == Q6_K) {
+        const __m256i b32 = _mm256_set1_epi8(32);
+        for (int64_t b = 0; b < k / QKK; ++b) {
+            auto x = reinterpret_cast<const BlockQ6_K*>(row) + b;
+            const float dx = h2f(x->d);
+            for (int n = 0; n < 2; ++n) {
+                const uint8_t* ql = x->ql + 64 * n;
+                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh + 32 * n));
+                const __m256i c[4] = {
+                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)),
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(48))),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                    _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2))};
+                for (int i = 0; i < 4; ++i, y += 32) {
+                    const __m256 d_lo = _mm256_set1_ps(dx * static_cast<float>(x->scales[8 * n + 2 * i]));
+                    const __m256 d_hi = _mm256_set1_ps(dx * static_cast<float>(x->scales[8 * n + 2 * i + 1]));
+                    put32(_mm256_sub_epi8(c[i], b32), d_lo, d_hi, y);
+                }
+            }
+        }
+        return true;
+    }
+    if (t == Q4_K) {
+        for (int64_t b = 0; b < k / QKK; ++b) {
+            auto x = reinterpret_cast<const BlockQ4_K*>(row) + b;
+            const float dx = h2f(x->d), mx = h2f(x->dmin);
+            for (int i = 0; i < 4; ++i) {
+                const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * i));
+                for (int half = 0; half < 2; ++half, y += 32) {
+                    int sc, mn;
+                    scale_min_k4(2 * i + half, x->scales, sc, mn);
+                    const __m256 d = _mm256_set1_ps(dx * static_cast<float>(sc)), m = _mm256_set1_ps(mx * static_cast<float>(mn));
+                    const __m256i c = half ? _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4) : _mm256_and_si256(bits, m4);
+                    put32(c, d, d, y, &m, &m);
+                }
+            }
+        }
+        return true;
+    }
+    return false;
+}
+
 #endif  // __AVX2__
 
 bool is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
@@ -646,6 +735,46 @@ at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type) {
 
 // Rows `ids` of a [V, row bytes] block matrix, dequantized to fp32 as ggml's dequantize_row_* computes them
 // (the embedding lookup: llama.cpp's get_rows).
+// One weight row of `type`, dequantized into y (k floats): the values the integer kernels multiply, exactly.
+void dequantize_row(int t, const uint8_t* row, int64_t k, float* y, bool scalar = false) {
+#ifdef __AVX2__
+    if (!scalar && dequantize_row_avx2(t, row, k, y)) return;
+#endif
+    int q[QKK], sc16[16], m16[16];
+    if (is_k(t)) {
+        for (int64_t b = 0; b < k / QKK; ++b, y += QKK) {
+            float d, dmin;
+            codes256(t, row + b * block_bytes(t), q, sc16, m16, d, dmin);
+            if (t == Q6_K) {
+                for (int j = 0; j < QKK; ++j) y[j] = d * static_cast<float>(sc16[j / 16]) * static_cast<float>(q[j]);
+            } else {
+                for (int j = 0; j < QKK; ++j) {
+                    const float ds = d * static_cast<float>(sc16[j / 16]), ms = dmin * static_cast<float>(m16[j / 16]);
+                    y[j] = ds * static_cast<float>(q[j]) - ms;
+                }
+            }
+        }
+    } else if (t == Q5_0_R4) {  // the repacked layout's codes, as ggml_repack placed them
+        for (int64_t g = 0; g < k / (4 * QK); ++g) {
+            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
+            for (int bk = 0; bk < 4; ++bk, y += QK) {
+                const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
+                const int shift = (bk % 2) * 4;
+                for (int j = 0; j < QK; ++j) {
+                    const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
+                    y[j] = static_cast<float>((((nib[j] >> shift) & 0xF) | (high << 4)) - 16) * x->d[bk];
+                }
+            }
+        }
+    } else {
+        for (int64_t b = 0; b < k / QK; ++b, y += QK) {
+            float d, m;
+            codes32(t, row + b * block_bytes(t), q, d, m);
+            for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(q[j]) * d + m;
+        }
+    }
+}
+
 at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids) {
     const int t = static_cast<int>(type);
     check_type(t);
@@ -657,30 +786,46 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at
     const int64_t* pi = idx.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) TORCH_CHECK(pi[i] >= 0 && pi[i] < v, "ggml_dequantize_rows: id out of range");
     at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-        int q[QKK], sc16[16], m16[16];
+        for (int64_t i = i0; i < i1; ++i)
+            dequantize_row(t, weight.data_ptr<uint8_t>() + pi[i] * rb, k, out.data_ptr<float>() + i * k);
+    });
+    return out;
+}
+
+// The whole weight W (the parts stacked, as ggml_linear multiplies them) in fp32: [sum of rows, k]. Prefill
+// multiplies many rows at once, where a float GEMM over W is faster than the block kernels and exact in W.
+at::Tensor ggml_dequantize(const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights, bool scalar,
+                           const c10::optional<at::Tensor>& scratch) {
+    TORCH_CHECK(!weights.empty() && types.size() == weights.size(), "ggml_dequantize: one type per weight part");
+    int64_t n = 0, k = -1;
+    std::vector<int64_t> first;
+    for (size_t p = 0; p < weights.size(); ++p) {
+        const int t = static_cast<int>(types[p]);
+        check_type(t);
+        const at::Tensor& w = weights[p];
+        TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+                    "ggml_dequantize: each part must be a contiguous uint8 [rows, row bytes] tensor");
+        const int64_t kp = row_length(t, w.size(1));
+        TORCH_CHECK(k < 0 || kp == k, "ggml_dequantize: the parts' row lengths differ");
+        k = kp;
+        first.push_back(n);
+        n += w.size(0);
+    }
+    // A caller's scratch buffer, reused call after call: a fresh tensor this large is fresh pages from the kernel,
+    // whose first touch costs about as much as the dequantization itself.
+    at::Tensor out;
+    if (scratch.has_value() && scratch->is_contiguous() && scratch->scalar_type() == at::kFloat && scratch->numel() >= n * k)
+        out = scratch->view({-1}).narrow(0, 0, n * k).view({n, k});
+    else
+        out = at::empty({n, k}, weights[0].options().dtype(at::kFloat));
+    float* po = out.data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+        size_t p = 0;
         for (int64_t i = i0; i < i1; ++i) {
-            const uint8_t* row = weight.data_ptr<uint8_t>() + pi[i] * rb;
-            float* y = out.data_ptr<float>() + i * k;
-            if (is_k(t)) {
-                for (int64_t b = 0; b < k / QKK; ++b, y += QKK) {
-                    float d, dmin;
-                    codes256(t, row + b * block_bytes(t), q, sc16, m16, d, dmin);
-                    if (t == Q6_K) {
-                        for (int j = 0; j < QKK; ++j) y[j] = d * static_cast<float>(sc16[j / 16]) * static_cast<float>(q[j]);
-                    } else {
-                        for (int j = 0; j < QKK; ++j) {
-                            const float ds = d * static_cast<float>(sc16[j / 16]), ms = dmin * static_cast<float>(m16[j / 16]);
-                            y[j] = ds * static_cast<float>(q[j]) - ms;
-                        }
-                    }
-                }
-            } else {
-                for (int64_t b = 0; b < k / QK; ++b, y += QK) {
-                    float d, m;
-                    codes32(t, row + b * block_bytes(t), q, d, m);
-                    for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(q[j]) * d + m;
-                }
-            }
+            while (p + 1 < first.size() && i >= first[p + 1]) ++p;
+            while (i < first[p]) --p;
+            const at::Tensor& w = weights[p];
+            dequantize_row(static_cast<int>(types[p]), w.data_ptr<uint8_t>() + (i - first[p]) * w.size(1), k, po + i * k, scalar);
         }
     });
     return out;

@@ -38,6 +38,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.cpu_decoder = None  # csrc/decoder.cpp's Q4Decoder, for one-sequence CPU decode steps
         self.decoder_rows = 1  # decode steps of up to this many sequences go to cpu_decoder
+        # Mixed steps (prefills beside decodes) run as two: the decodes through cpu_decoder, the prefills through
+        # the model (whose linears may then take a float GEMM, layers/ggml_linear.GEMM_MIN_ROWS). A decoding
+        # sequence's tokens are then the same whether or not another sequence was prefilling beside it.
+        self.split_mixed = False
 
     def enable_ggml_decoder(self, max_batch: int) -> bool:
         """Decode steps (any batch) through csrc/ggml_decoder.cpp, for a model served from a GGUF's own blocks;
@@ -51,6 +55,7 @@ class ModelRunner:
         self.paged_decode = True
         self.cpu_decoder = decoder
         self.decoder_rows = max_batch
+        self.split_mixed = True
         return True
 
     def enable_paged_decode(self, max_batch: int, max_model_len: int, graphs: str = "capture",
@@ -91,6 +96,7 @@ class ModelRunner:
         self.graphs = None
         self.cpu_decoder = None
         self.decoder_rows = 1
+        self.split_mixed = False
 
     @staticmethod
     def kv_bytes_per_block(cfg, block_size: int, dtype: torch.dtype) -> int:
@@ -125,6 +131,10 @@ class ModelRunner:
         """Logits at each sampling sequence's last position, or (`counts`) at its last counts[i] positions."""
         if self.paged_decode and all(n == 1 for n in batch.num_new):
             return self._decode_logits(batch)
+        if self.split_mixed:
+            decoding = [len(s.all_ids) - s.num_computed == 1 for s in batch.seqs]
+            if any(decoding) and not all(decoding):
+                return self._split_logits(batch, rows, counts, decoding)
         if self.decoder_rows > 1 and batch.drafts and any(batch.drafts) and \
                 all(len(s.all_ids) - s.num_computed == 1 for s in batch.seqs):
             return self._verify_in_decoder(batch, counts)
@@ -149,6 +159,30 @@ class ModelRunner:
         if not want:
             return None
         return self.model.compute_logits(hidden[torch.tensor(want, device=self.device)])  # [sum(counts), V]
+
+    def _split_logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None], counts: list[int] | None,
+                      decoding: list[bool]) -> torch.Tensor | None:
+        """A mixed step as two: the decoding sequences (with any drafts) through cpu_decoder, the others through
+        the model; the logits put back in the batch's order."""
+        drafts = batch.drafts or [[]] * len(batch.seqs)
+        cs = counts if counts is not None else [0 if r is None else 1 for r in rows]
+        parts = []
+        for kind in (True, False):
+            idx = [i for i, d in enumerate(decoding) if d == kind]
+            sub = ScheduledBatch([batch.seqs[i] for i in idx], [batch.num_new[i] for i in idx],
+                                 [drafts[i] for i in idx] if any(drafts[i] for i in idx) else [])
+            sub_counts = [cs[i] for i in idx]  # the prefills' forward runs even where none samples (their K/V)
+            logits = self._logits(sub, [rows[i] for i in idx], sub_counts if counts is not None else None)
+            parts.append((idx, sub_counts, logits))
+        pieces: list[torch.Tensor | None] = [None] * len(batch.seqs)
+        for idx, sub_counts, logits in parts:
+            k = 0
+            for i, c in zip(idx, sub_counts, strict=True):
+                if c:
+                    pieces[i] = logits[k:k + c]
+                    k += c
+        out = [p for p in pieces if p is not None]
+        return torch.cat(out) if out else None
 
     def _verify_in_decoder(self, batch: ScheduledBatch, counts: list[int] | None) -> torch.Tensor:
         """A step with drafts on decoding sequences, through the batched C++ decoder: each pending or draft

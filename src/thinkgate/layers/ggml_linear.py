@@ -17,6 +17,14 @@ from thinkgate.layers import cpu_kernels
 # ggml type ids the kernels multiply as stored (GGMLQuantizationType values).
 SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
+# From this many rows in one call (a prefill chunk) the weight is dequantized whole and multiplied by a float
+# GEMM (forward_exact): dequantizing costs about as much as the block kernels' work on a few dozen rows, and
+# from there the GEMM is faster (BENCHMARKS.md, "CPU, third round"). Decode and verify steps, whose rows must
+# match one-token decode steps bit for bit, run in the C++ decoder and never reach here with this many rows.
+GEMM_MIN_ROWS = 64
+# The dequantized weight of the last forward_exact, reused by the next (the model's linears run one at a time).
+_scratch = [torch.empty(0)]
+
 
 def available() -> bool:
     return cpu_kernels.load_ggml() is not None
@@ -47,9 +55,24 @@ class GGMLLinear(nn.Module):
         self.passes = passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = self._ops.ggml_linear(flat.float().contiguous(), self.types, self.blocks, self.bias32, False, self.passes)
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        if flat.shape[0] >= GEMM_MIN_ROWS:
+            y = self.forward_exact(flat)
+        else:
+            y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.passes)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward_exact(self, flat: torch.Tensor) -> torch.Tensor:
+        """fp32 rows times the file's weights dequantized (the values the block kernels multiply, exactly): a
+        float GEMM. For many rows at once (prefill) it is faster than the block kernels, which spend most of
+        their time unpacking blocks, and it is the exact model's product: no 8-bit rounding of the rows."""
+        need = self.out_features * self.in_features
+        if _scratch[0].numel() < need:
+            _scratch[0] = torch.empty(need)
+        w = self._ops.ggml_dequantize(self.types, self.blocks, False, _scratch[0])
+        if self.bias32 is None:
+            return flat @ w.t()
+        return torch.addmm(self.bias32, flat, w.t())
 
 
 class GGMLEmbedding(nn.Module):
