@@ -86,6 +86,35 @@ def test_decode_steps_in_the_cpp_layer_loop_match_the_python_path(checkpoints, t
                 assert torch.allclose(got[i], want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (pos, i)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
+def test_decode_attention_over_a_long_scattered_context_matches_the_python_path(checkpoints, tmp_path, kv_dtype):
+    """The C++ decode attention (query heads grouped per KV head, keys in tiles) over 300 cached tokens in
+    blocks out of order: the same hidden states as the Python path's attention, step after step."""
+    from thinkgate.layers.attention import AttentionMetadata
+
+    path = write_gguf(checkpoints["qwen3"], tmp_path / "tiny-q8.gguf", quant="Q8_0")
+    lm = load_model(str(path), device="cpu", weight_quant="gguf")
+    cfg = EngineConfig(model=str(path), kv_cache_memory=16 * 2**20, weight_quant="gguf", enable_prefix_caching=False,
+                       kv_cache_dtype=kv_dtype)
+    runner = LLMEngine(lm, cfg).runner
+    assert runner.cpu_decoder is not None and runner.kv_caches[0][0].dtype == getattr(torch, kv_dtype)
+    bs, n = runner.block_size, 300
+    table = [(7 * b + 3) % 61 for b in range(-(-(n + 4) // bs))]  # distinct blocks, scattered
+    ids = (PROMPT * 31)[:n + 3]
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([n], [n], [table], bs, cpu)
+        lm.model(torch.tensor(ids[:n]), torch.arange(n), runner.kv_caches, meta)
+        for pos in range(n, n + 3):
+            slot = torch.tensor([table[pos // bs] * bs + pos % bs])
+            got = runner.cpu_decoder.forward(lm.model.embed_tokens(torch.tensor([ids[pos]])), torch.tensor([pos]), slot,
+                                             torch.tensor([table], dtype=torch.int32),
+                                             torch.tensor([pos + 1], dtype=torch.int32))[0]
+            meta = AttentionMetadata.build([1], [pos + 1], [table], bs, cpu)
+            want = lm.model(torch.tensor([ids[pos]]), torch.tensor([pos]), runner.kv_caches, meta)[0]
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), pos
+
+
 def test_auto_serves_a_gguf_from_its_blocks_and_only_a_gguf(checkpoints, tmp_path):
     cpu = torch.device("cpu")
     expected = "gguf" if cpu_kernels.cpu_supports_avx2() else resolve_weight_quant("auto", cpu, torch.float32)

@@ -112,6 +112,120 @@ void attend(const float* q, const C* kc, const C* vc, const int32_t* table, int6
     for (int64_t i = 0; i < d; ++i) out[i] *= inv;
 }
 
+#if defined(__AVX2__) && defined(__F16C__)
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// The 8 horizontal sums of a[0..7], lane j holding a[j]'s.
+inline __m256 hsums8(const __m256* a) {
+    const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// exp(x) for x <= 0 (Cephes' expf: Cody-Waite reduction by ln 2, degree-6 polynomial; ~1 ulp); below -87.3
+// the result is taken as exp(-87.3) ~ 1e-38, which adds nothing to a softmax whose largest term is 1.
+inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Keys (values) are fetched this many ahead of their use. Why: the cache is read in 128-byte pieces at a
+// 256-byte stride through scattered 4 KB pages, which the hardware prefetcher does not follow across pages:
+// without this, decode attention at 16K tokens waited on memory most of its time (perf: 54% of its samples
+// on the first use of a key), though it needs a small share of the machine's bandwidth.
+constexpr int64_t kAhead = 16;
+template <typename C>
+inline void prefetch_row(const C* p, int64_t d) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(C)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+// Attention of g <= 8 query heads that share one KV head (GQA), for one new token over its ctx cached keys.
+// Why grouped: each cached key and value is read and converted from fp16 once for the g heads instead of g
+// times, the g scores of a key come out as one vector (lane = head), so the max, exp and sum run 8 heads
+// wide, and the values are accumulated for all g heads from one load. q: g heads, d floats apart; out likewise.
+// The sums run in a fixed order over the keys, so a row's result does not depend on the rows beside it.
+template <int G, typename C>
+void attend_group(const float* q, const C* kc, const C* vc, const int32_t* table, int64_t ctx,
+                  int64_t bs, int64_t nkv, int64_t kvh, int64_t d, float scale, float* out, std::vector<float>& scores,
+                  std::vector<int64_t>& offsets) {
+    scores.resize(static_cast<size_t>(ctx) * 8);
+    float* sc = scores.data();
+    // Each key's element offset in the cache, once (a division per key per pass cost more than the arithmetic).
+    offsets.resize(static_cast<size_t>(ctx));
+    for (int64_t p = 0, b = 0; p < ctx; ++b)
+        for (int64_t o = 0; o < bs && p < ctx; ++o, ++p) offsets[p] = ((static_cast<int64_t>(table[b]) * bs + o) * nkv + kvh) * d;
+    const int64_t* off = offsets.data();
+    const __m256 vscale = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < ctx; ++p) {
+        const C* k = kc + off[p];
+        if (p + kAhead < ctx) prefetch_row(kc + off[p + kAhead], d);
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();  // lanes past G stay 0
+        for (int64_t c = 0; c < d; c += 8) {
+            const __m256 kv = load8(k + c);
+            for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * d + c), kv, acc[j]);
+        }
+        const __m256 s = _mm256_mul_ps(hsums8(acc), vscale);
+        _mm256_storeu_ps(sc + 8 * p, s);
+        mx = _mm256_max_ps(mx, s);
+    }
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t p = 0; p < ctx; ++p) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + 8 * p), mx));
+        _mm256_storeu_ps(sc + 8 * p, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    for (int j = 0; j < G; ++j) std::fill(out + j * d, out + j * d + d, 0.0f);
+    constexpr int64_t tile = 128;  // keys per pass over the dimensions: their values stay in L1
+    for (int64_t p0 = 0; p0 < ctx; p0 += tile) {
+        const int64_t p1 = std::min(ctx, p0 + tile);
+        for (int64_t c = 0; c < d; c += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < G; ++j) acc[j] = _mm256_loadu_ps(out + j * d + c);
+            for (int64_t p = p0; p < p1; ++p) {
+                if (c == 0 && p + kAhead < ctx) prefetch_row(vc + off[p + kAhead], d);
+                const __m256 v = load8(vc + off[p] + c);
+                for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 8 * p + j), v, acc[j]);
+            }
+            for (int j = 0; j < G; ++j) _mm256_storeu_ps(out + j * d + c, acc[j]);
+        }
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sum);
+    for (int j = 0; j < G; ++j) {
+        const float inv = 1.0f / sums[j];
+        for (int64_t i = 0; i < d; ++i) out[j * d + i] *= inv;
+    }
+}
+// The group size as a constant, so the compiler keeps the g accumulators in registers.
+template <typename C>
+void attend_group(const float* q, int64_t g, const C* kc, const C* vc, const int32_t* table, int64_t ctx, int64_t bs,
+                  int64_t nkv, int64_t kvh, int64_t d, float scale, float* out, std::vector<float>& scores,
+                  std::vector<int64_t>& offsets) {
+    switch (g) {
+#define TG_GROUP(n) case n: attend_group<n>(q, kc, vc, table, ctx, bs, nkv, kvh, d, scale, out, scores, offsets); break;
+        TG_GROUP(1) TG_GROUP(2) TG_GROUP(3) TG_GROUP(4) TG_GROUP(5) TG_GROUP(6) TG_GROUP(7) TG_GROUP(8)
+#undef TG_GROUP
+        default: TORCH_CHECK(false, "GGMLDecoder: more than 8 query heads per KV head");
+    }
+}
+#endif
+
 template <typename C>
 void store(C* dst, const float* src, int64_t d) {
     for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<C>(src[i]);
@@ -195,10 +309,32 @@ public:
                 }
             }
             float* ap = attn.data_ptr<float>();
+            const int64_t group = nq / nkv;
+#if defined(__AVX2__) && defined(__F16C__)
+            if (group <= 8 && d % 8 == 0) {
+                at::parallel_for(0, t * nkv, 1, [&](int64_t a0, int64_t a1) {
+                    std::vector<float> scores;
+                    std::vector<int64_t> offsets;
+                    for (int64_t a = a0; a < a1; ++a) {
+                        const int64_t i = a / nkv, kvh = a % nkv;
+                        const float* q = qp + i * (nq + 2 * nkv) * d + kvh * group * d;
+                        const int32_t* table = tables.data_ptr<int32_t>() + i * width;
+                        const int64_t ctx = lens.data_ptr<int32_t>()[i];
+                        float* out = ap + i * nq * d + kvh * group * d;
+                        if (L.k_cache.scalar_type() == at::kHalf)
+                            attend_group(q, group, L.k_cache.data_ptr<c10::Half>(), L.v_cache.data_ptr<c10::Half>(), table,
+                                         ctx, bs, nkv, kvh, d, static_cast<float>(scale_), out, scores, offsets);
+                        else
+                            attend_group(q, group, L.k_cache.data_ptr<float>(), L.v_cache.data_ptr<float>(), table, ctx,
+                                         bs, nkv, kvh, d, static_cast<float>(scale_), out, scores, offsets);
+                    }
+                });
+            } else
+#endif
             at::parallel_for(0, t * nq, 1, [&](int64_t a0, int64_t a1) {
                 std::vector<float> scores;
                 for (int64_t a = a0; a < a1; ++a) {
-                    const int64_t i = a / nq, head = a % nq, kvh = head / (nq / nkv);
+                    const int64_t i = a / nq, head = a % nq, kvh = head / group;
                     const float* q = qp + i * (nq + 2 * nkv) * d + head * d;
                     const int32_t* table = tables.data_ptr<int32_t>() + i * width;
                     const int64_t ctx = lens.data_ptr<int32_t>()[i];
