@@ -22,9 +22,10 @@ SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K"
 # from there the GEMM is faster (BENCHMARKS.md, "CPU, third round"). Decode and verify steps, whose rows must
 # match one-token decode steps bit for bit, run in the C++ decoder and never reach here with this many rows.
 GEMM_MIN_ROWS = 64
-GEMM_TILE = 512  # weight rows per tile of forward_exact (measured best for both the 896- and 4864-wide rows)
-# The dequantized weight tile of forward_exact, reused by the next (the model's linears run one at a time).
+# The dequantized weight of the last forward_exact, its buffer reused by the next (the model's linears run one at
+# a time): as large as the largest linear (35 MB for the default model's gate/up).
 _scratch = [torch.empty(0)]
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def available() -> bool:
@@ -67,22 +68,16 @@ class GGMLLinear(nn.Module):
         """fp32 rows times the file's weights dequantized (the values the block kernels multiply, exactly): a
         float GEMM. For many rows at once (prefill) it is faster than the block kernels, which spend most of
         their time unpacking blocks, and it is the exact model's product: no 8-bit rounding of the rows.
-        The weight goes GEMM_TILE rows at a time (dequantized into a small buffer that stays in cache, then
-        multiplied into its columns of y): ~20% faster than dequantizing it whole and one GEMM (BENCHMARKS.md)."""
-        y = torch.empty(flat.shape[0], self.out_features)
-        step = GEMM_TILE
-        if _scratch[0].numel() < step * self.in_features:
-            _scratch[0] = torch.empty(step * self.in_features)
-        col = 0
-        for t, b in zip(self.types, self.blocks, strict=True):
-            for r in range(0, b.shape[0], step):
-                tile = b[r:r + step]
-                w = self._ops.ggml_dequantize([t], [tile], False, _scratch[0])
-                torch.mm(flat, w.t(), out=y[:, col:col + tile.shape[0]])
-                col += tile.shape[0]
-        if self.bias32 is not None:
-            y += self.bias32
-        return y
+        The weight is dequantized into one buffer kept between calls (a fresh one is fresh pages, whose first
+        touch costs as much as the dequantization) and multiplied by oneDNN's GEMM where torch has it: 8-16%
+        faster than MKL's on this AVX2 machine at 512-2048 rows (BENCHMARKS.md, "CPU, third round")."""
+        need = self.out_features * self.in_features
+        if _scratch[0].numel() < need:
+            _scratch[0] = torch.empty(need)
+        w = self._ops.ggml_dequantize(self.types, self.blocks, False, _scratch[0])
+        if _ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(flat, w, self.bias32, "none", [], "")
+        return flat @ w.t() if self.bias32 is None else torch.addmm(self.bias32, flat, w.t())
 
 
 class GGMLEmbedding(nn.Module):
