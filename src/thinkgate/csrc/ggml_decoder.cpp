@@ -123,10 +123,11 @@ inline __m256 hsums8(const __m256* a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-// exp(x) for x <= 0 (Cephes' expf: Cody-Waite reduction by ln 2, degree-6 polynomial; ~1 ulp); below -87.3
-// the result is taken as exp(-87.3) ~ 1e-38, which adds nothing to a softmax whose largest term is 1.
+// exp(x) (Cephes' expf: Cody-Waite reduction by ln 2, degree-6 polynomial; ~1 ulp), x clamped to [-87.3, 88]:
+// exp(-87.3) ~ 1e-38 adds nothing to a softmax whose largest term is 1, and exp(88) ~ 1.6e38 makes SiLU's
+// x / (1 + exp(-x)) the 0 it is for x < -88.
 inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -225,6 +226,20 @@ void attend_group(const float* q, int64_t g, const C* kc, const C* vc, const int
     }
 }
 #endif
+
+// out[j] = SiLU(gate[j]) * up[j] = gate / (1 + exp(-gate)) * up.
+inline void silu_mul_row(const float* gate, const float* up, float* out, int64_t n) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 a = _mm256_loadu_ps(gate + j);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), a));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + j)));
+    }
+#endif
+    for (; j < n; ++j) out[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
+}
 
 template <typename C>
 void store(C* dst, const float* src, int64_t d) {
@@ -358,11 +373,7 @@ public:
             at::Tensor act = at::empty({t, inter}, residual.options());
             float* g = gu.data_ptr<float>();
             float* ac = act.data_ptr<float>();
-            for (int64_t i = 0; i < t; ++i)
-                for (int64_t j = 0; j < inter; ++j) {
-                    const float a = g[i * 2 * inter + j];
-                    ac[i * inter + j] = a / (1.0f + std::exp(-a)) * g[i * 2 * inter + inter + j];
-                }
+            for (int64_t i = 0; i < t; ++i) silu_mul_row(g + i * 2 * inter, g + i * 2 * inter + inter, ac + i * inter, inter);
             at::Tensor down = L.down(act);
             std::copy(down.data_ptr<float>(), down.data_ptr<float>() + t * h, hp);
         }
