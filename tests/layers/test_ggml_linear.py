@@ -248,3 +248,29 @@ def test_many_rows_take_the_float_gemm_over_the_exact_weights():
     assert e_gemm < 1e-5 * np.abs(exact).max() and e_gemm < e_blocks / 10, (e_gemm, e_blocks)  # fp32 sums
     few = x[:GEMM_MIN_ROWS - 1]
     assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, 2))
+
+
+def test_concurrent_engines_do_not_share_the_gemm_buffer():
+    """Two engines (a server with several local models) may prefill at once, each in its own thread: each
+    thread's float GEMM gets its own dequantization buffer, so both results are the ones computed alone."""
+    import threading
+
+    from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
+
+    rng = np.random.default_rng(23)
+    lins = [GGMLLinear([(int(T.Q8_0), torch.from_numpy(random_blocks(T.Q8_0, 96, 512, rng)))], 512) for _ in range(2)]
+    x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS, 512)).astype(np.float32))
+    want = [lin(x) for lin in lins]
+    bad = []
+
+    def run(i: int) -> None:
+        for _ in range(30):
+            if not torch.equal(lins[i](x), want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -328,6 +328,20 @@ void dot_legacy_avx2(int type, const uint8_t* w, const void* const* act, int64_t
 // Two int16 scales over a 32-lane product: lanes 0-7 (codes 0-15) get a, lanes 8-15 (codes 16-31) get b.
 inline __m256i scale_pair(int a, int b) { return _mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b)), _mm_set1_epi16(static_cast<short>(a))); }
 
+// The 128 codes (0..63, not yet centred) of half n of a Q6_K super-block: c[i] holds codes 128n + 32i .. +31.
+inline void q6k_codes(const BlockQ6_K* x, int n, __m256i* c) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const uint8_t* ql = x->ql + 64 * n;
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh + 32 * n));
+    c[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4));
+    c[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2));
+    c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(48)));
+    c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
+}
+
 template <int NA>
 void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
@@ -341,16 +355,8 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
             auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
             const int8_t* sc = x->scales;
             for (int n = 0; n < 2; ++n) {
-                const uint8_t* ql = x->ql + 64 * n;
-                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh + 32 * n));
-                const __m256i c[4] = {
-                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)),
-                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(48))),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                    _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2))};
+                __m256i c[4];
+                q6k_codes(x, n, c);
                 for (int i = 0; i < 4; ++i) {
                     const __m256i s2 = scale_pair(sc[8 * n + 2 * i], sc[8 * n + 2 * i + 1]);
                     for (int j = 0; j < NA; ++j) {
@@ -499,16 +505,8 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
             auto x = reinterpret_cast<const BlockQ6_K*>(row) + b;
             const float dx = h2f(x->d);
             for (int n = 0; n < 2; ++n) {
-                const uint8_t* ql = x->ql + 64 * n;
-                const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-                const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-                const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh + 32 * n));
-                const __m256i c[4] = {
-                    _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(3)), 4)),
-                    _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(48))),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                    _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2))};
+                __m256i c[4];
+                q6k_codes(x, n, c);
                 for (int i = 0; i < 4; ++i, y += 32) {
                     const __m256 d_lo = _mm256_set1_ps(dx * static_cast<float>(x->scales[8 * n + 2 * i]));
                     const __m256 d_hi = _mm256_set1_ps(dx * static_cast<float>(x->scales[8 * n + 2 * i + 1]));

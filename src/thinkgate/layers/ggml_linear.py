@@ -9,6 +9,8 @@ embedding dequantizes the rows it looks up, as llama.cpp's get_rows does.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -22,9 +24,10 @@ SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K"
 # from there the GEMM is faster (BENCHMARKS.md, "CPU, third round"). Decode and verify steps, whose rows must
 # match one-token decode steps bit for bit, run in the C++ decoder and never reach here with this many rows.
 GEMM_MIN_ROWS = 64
-# The dequantized weight of the last forward_exact, its buffer reused by the next (the model's linears run one at
-# a time): as large as the largest linear (35 MB for the default model's gate/up).
-_scratch = [torch.empty(0)]
+# The dequantized weight of the last forward_exact, its buffer reused by the next (a model's linears run one at a
+# time): as large as the largest linear (35 MB for the default model's gate/up). One per thread: a server with
+# several local models runs each engine in a thread of its own.
+_local = threading.local()
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -72,9 +75,10 @@ class GGMLLinear(nn.Module):
         touch costs as much as the dequantization) and multiplied by oneDNN's GEMM where torch has it: 8-16%
         faster than MKL's on this AVX2 machine at 512-2048 rows (BENCHMARKS.md, "CPU, third round")."""
         need = self.out_features * self.in_features
-        if _scratch[0].numel() < need:
-            _scratch[0] = torch.empty(need)
-        w = self._ops.ggml_dequantize(self.types, self.blocks, False, _scratch[0])
+        scratch = getattr(_local, "scratch", None)
+        if scratch is None or scratch.numel() < need:
+            scratch = _local.scratch = torch.empty(need)
+        w = self._ops.ggml_dequantize(self.types, self.blocks, False, scratch)
         if _ONEDNN:
             return torch.ops.mkldnn._linear_pointwise(flat, w, self.bias32, "none", [], "")
         return flat @ w.t() if self.bias32 is None else torch.addmm(self.bias32, flat, w.t())
