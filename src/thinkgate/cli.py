@@ -44,8 +44,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-quant", default=e.weight_quant, choices=["auto", "none", "int8", "int4", "w8a8", "mixed",
                                                                        "gguf", "gguf-q8"],
                    help="quantized linear layers on CPU, held in their serving form only (auto: for a GGUF on an "
-                        "x86 CPU with AVX2, gguf = the file's own quantized blocks with llama.cpp's arithmetic "
-                        "and a second 8-bit activation pass, gguf-q8 = the single pass; "
+                        "x86 CPU with AVX2, gguf = the file's own quantized blocks, input rows in 16-bit blocks, "
+                        "gguf-q8 = the same with llama.cpp's 8-bit activation blocks; "
                         "else mixed = int4 for one-row steps and int8 weights x int8 activations for the rest where "
                         "thinkgate's AVX-512 VNNI kernels run, W8A8 throughout on other x86 CPUs; none with "
                         "--dtype float32)")

@@ -160,6 +160,8 @@ def test_bad_input_is_refused_by_name():
         ops.ggml_linear(x, [int(T.Q8_0)], [torch.zeros(2, 34, dtype=torch.uint8)], None, False)
     with pytest.raises(RuntimeError, match="unsupported ggml type"):
         ops.ggml_linear(torch.zeros(1, 32), [int(T.Q2_K)], [torch.zeros(2, 84, dtype=torch.uint8)], None, False)
+    with pytest.raises(RuntimeError, match="act_bits is 8 or 16"):
+        ops.ggml_linear(torch.zeros(1, 32), [int(T.Q8_0)], [torch.zeros(2, 34, dtype=torch.uint8)], None, False, 12)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
@@ -190,25 +192,111 @@ def test_the_avx2_layout_of_q5_0_gives_the_same_bits():
     assert ops.ggml_repack(odd, int(T.Q5_0))[0] == int(T.Q5_0)
 
 
+Q16_0, Q16_K = 116, 117  # our 16-bit activation blocks (csrc/ggml_blocks.h)
+
+
+def quantize_q16(x: np.ndarray, per: int):
+    """Our 16-bit blocks: d = amax / 32767 (fp32), codes rint(x * (32767 / amax)), and each block's code sum
+    (per 32 values) as the kernels' min terms use it."""
+    b = x.reshape(x.shape[0], -1, per).astype(np.float32)
+    amax = np.abs(b).max(-1)
+    d = (amax / np.float32(32767)).astype(np.float32)
+    inv = np.where(amax != 0, np.float32(32767) / np.where(amax == 0, 1, amax), 0).astype(np.float32)
+    q = np.clip(np.rint(b * inv[..., None]), -32767, 32767).astype(np.int64)
+    return d, q
+
+
+def kernel_blocks16(x: torch.Tensor, per: int):
+    raw = ops.ggml_quantize_activations(x, Q16_K if per == 256 else Q16_0).numpy()
+    m = raw.shape[0]
+    if per == 256:
+        blk = raw.reshape(m, -1, 4 + 32 + 512)
+        return (blk[..., :4].copy().view(np.float32)[..., 0], blk[..., 36:].copy().view(np.int16).astype(np.int64),
+                blk[..., 4:36].copy().view(np.int32))
+    blk = raw.reshape(m, -1, 8 + 64)
+    return (blk[..., :4].copy().view(np.float32)[..., 0], blk[..., 8:].copy().view(np.int16).astype(np.int64),
+            blk[..., 4:8].copy().view(np.float32)[..., 0])
+
+
+def model_product16(qtype, blocks: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """fp64: the weights (the gguf package's reading) times the rows as our 16-bit blocks carry them."""
+    w = dequantize(blocks, qtype).reshape(blocks.shape[0], k).astype(np.float64)
+    d, q = quantize_q16(x, 256 if qtype in (T.Q4_K, T.Q5_K, T.Q6_K) else 32)
+    out = (d[..., None].astype(np.float64) * q).reshape(x.shape[0], k) @ w.T
+    if qtype in (T.Q4_1, T.Q5_1):  # the kernels take a block's sum from s = fp32(d * sum q)
+        size = FORMATS[qtype][0]
+        mins = blocks.reshape(blocks.shape[0], -1, size)[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        exact = d.astype(np.float64) * q.sum(-1)
+        out += ((d * q.sum(-1).astype(np.float32)).astype(np.float64) - exact) @ mins.T
+    return out
+
+
+def test_16bit_activation_blocks_are_the_model_bit_for_bit():
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    x[1] = 0.0
+    x[2, :256] *= 1000.0
+    x[3, 7] = -50.0
+    for per in (32, 256):
+        d, q, sums = kernel_blocks16(torch.from_numpy(x), per)
+        want_d, want_q = quantize_q16(x, per)
+        np.testing.assert_array_equal(d, want_d)
+        np.testing.assert_array_equal(q, want_q)
+        assert np.abs(q).max() == 32767  # the full int16 range is used
+        if per == 32:
+            np.testing.assert_array_equal(sums, d * q.sum(-1).astype(np.float32))
+        else:
+            np.testing.assert_array_equal(sums, q.reshape(5, -1, 8, 32).sum(-1))
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["avx2", "scalar"])
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
-def test_two_passes_carry_the_activations_to_about_15_bits(qtype):
-    """passes=2 adds the product with the 8-bit blocks of what the first blocks missed: against the product of
-    the same weights with the unrounded activations (fp64) its error is a small fraction of one pass's, and a
-    row's result still does not depend on its neighbours."""
+def test_16bit_activations_against_the_fp64_model(qtype, scalar):
+    """act_bits=16: the product of the file's weights with the rows' 16-bit blocks, to fp32 accumulation error,
+    for every type in both forms; the extreme codes and scales included (a K-quant's integer sums come close
+    to 2^31 there: the AVX2 form must not wrap)."""
+    rng = np.random.default_rng(100 + int(qtype))
+    k, n = 512, 37
+    blocks = random_blocks(qtype, n, k, rng)
+    size, per, halves = FORMATS[qtype]
+    extreme = blocks.reshape(n, -1, size)
+    extreme[0] = 0xFF  # every code and scale at its largest (Q6_K: scales -1; see below)
+    if qtype == T.Q6_K:  # codes 0 (-32 once centred) and scales -128: |product| 4096 on every weight
+        extreme[1, :, :192] = 0
+        extreme[1, :, 192:208] = 0x80
+    for j, off in enumerate(halves):
+        extreme[:2, :, off:off + 2] = np.full((2, extreme.shape[1]), 0.01 if j == 0 else 0.02,
+                                             np.float16).view(np.uint8).reshape(2, -1, 2)
+    blocks = extreme.reshape(n, -1)
+    for m in (1, 3, 6):
+        x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 4.0, size=(m, 1)).astype(np.float32)
+        x[0] = 1.0  # every code 32767 against the extreme rows: the largest integer sums there are
+        y = ops.ggml_linear(torch.from_numpy(x), [int(qtype)], [torch.from_numpy(blocks)], None, scalar, 16).numpy()
+        ref = model_product16(qtype, blocks, x, k)
+        w = np.abs(dequantize(blocks, qtype).reshape(n, k).astype(np.float64))
+        bound = 2e-6 * (np.abs(x).astype(np.float64) @ w.T) + 1e-6
+        assert np.all(np.abs(y - ref) <= bound), f"{qtype.name} m={m}: max err {np.abs(y - ref).max():.3g}"
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_16bit_activations_are_about_15_bits_and_row_independent(qtype):
+    """Against the product of the same weights with the unrounded rows (fp64) the 16-bit blocks' error is a
+    small fraction of the 8-bit blocks', a row's result does not depend on its neighbours, and Q5_0's AVX2
+    layout gives the same bits."""
     rng = np.random.default_rng(13)
     blocks = random_blocks(qtype, 23, 512, rng)
     w = dequantize(blocks, qtype).reshape(23, 512).astype(np.float64)
     x = rng.standard_normal((6, 512)).astype(np.float32)
     exact = x.astype(np.float64) @ w.T
     xt, bt = torch.from_numpy(x), torch.from_numpy(blocks)
-    one = ops.ggml_linear(xt, [int(qtype)], [bt], None, False, 1).numpy()
-    two = ops.ggml_linear(xt, [int(qtype)], [bt], None, False, 2).numpy()
-    e1, e2 = np.abs(one - exact).mean(), np.abs(two - exact).mean()
-    assert e2 < e1 / 30, (e1, e2)
-    alone = torch.cat([ops.ggml_linear(xt[i:i + 1], [int(qtype)], [bt], None, False, 2) for i in range(6)])
-    assert torch.equal(torch.from_numpy(two), alone)
+    e8 = np.abs(ops.ggml_linear(xt, [int(qtype)], [bt], None, False, 8).numpy() - exact).mean()
+    wide = ops.ggml_linear(xt, [int(qtype)], [bt], None, False, 16)
+    e16 = np.abs(wide.numpy() - exact).mean()
+    assert e16 < e8 / 30, (e8, e16)
+    alone = torch.cat([ops.ggml_linear(xt[i:i + 1], [int(qtype)], [bt], None, False, 16) for i in range(6)])
+    assert torch.equal(wide, alone)
     qt, packed = ops.ggml_repack(bt, int(qtype))
-    assert torch.equal(ops.ggml_linear(xt, [qt], [packed], None, False, 2), torch.from_numpy(two))
+    assert torch.equal(ops.ggml_linear(xt, [qt], [packed], None, False, 16), wide)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
@@ -243,11 +331,11 @@ def test_many_rows_take_the_float_gemm_over_the_exact_weights():
     x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS, 896)).astype(np.float32))
     exact = x.numpy().astype(np.float64) @ w.T + bias.numpy()
     many = lin(x).numpy()
-    blockwise = ops.ggml_linear(x, lin.types, lin.blocks, lin.bias32, False, 2).numpy()
+    blockwise = ops.ggml_linear(x, lin.types, lin.blocks, lin.bias32, False, 16).numpy()
     e_gemm, e_blocks = np.abs(many - exact).max(), np.abs(blockwise - exact).max()
     assert e_gemm < 1e-5 * np.abs(exact).max() and e_gemm < e_blocks / 10, (e_gemm, e_blocks)  # fp32 sums
     few = x[:GEMM_MIN_ROWS - 1]
-    assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, 2))
+    assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, 16))
 
 
 def test_concurrent_engines_do_not_share_the_gemm_buffer():

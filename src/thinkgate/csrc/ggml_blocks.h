@@ -14,7 +14,9 @@ constexpr int QKK = 256;  // weights per super-block of the K-quants
 enum Type : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9, Q4_K = 12,
                   Q5_K = 13, Q6_K = 14, Q8_K = 15,
                   // Ours: Q5_0 rows rearranged for AVX2 decode (same codes and scales; ggml_linear.cpp).
-                  Q5_0_R4 = 106 };
+                  Q5_0_R4 = 106,
+                  // Ours: 16-bit activation blocks (the default's one pass; ggml_linear.cpp).
+                  Q16_0 = 116, Q16_K = 117 };
 
 struct BlockQ4_0 { uint16_t d; uint8_t qs[QK / 2]; };
 struct BlockQ4_1 { uint16_t d, m; uint8_t qs[QK / 2]; };
@@ -35,6 +37,12 @@ struct BlockQ5_0R4 { float d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t h
 // An activation block for it: the scale as fp32 and, per 4 codes (an int32 lane), 16 x their sum, which the
 // kernel subtracts to turn its unsigned codes (0..31) back into Q5_0's signed ones (-16..15).
 struct BlockQ8_0L { int32_t corr[8]; float d; int8_t qs[QK]; };
+
+// 16-bit activation blocks: codes round(x / d) with d = amax / 32767, so one integer pass carries ~15 bits where
+// ggml's 8-bit blocks carry 8. Q16_0 pairs with the 32-weight types (s = d * sum(qs), for Q4_1/Q5_1's min),
+// Q16_K with the K-quants (sums per 32, for Q4_K/Q5_K's mins).
+struct BlockQ16_0 { float d; float s; int16_t qs[QK]; };
+struct BlockQ16_K { float d; int32_t bsums[QKK / 32]; int16_t qs[QKK]; };
 
 static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ8_0L) == 68, "a repacked layout has padding");
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 &&

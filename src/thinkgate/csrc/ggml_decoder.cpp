@@ -23,7 +23,7 @@
 #include <vector>
 
 at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
-                       const c10::optional<at::Tensor>& bias, bool scalar, int64_t passes);
+                       const c10::optional<at::Tensor>& bias, bool scalar, int64_t act_bits);
 
 namespace {
 
@@ -31,8 +31,8 @@ struct Linear {
     std::vector<int64_t> types;
     std::vector<at::Tensor> blocks;
     c10::optional<at::Tensor> bias;
-    int64_t passes;
-    at::Tensor operator()(const at::Tensor& x) const { return ggml_linear(x, types, blocks, bias, false, passes); }
+    int64_t act_bits;  // 8: llama.cpp's activation blocks; 16: ours (ggml_linear.cpp)
+    at::Tensor operator()(const at::Tensor& x) const { return ggml_linear(x, types, blocks, bias, false, act_bits); }
 };
 
 struct Layer {
@@ -259,7 +259,7 @@ public:
                    c10::optional<at::Tensor> k_norm, std::vector<int64_t> qkv_types, std::vector<at::Tensor> qkv,
                    c10::optional<at::Tensor> qkv_bias, std::vector<int64_t> o_types, std::vector<at::Tensor> o,
                    std::vector<int64_t> gu_types, std::vector<at::Tensor> gate_up, std::vector<int64_t> down_types,
-                   std::vector<at::Tensor> down, at::Tensor k_cache, at::Tensor v_cache, int64_t passes) {
+                   std::vector<at::Tensor> down, at::Tensor k_cache, at::Tensor v_cache, int64_t act_bits) {
         TORCH_CHECK(k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat,
                     "GGMLDecoder: the KV cache must be fp16 or fp32");
         auto f32 = [](const at::Tensor& t) { return t.contiguous().to(at::kFloat); };
@@ -267,9 +267,9 @@ public:
             return t.has_value() ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;
         };
         layers_.push_back(Layer{f32(input_norm), f32(post_norm), opt(q_norm), opt(k_norm),
-                                Linear{qkv_types, qkv, opt(qkv_bias), passes}, Linear{o_types, o, c10::nullopt, passes},
-                                Linear{gu_types, gate_up, c10::nullopt, passes},
-                                Linear{down_types, down, c10::nullopt, passes},
+                                Linear{qkv_types, qkv, opt(qkv_bias), act_bits}, Linear{o_types, o, c10::nullopt, act_bits},
+                                Linear{gu_types, gate_up, c10::nullopt, act_bits},
+                                Linear{down_types, down, c10::nullopt, act_bits},
                                 k_cache, v_cache});
     }
 

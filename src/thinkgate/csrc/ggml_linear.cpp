@@ -30,6 +30,10 @@
 
 using namespace ggml;
 
+// The unpacking helpers return vectors through pointers: inlined, those stay in registers; called, each is a store
+// and a reload per block (measured: an un-inlined helper cost the one-row kernels ~30%).
+#define TG_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 #ifdef __F16C__
@@ -83,6 +87,43 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t k) {
             y[b].bsums[g] = static_cast<int16_t>(sum);
         }
         y[b].d = 1.f / iscale;
+    }
+}
+
+// 16-bit blocks (ours, the default): d = amax / 32767 over the block, codes round-half-even(x * 32767 / amax).
+constexpr float kQ16 = 32767.f;
+
+// The codes of n values in one scale; returns their sum.
+inline int64_t quantize16(const float* x, int n, float id, int16_t* q) {
+    int64_t sum = 0;
+    for (int j = 0; j < n; ++j) {
+        q[j] = static_cast<int16_t>(std::clamp(rne(x[j] * id), -32767, 32767));
+        sum += q[j];
+    }
+    return sum;
+}
+
+inline float absmax(const float* x, int n) {
+    float amax = 0.0f;
+    for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+    return amax;
+}
+
+void quantize_q16_0(const float* x, BlockQ16_0* y, int64_t k) {
+    for (int64_t b = 0; b < k / QK; ++b, x += QK) {
+        const float amax = absmax(x, QK);
+        const float d = amax / kQ16, id = amax != 0.0f ? kQ16 / amax : 0.0f;
+        y[b].d = d;
+        y[b].s = d * static_cast<float>(quantize16(x, QK, id, y[b].qs));
+    }
+}
+
+void quantize_q16_k(const float* x, BlockQ16_K* y, int64_t k) {
+    for (int64_t b = 0; b < k / QKK; ++b, x += QKK) {
+        const float amax = absmax(x, QKK);
+        const float id = amax != 0.0f ? kQ16 / amax : 0.0f;
+        y[b].d = amax / kQ16;
+        for (int g = 0; g < QKK / 32; ++g) y[b].bsums[g] = static_cast<int32_t>(quantize16(x + 32 * g, 32, id, y[b].qs + 32 * g));
     }
 }
 
@@ -225,6 +266,42 @@ float dot_scalar(int type, const uint8_t* w, const void* act, int64_t k) {
     return sum;
 }
 
+// The same products with 16-bit activation blocks (Q16_0 / Q16_K). A K-quant super-block's integer sum can pass
+// 2^31 (Q6_K: 256 x 4096 x 32767), so the scalar form sums in 64 bits; the AVX2 form converts each half.
+float dot16_scalar(int type, const uint8_t* w, const void* act, int64_t k) {
+    float sum = 0.0f;
+    int q[QKK];
+    if (type == Q4_K || type == Q5_K || type == Q6_K) {
+        const int bb = type == Q6_K ? sizeof(BlockQ6_K) : type == Q5_K ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
+        auto y = static_cast<const BlockQ16_K*>(act);
+        int sc16[16], m16[16];
+        for (int64_t b = 0; b < k / QKK; ++b) {
+            float d, dmin;
+            codes256(type, w + b * bb, q, sc16, m16, d, dmin);
+            int64_t sumi = 0, summ = 0;
+            for (int g = 0; g < 16; ++g) {
+                int64_t s = 0;
+                for (int j = 0; j < 16; ++j) s += q[16 * g + j] * y[b].qs[16 * g + j];
+                sumi += sc16[g] * s;
+            }
+            for (int g = 0; g < 8; ++g) summ += m16[2 * g] * static_cast<int64_t>(y[b].bsums[g]);
+            sum += y[b].d * d * static_cast<float>(sumi) - y[b].d * dmin * static_cast<float>(summ);
+        }
+        return sum;
+    }
+    const int bb = type == Q4_0 ? sizeof(BlockQ4_0) : type == Q4_1 ? sizeof(BlockQ4_1) : type == Q5_0 ? sizeof(BlockQ5_0)
+                 : type == Q5_1 ? sizeof(BlockQ5_1) : sizeof(BlockQ8_0);
+    auto y = static_cast<const BlockQ16_0*>(act);
+    for (int64_t b = 0; b < k / QK; ++b) {
+        float d, m;
+        codes32(type, w + b * bb, q, d, m);
+        int sumi = 0;
+        for (int j = 0; j < QK; ++j) sumi += q[j] * y[b].qs[j];
+        sum += d * y[b].d * static_cast<float>(sumi) + m * y[b].s;
+    }
+    return sum;
+}
+
 #ifdef __AVX2__
 
 inline float hsum8(__m256 v) {
@@ -235,13 +312,13 @@ inline float hsum8(__m256 v) {
 }
 
 // The 32 low-then-high nibbles of 16 bytes, each in 0..15.
-inline __m256i nibbles32(const uint8_t* p) {
+TG_INLINE __m256i nibbles32(const uint8_t* p) {
     const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
 }
 
 // 32 bits -> 32 bytes, 0xFF where the bit is set.
-inline __m256i bits32(const uint8_t* p) {
+TG_INLINE __m256i bits32(const uint8_t* p) {
     uint32_t v;
     std::memcpy(&v, p, 4);
     const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(v)),
@@ -252,10 +329,52 @@ inline __m256i bits32(const uint8_t* p) {
 }
 
 // Sum of 32 u8 x s8 products in 8 int32 lanes (pairs can't saturate: |u| <= 128, |s| <= 127).
-inline __m256i dot_us8(__m256i u, __m256i s) {
+TG_INLINE __m256i dot_us8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 inline __m256i dot_ss8(__m256i a, __m256i b) { return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)); }
+
+// Block b of a legacy-type row as 32 byte codes (signed; 0..31 for Q4_1/Q5_1, whose min is mx), and its scale.
+TG_INLINE __m256i legacy_codes_avx2(int type, const uint8_t* w, int64_t b, float& dx, float& mx) {
+    __m256i qx;
+    mx = 0.0f;
+    switch (type) {
+        case Q4_0: {
+            auto x = reinterpret_cast<const BlockQ4_0*>(w) + b;
+            qx = _mm256_sub_epi8(nibbles32(x->qs), _mm256_set1_epi8(8));
+            dx = h2f(x->d);
+            break;
+        }
+        case Q5_0: {
+            auto x = reinterpret_cast<const BlockQ5_0*>(w) + b;
+            // Without its fifth bit a code is nibble - 16: setting the top nibble does that in int8.
+            const __m256i hi = _mm256_andnot_si256(bits32(x->qh), _mm256_set1_epi8(static_cast<char>(0xF0)));
+            qx = _mm256_or_si256(nibbles32(x->qs), hi);
+            dx = h2f(x->d);
+            break;
+        }
+        case Q4_1: {
+            auto x = reinterpret_cast<const BlockQ4_1*>(w) + b;
+            qx = nibbles32(x->qs);
+            dx = h2f(x->d);
+            mx = h2f(x->m);
+            break;
+        }
+        case Q5_1: {
+            auto x = reinterpret_cast<const BlockQ5_1*>(w) + b;
+            qx = _mm256_or_si256(nibbles32(x->qs), _mm256_and_si256(bits32(x->qh), _mm256_set1_epi8(0x10)));
+            dx = h2f(x->d);
+            mx = h2f(x->m);
+            break;
+        }
+        default: {  // Q8_0
+            auto x = reinterpret_cast<const BlockQ8_0*>(w) + b;
+            qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs));
+            dx = h2f(x->d);
+        }
+    }
+    return qx;
+}
 
 // One weight row against NA input rows at once: each block of weights is unpacked once and used NA times
 // (prefill, batched decode). Every (weight row, input row) pair gets exactly the operations, in the order, of
@@ -269,43 +388,8 @@ void dot_legacy_avx2(int type, const uint8_t* w, const void* const* act, int64_t
     const int64_t nb = k / QK;
     const bool with_min = type == Q4_1 || type == Q5_1;
     for (int64_t b = 0; b < nb; ++b) {
-        __m256i qx;
-        float dx, mx = 0.0f;
-        switch (type) {
-            case Q4_0: {
-                auto x = reinterpret_cast<const BlockQ4_0*>(w) + b;
-                qx = _mm256_sub_epi8(nibbles32(x->qs), _mm256_set1_epi8(8));
-                dx = h2f(x->d);
-                break;
-            }
-            case Q5_0: {
-                auto x = reinterpret_cast<const BlockQ5_0*>(w) + b;
-                // Without its fifth bit a code is nibble - 16: setting the top nibble does that in int8.
-                const __m256i hi = _mm256_andnot_si256(bits32(x->qh), _mm256_set1_epi8(static_cast<char>(0xF0)));
-                qx = _mm256_or_si256(nibbles32(x->qs), hi);
-                dx = h2f(x->d);
-                break;
-            }
-            case Q4_1: {
-                auto x = reinterpret_cast<const BlockQ4_1*>(w) + b;
-                qx = nibbles32(x->qs);
-                dx = h2f(x->d);
-                mx = h2f(x->m);
-                break;
-            }
-            case Q5_1: {
-                auto x = reinterpret_cast<const BlockQ5_1*>(w) + b;
-                qx = _mm256_or_si256(nibbles32(x->qs), _mm256_and_si256(bits32(x->qh), _mm256_set1_epi8(0x10)));
-                dx = h2f(x->d);
-                mx = h2f(x->m);
-                break;
-            }
-            default: {  // Q8_0
-                auto x = reinterpret_cast<const BlockQ8_0*>(w) + b;
-                qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs));
-                dx = h2f(x->d);
-            }
-        }
+        float dx, mx;
+        const __m256i qx = legacy_codes_avx2(type, w, b, dx, mx);
         if (with_min) {
             for (int j = 0; j < NA; ++j) {
                 auto y = static_cast<const BlockQ8_1*>(act[j]) + b;
@@ -329,7 +413,7 @@ void dot_legacy_avx2(int type, const uint8_t* w, const void* const* act, int64_t
 inline __m256i scale_pair(int a, int b) { return _mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b)), _mm_set1_epi16(static_cast<short>(a))); }
 
 // The 128 codes (0..63, not yet centred) of half n of a Q6_K super-block: c[i] holds codes 128n + 32i .. +31.
-inline void q6k_codes(const BlockQ6_K* x, int n, __m256i* c) {
+TG_INLINE void q6k_codes(const BlockQ6_K* x, int n, __m256i* c) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const uint8_t* ql = x->ql + 64 * n;
     const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
@@ -342,12 +426,25 @@ inline void q6k_codes(const BlockQ6_K* x, int n, __m256i* c) {
                            _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(static_cast<char>(0xC0))), 2));
 }
 
+// Codes 64i .. 64i + 31 (lo) and 64i + 32 .. 64i + 63 (hi) of a Q4_K / Q5_K super-block as bytes (0..15 / 0..31);
+// hbits: Q5_K's fifth bits, or null for Q4_K.
+TG_INLINE void k45_codes(const uint8_t* qs, const __m256i* hbits, int i, __m256i& lo, __m256i& hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * i));
+    lo = _mm256_and_si256(bits, m4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+    if (hbits) {
+        const __m256i one = _mm256_set1_epi8(1);
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(*hbits, 2 * i), one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(*hbits, 2 * i + 1), one), 4));
+    }
+}
+
 template <int NA>
 void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
     float summ[NA];
     for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < k / QKK; ++b) {
         __m256i sumi[NA];
         for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
@@ -388,14 +485,8 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
         const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
                                    : _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
-            const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * i));
-            __m256i lo = _mm256_and_si256(bits, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            if (five) {
-                const __m256i one = _mm256_set1_epi8(1);
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * i), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * i + 1), one), 4));
-            }
+            __m256i lo, hi;
+            k45_codes(qs, five ? &hbits : nullptr, i, lo, hi);
             const __m256i slo = _mm256_set1_epi16(static_cast<short>(sc[2 * i]));
             const __m256i shi = _mm256_set1_epi16(static_cast<short>(sc[2 * i + 1]));
             for (int j = 0; j < NA; ++j) {
@@ -417,6 +508,20 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
 }
 
+// The 4 x 32 codes of an R4 group as unsigned bytes, code + 16 (0..31).
+TG_INLINE void q5r4_codes(const BlockQ5_0R4* x, __m256i* u) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
+    const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+    const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
+    const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
+    const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
+                            _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+    for (int bk = 0; bk < 4; ++bk) {
+        const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
+        u[bk] = _mm256_or_si256(nib[bk], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5));
+    }
+}
+
 // Q5_0 in the R4 layout: per 4 blocks, one broadcast of the bit planes, two nibble loads. The int32 lane
 // sums equal the signed kernel's exactly and the fp32 operations are the same, so results are bit-identical
 // to dot_legacy_avx2 on the original blocks (tested).
@@ -424,18 +529,12 @@ template <int NA>
 void dot_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
         auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
-        const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
-        const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
-        const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
-        const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
-                                _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+        __m256i codes[4];
+        q5r4_codes(x, codes);
         for (int bk = 0; bk < 4; ++bk) {
-            const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
-            const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5);
-            const __m256i u = _mm256_or_si256(nib[bk], high);  // code + 16, in 0..31
+            const __m256i u = codes[bk];
             const __m256 dx = _mm256_set1_ps(x->d[bk]);
             for (int j = 0; j < NA; ++j) {
                 auto y = static_cast<const BlockQ8_0L*>(act[j]) + 4 * g + bk;
@@ -448,6 +547,128 @@ void dot_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* o
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
 
+// ---- one pass over 16-bit activation blocks (the default) ----
+//
+// Each weight block's codes are widened to int16 once (and, for the K-quants, multiplied by their sub-block's
+// scale: at most 63 x 31 or 128 x 32 in magnitude) and each input row costs two vpmaddwd per 32 weights: half
+// the instructions of two 8-bit passes, with as many bits (~15). Lane sums stay in int32: a 32-weight block
+// sums 4 products per lane (< 2^25); a K-quant half super-block 16 (< 2^31 even for Q6_K's 4096 x 32767).
+
+// 32 byte codes -> two vectors of 16 int16 (signed).
+TG_INLINE void widen(__m256i c, __m256i& lo, __m256i& hi) {
+    lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(c));
+    hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(c, 1));
+}
+// Sum of 32 int16 products in 8 int32 lanes.
+TG_INLINE __m256i dot16x32(__m256i lo, __m256i hi, const int16_t* a) {
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
+}
+
+template <int NA>
+void dot16_legacy_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    float summ[NA];
+    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
+    for (int64_t b = 0; b < k / QK; ++b) {
+        float dx, mx;
+        __m256i lo, hi;
+        widen(legacy_codes_avx2(type, w, b, dx, mx), lo, hi);
+        for (int j = 0; j < NA; ++j) {
+            auto y = static_cast<const BlockQ16_0*>(act[j]) + b;
+            summ[j] += mx * y->s;
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y->d), _mm256_cvtepi32_ps(dot16x32(lo, hi, y->qs)), acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) + summ[j];
+}
+
+template <int NA>
+void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    const __m256i b16 = _mm256_set1_epi8(16);
+    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
+        __m256i codes[4];
+        q5r4_codes(x, codes);
+        for (int bk = 0; bk < 4; ++bk) {
+            __m256i lo, hi;
+            widen(_mm256_sub_epi8(codes[bk], b16), lo, hi);
+            for (int j = 0; j < NA; ++j) {
+                auto y = static_cast<const BlockQ16_0*>(act[j]) + 4 * g + bk;
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(x->d[bk] * y->d), _mm256_cvtepi32_ps(dot16x32(lo, hi, y->qs)), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+// Two sub-blocks of 16 codes (bytes, signed) times their scales, as int16.
+TG_INLINE void scaled16(__m256i c, int sc_lo, int sc_hi, __m256i& lo, __m256i& hi) {
+    widen(c, lo, hi);
+    lo = _mm256_mullo_epi16(lo, _mm256_set1_epi16(static_cast<short>(sc_lo)));
+    hi = _mm256_mullo_epi16(hi, _mm256_set1_epi16(static_cast<short>(sc_hi)));
+}
+
+template <int NA>
+void dot16_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    float summ[NA];
+    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
+    for (int64_t b = 0; b < k / QKK; ++b) {
+        float dx, mx = 0.0f;
+        int mn[8] = {0};
+        const uint8_t* blk = w + b * (type == Q6_K ? sizeof(BlockQ6_K) : type == Q5_K ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
+        for (int n = 0; n < 2; ++n) {  // half super-blocks: 128 codes, 8 vectors of 16 scaled codes
+            __m256i c[8];
+            if (type == Q6_K) {
+                auto x = reinterpret_cast<const BlockQ6_K*>(blk);
+                dx = h2f(x->d);
+                __m256i raw[4];
+                q6k_codes(x, n, raw);
+                for (int i = 0; i < 4; ++i)
+                    scaled16(_mm256_sub_epi8(raw[i], _mm256_set1_epi8(32)), x->scales[8 * n + 2 * i], x->scales[8 * n + 2 * i + 1],
+                             c[2 * i], c[2 * i + 1]);
+            } else {
+                const bool five = type == Q5_K;
+                const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
+                const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
+                dx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
+                mx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
+                const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
+                                           : _mm256_setzero_si256();
+                for (int i = 2 * n; i < 2 * n + 2; ++i) {
+                    int sc0, sc1;
+                    scale_min_k4(2 * i, scales, sc0, mn[2 * i]);
+                    scale_min_k4(2 * i + 1, scales, sc1, mn[2 * i + 1]);
+                    __m256i lo, hi;
+                    k45_codes(qs, five ? &hbits : nullptr, i, lo, hi);
+                    const int o = 4 * (i - 2 * n);
+                    scaled16(lo, sc0, sc0, c[o], c[o + 1]);
+                    scaled16(hi, sc1, sc1, c[o + 2], c[o + 3]);
+                }
+            }
+            for (int j = 0; j < NA; ++j) {
+                const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
+                const int16_t* a = y.qs + 128 * n;
+                __m256i sum = _mm256_setzero_si256();
+                for (int v = 0; v < 8; v += 2) sum = _mm256_add_epi32(sum, dot16x32(c[v], c[v + 1], a + 16 * v));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sum), acc[j]);
+            }
+        }
+        if (type != Q6_K) {
+            for (int j = 0; j < NA; ++j) {
+                const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
+                int64_t mins = 0;
+                for (int s = 0; s < 8; ++s) mins += static_cast<int64_t>(mn[s]) * y.bsums[s];
+                summ[j] += y.d * mx * static_cast<float>(mins);
+            }
+        }
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
+}
+
 template <int NA>
 inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     if (type == Q4_K || type == Q5_K || type == Q6_K) dot_k_avx2<NA>(type, w, act, k, out);
@@ -455,11 +676,18 @@ inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t
     else dot_legacy_avx2<NA>(type, w, act, k, out);
 }
 
+template <int NA>
+inline void dot16_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    if (type == Q4_K || type == Q5_K || type == Q6_K) dot16_k_avx2<NA>(type, w, act, k, out);
+    else if (type == Q5_0_R4) dot16_q5r4_avx2<NA>(w, act, k, out);
+    else dot16_legacy_avx2<NA>(type, w, act, k, out);
+}
+
 // ---- dequantization (prefill's float GEMM) ----
 
 // 32 signed byte codes c -> y[i] = c[i] * d[i / 16] (+ m): the scalar form's operations in its order (a product,
 // then the min subtracted), so both forms give the same floats.
-inline void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256* m_lo = nullptr, const __m256* m_hi = nullptr) {
+TG_INLINE void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256* m_lo = nullptr, const __m256* m_hi = nullptr) {
     const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
     for (int i = 0; i < 4; ++i) {
@@ -474,19 +702,14 @@ inline void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256* m
 bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     if (t == Q5_0_R4) {
-        const __m256i b5 = _mm256_set1_epi8(0x10), b16 = _mm256_set1_epi8(16);
+        const __m256i b16 = _mm256_set1_epi8(16);
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
-            const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
-            const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
-            const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
-            const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
-                                    _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+            __m256i codes[4];
+            q5r4_codes(x, codes);
             for (int bk = 0; bk < 4; ++bk, y += QK) {
-                const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
-                const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5);
                 const __m256 d = _mm256_set1_ps(x->d[bk]);
-                put32(_mm256_sub_epi8(_mm256_or_si256(nib[bk], high), b16), d, d, y);
+                put32(_mm256_sub_epi8(codes[bk], b16), d, d, y);
             }
         }
         return true;
@@ -564,12 +787,16 @@ int64_t row_length(int type, int64_t row_bytes) {
 // The input rows in each activation form the parts need, built once per call.
 struct Activations {
     int64_t k = 0;
+    bool wide = false;  // 16-bit blocks
     std::vector<BlockQ8_0> q8_0;
     std::vector<BlockQ8_1> q8_1;
     std::vector<BlockQ8_K> q8_k;
     std::vector<BlockQ8_0L> q8_0l;
+    std::vector<BlockQ16_0> q16_0;
+    std::vector<BlockQ16_K> q16_k;
 
     const void* row(int type, int64_t m) const {
+        if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
         if (type == Q5_0_R4) return q8_0l.data() + m * (k / QK);
         if (type == Q4_1 || type == Q5_1) return q8_1.data() + m * (k / QK);
@@ -581,39 +808,22 @@ void check_type(int type) {
     TORCH_CHECK(block_bytes(type) > 0, "ggml_linear: unsupported ggml type ", type);
 }
 
-// Each input row's activation blocks at out + r * passes * per_row; with two passes the blocks of what they miss
-// (the row minus their dequantized values, `value`) follow them.
-template <typename B, typename Quantize, typename Value>
-void quantize_rows(const float* px, int64_t m, int64_t k, int64_t passes, int64_t per_row, B* out, Quantize quantize,
-                   Value value) {
-    std::vector<float> rest(passes == 2 ? k : 0);
-    for (int64_t r = 0; r < m; ++r) {
-        B* a = out + r * passes * per_row;
-        quantize(px + r * k, a);
-        if (passes == 2) {
-            for (int64_t j = 0; j < k; ++j) rest[j] = px[r * k + j] - value(a, j);
-            quantize(rest.data(), a + per_row);
-        }
-    }
-}
-
 }  // namespace
 
 // y[M, sum N_i] = x[M, K] @ concat(W_i)^T (+ bias): W_i given as the GGUF's rows of blocks of type types[i]
 // ([N_i, row bytes] uint8). x is fp32; y is fp32.
-// `passes` 2: each input row is multiplied twice, as its 8-bit blocks and as the 8-bit blocks of what those
-// blocks miss (x minus their dequantized values), and the two products are added: about 15 bits of
-// activation precision where llama.cpp has 8, for the same weights. The second pass reuses each unpacked
-// weight block (it is one more input row of dot_avx2), so it costs far less than a second matmul.
+// `act_bits` 8: llama.cpp's arithmetic (the input rows in its 8-bit blocks). 16: the rows in 16-bit blocks
+// (Q16_0 / Q16_K), one integer pass with ~15 bits of activation precision: what the default serves, as close
+// to the exact model as fp32 activations by the fidelity measure (BENCHMARKS.md) and faster than two 8-bit passes.
 at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
-                       const c10::optional<at::Tensor>& bias, bool scalar, int64_t passes) {
+                       const c10::optional<at::Tensor>& bias, bool scalar, int64_t act_bits) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ggml_linear: x must be an fp32 [M, K] tensor");
     TORCH_CHECK(types.size() == weights.size() && !types.empty(), "ggml_linear: one type per weight part");
-    TORCH_CHECK(passes == 1 || passes == 2, "ggml_linear: passes is 1 or 2");
+    TORCH_CHECK(act_bits == 8 || act_bits == 16, "ggml_linear: act_bits is 8 or 16");
     const at::Tensor xc = x.contiguous();
-    const int64_t m = xc.size(0), k = xc.size(1), mv = m * passes;
+    const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
-    bool need0 = false, need1 = false, needk = false, need0l = false;
+    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -624,42 +834,48 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         n_total += weights[i].size(0);
         TORCH_CHECK(!(scalar && t == Q5_0_R4), "ggml_linear: the R4 layout has no scalar form");
         need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0 || t == Q5_0_R4;
+        need16 |= !is_k(t);
         need0l |= t == Q5_0_R4;
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
     }
     Activations act;
     act.k = k;
+    act.wide = act_bits == 16;
     const float* px = xc.data_ptr<float>();
     const int64_t nb = k / QK, nbk = k / QKK;
-    // Virtual row passes * r is row r's blocks, passes * r + 1 (with two passes) what they miss.
-    if (need0) {
-        act.q8_0.resize(mv * nb);
-        quantize_rows(px, m, k, passes, nb, act.q8_0.data(),
-                      [&](const float* row, BlockQ8_0* a) { quantize_q8_0(row, a, k, false, nullptr); },
-                      [](const BlockQ8_0* a, int64_t j) { return h2f(a[j / QK].d) * a[j / QK].qs[j % QK]; });
-    }
-    if (need0l) {  // the same blocks, scale as fp32, plus the lane sums the R4 kernel subtracts
-        act.q8_0l.resize(mv * nb);
-        for (size_t b = 0; b < act.q8_0.size(); ++b) {
-            BlockQ8_0L& o = act.q8_0l[b];
-            o.d = h2f(act.q8_0[b].d);
-            std::memcpy(o.qs, act.q8_0[b].qs, QK);
-            for (int l = 0; l < 8; ++l)
-                o.corr[l] = 16 * (o.qs[4 * l] + o.qs[4 * l + 1] + o.qs[4 * l + 2] + o.qs[4 * l + 3]);
+    if (act.wide) {
+        if (need16) {
+            act.q16_0.resize(m * nb);
+            for (int64_t r = 0; r < m; ++r) quantize_q16_0(px + r * k, act.q16_0.data() + r * nb, k);
         }
-    }
-    if (need1) {
-        act.q8_1.resize(mv * nb);
-        quantize_rows(px, m, k, passes, nb, act.q8_1.data(),
-                      [&](const float* row, BlockQ8_1* a) { quantize_q8_0(row, nullptr, k, true, a); },
-                      [](const BlockQ8_1* a, int64_t j) { return h2f(a[j / QK].d) * a[j / QK].qs[j % QK]; });
-    }
-    if (needk) {
-        act.q8_k.resize(mv * nbk);
-        quantize_rows(px, m, k, passes, nbk, act.q8_k.data(),
-                      [&](const float* row, BlockQ8_K* a) { quantize_q8_k(row, a, k); },
-                      [](const BlockQ8_K* a, int64_t j) { return a[j / QKK].d * a[j / QKK].qs[j % QKK]; });
+        if (needk) {
+            act.q16_k.resize(m * nbk);
+            for (int64_t r = 0; r < m; ++r) quantize_q16_k(px + r * k, act.q16_k.data() + r * nbk, k);
+        }
+    } else {
+        if (need0) {
+            act.q8_0.resize(m * nb);
+            for (int64_t r = 0; r < m; ++r) quantize_q8_0(px + r * k, act.q8_0.data() + r * nb, k, false, nullptr);
+        }
+        if (need0l) {  // the same blocks, scale as fp32, plus the lane sums the R4 kernel subtracts
+            act.q8_0l.resize(m * nb);
+            for (size_t b = 0; b < act.q8_0.size(); ++b) {
+                BlockQ8_0L& o = act.q8_0l[b];
+                o.d = h2f(act.q8_0[b].d);
+                std::memcpy(o.qs, act.q8_0[b].qs, QK);
+                for (int l = 0; l < 8; ++l)
+                    o.corr[l] = 16 * (o.qs[4 * l] + o.qs[4 * l + 1] + o.qs[4 * l + 2] + o.qs[4 * l + 3]);
+            }
+        }
+        if (need1) {
+            act.q8_1.resize(m * nb);
+            for (int64_t r = 0; r < m; ++r) quantize_q8_0(px + r * k, nullptr, k, true, act.q8_1.data() + r * nb);
+        }
+        if (needk) {
+            act.q8_k.resize(m * nbk);
+            for (int64_t r = 0; r < m; ++r) quantize_q8_k(px + r * k, act.q8_k.data() + r * nbk, k);
+        }
     }
     at::Tensor y = at::empty({m, n_total}, xc.options());
     float* py = y.data_ptr<float>();
@@ -679,16 +895,23 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             const int type = static_cast<int>(types[task.part]);
             const int64_t rb = weights[task.part].size(1);
             const uint8_t* pw = weights[task.part].data_ptr<uint8_t>();
-            constexpr int kRows = 4;  // virtual input rows sharing each unpacked weight block (a multiple of 2)
+            constexpr int kRows = 4;  // input rows sharing each unpacked weight block
             const void* acts[kRows];
             float res[kRows];
-            for (int64_t i0 = 0; i0 < mv; i0 += kRows) {
-                const int na = static_cast<int>(std::min<int64_t>(kRows, mv - i0));
+            for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+                const int na = static_cast<int>(std::min<int64_t>(kRows, m - i0));
                 for (int j = 0; j < na; ++j) acts[j] = act.row(type, i0 + j);
                 for (int64_t r = task.r0; r < task.r1; ++r) {
                     const uint8_t* row = pw + r * rb;
 #ifdef __AVX2__
-                    if (!scalar) {
+                    if (!scalar && act.wide) {
+                        switch (na) {
+                            case 4: dot16_avx2<4>(type, row, acts, k, res); break;
+                            case 3: dot16_avx2<3>(type, row, acts, k, res); break;
+                            case 2: dot16_avx2<2>(type, row, acts, k, res); break;
+                            default: dot16_avx2<1>(type, row, acts, k, res);
+                        }
+                    } else if (!scalar) {
                         switch (na) {
                             case 4: dot_avx2<4>(type, row, acts, k, res); break;
                             case 3: dot_avx2<3>(type, row, acts, k, res); break;
@@ -698,13 +921,10 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
                     } else
 #endif
                     {
-                        for (int j = 0; j < na; ++j) res[j] = dot_scalar(type, row, acts[j], k);
+                        for (int j = 0; j < na; ++j)
+                            res[j] = act.wide ? dot16_scalar(type, row, acts[j], k) : dot_scalar(type, row, acts[j], k);
                     }
-                    for (int j = 0; j < na; j += static_cast<int>(passes)) {
-                        float v = res[j];
-                        if (passes == 2) v += res[j + 1];
-                        py[((i0 + j) / passes) * n_total + task.col + r] = v;
-                    }
+                    for (int j = 0; j < na; ++j) py[(i0 + j) * n_total + task.col + r] = res[j];
                 }
             }
         }
@@ -716,17 +936,26 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
 // The activation blocks ggml_linear multiplies with, as bytes [M, blocks * block size] (for the tests).
 at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ggml_quantize_activations: fp32 [M, K]");
+    TORCH_CHECK(vec_type == Q8_0 || vec_type == Q8_1 || vec_type == Q8_K || vec_type == Q16_0 || vec_type == Q16_K,
+                "ggml_quantize_activations: vec_type is Q8_0, Q8_1, Q8_K, Q16_0 or Q16_K");
     const at::Tensor xc = x.contiguous();
     const int64_t m = xc.size(0), k = xc.size(1);
-    const int64_t per = vec_type == Q8_K ? k / QKK * sizeof(BlockQ8_K) : k / QK * (vec_type == Q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0));
-    TORCH_CHECK(k % (vec_type == Q8_K ? QKK : QK) == 0, "ggml_quantize_activations: K is not a whole number of blocks");
+    const bool super = vec_type == Q8_K || vec_type == Q16_K;
+    const int64_t size = vec_type == Q8_K ? sizeof(BlockQ8_K) : vec_type == Q16_K ? sizeof(BlockQ16_K)
+                       : vec_type == Q16_0 ? sizeof(BlockQ16_0) : vec_type == Q8_1 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0);
+    TORCH_CHECK(k % (super ? QKK : QK) == 0, "ggml_quantize_activations: K is not a whole number of blocks");
+    const int64_t per = k / (super ? QKK : QK) * size;
     at::Tensor out = at::empty({m, per}, xc.options().dtype(at::kByte));
     for (int64_t r = 0; r < m; ++r) {
         const float* row = xc.data_ptr<float>() + r * k;
         void* dst = out.data_ptr<uint8_t>() + r * per;
-        if (vec_type == Q8_K) quantize_q8_k(row, static_cast<BlockQ8_K*>(dst), k);
-        else if (vec_type == Q8_1) quantize_q8_0(row, nullptr, k, true, static_cast<BlockQ8_1*>(dst));
-        else quantize_q8_0(row, static_cast<BlockQ8_0*>(dst), k, false, nullptr);
+        switch (vec_type) {
+            case Q8_K: quantize_q8_k(row, static_cast<BlockQ8_K*>(dst), k); break;
+            case Q8_1: quantize_q8_0(row, nullptr, k, true, static_cast<BlockQ8_1*>(dst)); break;
+            case Q16_0: quantize_q16_0(row, static_cast<BlockQ16_0*>(dst), k); break;
+            case Q16_K: quantize_q16_k(row, static_cast<BlockQ16_K*>(dst), k); break;
+            default: quantize_q8_0(row, static_cast<BlockQ8_0*>(dst), k, false, nullptr);
+        }
     }
     return out;
 }

@@ -41,7 +41,7 @@ class GGMLLinear(nn.Module):
     type."""
 
     def __init__(self, parts: list[tuple[int, torch.Tensor]], in_features: int, bias: torch.Tensor | None = None,
-                 passes: int = 2):
+                 act_bits: int = 16):
         super().__init__()
         self._ops = cpu_kernels.load_ggml()
         # Each part in the layout its kernel reads fastest (Q5_0 -> our R4 layout on AVX2: the same codes and
@@ -55,16 +55,16 @@ class GGMLLinear(nn.Module):
         self.in_features = in_features
         self.out_features = sum(b.shape[0] for _, b in parts)
         self.bias32 = None if bias is None else bias.detach().float().contiguous()
-        # 1: llama.cpp's arithmetic (8-bit activation blocks); 2: a second 8-bit pass over what the first missed
-        # (~15-bit activations: closer to the exact model, BENCHMARKS.md), the default.
-        self.passes = passes
+        # 8: llama.cpp's arithmetic (its 8-bit activation blocks, `gguf-q8`); 16: the input rows in 16-bit blocks,
+        # one integer pass with ~15 bits (as close to the exact model as fp32 activations, BENCHMARKS.md): the default.
+        self.act_bits = act_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         if flat.shape[0] >= GEMM_MIN_ROWS:
             y = self.forward_exact(flat)
         else:
-            y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.passes)
+            y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.act_bits)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward_exact(self, flat: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,14 @@ def _blocks(g, name: str) -> tuple[int, torch.Tensor] | None:
     return SUPPORTED_TYPES[stored[0]], torch.from_numpy(np.array(stored[1], dtype=np.uint8, copy=True))  # off the map
 
 
-def _linear(g, names: list[str], dense: nn.Linear, passes: int) -> GGMLLinear | None:
+def _linear(g, names: list[str], dense: nn.Linear, act_bits: int) -> GGMLLinear | None:
     parts = [_blocks(g, n) for n in names]
     if any(p is None for p in parts):
         return None
-    return GGMLLinear(parts, dense.in_features, dense.bias, passes)
+    return GGMLLinear(parts, dense.in_features, dense.bias, act_bits)
 
 
-def serve_gguf_blocks(g, module: nn.Module, passes: int = 2) -> int:
+def serve_gguf_blocks(g, module: nn.Module, act_bits: int = 16) -> int:
     """Replace what `module` (a DecoderLayer, or the whole model) holds; returns how many modules changed."""
     from thinkgate.models.qwen import DecoderLayer, DenseMLP
 
@@ -38,12 +38,12 @@ def serve_gguf_blocks(g, module: nn.Module, passes: int = 2) -> int:
         i, attn, mlp = module.index, module.self_attn, module.mlp
         b = f"blk.{i}."
         swaps.append((attn, "qkv_proj", _linear(g, [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
-                                                attn.qkv_proj, passes)))
-        swaps.append((attn, "o_proj", _linear(g, [b + "attn_output.weight"], attn.o_proj, passes)))
+                                                attn.qkv_proj, act_bits)))
+        swaps.append((attn, "o_proj", _linear(g, [b + "attn_output.weight"], attn.o_proj, act_bits)))
         if isinstance(mlp, DenseMLP):
             swaps.append((mlp, "gate_up_proj", _linear(g, [b + "ffn_gate.weight", b + "ffn_up.weight"],
-                                                       mlp.gate_up_proj, passes)))
-            swaps.append((mlp, "down_proj", _linear(g, [b + "ffn_down.weight"], mlp.down_proj, passes)))
+                                                       mlp.gate_up_proj, act_bits)))
+            swaps.append((mlp, "down_proj", _linear(g, [b + "ffn_down.weight"], mlp.down_proj, act_bits)))
     elif isinstance(getattr(module, "embed_tokens", None), nn.Embedding):
         emb = module.embed_tokens
         tied = g.stored("output.weight") is None
@@ -53,7 +53,7 @@ def serve_gguf_blocks(g, module: nn.Module, passes: int = 2) -> int:
                                                                 emb.weight.dtype)))
         head = blocks if tied else _blocks(g, "output.weight")
         if head is not None:  # a tied head multiplies with the embedding's own blocks (the same tensor)
-            swaps.append((module, "lm_head", GGMLLinear([head], module.lm_head.in_features, passes=passes)))
+            swaps.append((module, "lm_head", GGMLLinear([head], module.lm_head.in_features, act_bits=act_bits)))
     count = 0
     for parent, name, new in swaps:
         if new is not None:
@@ -86,5 +86,5 @@ def build_ggml_decoder(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                           None if attn.q_norm is None else attn.q_norm.weight.detach(),
                           None if attn.k_norm is None else attn.k_norm.weight.detach(),
                           qkv.types, qkv.blocks, qkv.bias32, o.types, o.blocks, gate_up.types, gate_up.blocks,
-                          down.types, down.blocks, k_cache, v_cache, down.passes)
+                          down.types, down.blocks, k_cache, v_cache, down.act_bits)
     return decoder

@@ -73,7 +73,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", max_model_l
 
         release_freed_memory()
         n = sum(isinstance(m, GGMLLinear) for m in loaded.model.modules())
-        log.info("the GGUF's own quantized blocks on %d linear layers (llama.cpp's arithmetic)", n)
+        log.info("the GGUF's own quantized blocks on %d linear layers (%s activation blocks)", n,
+                 "16-bit" if quant == "gguf" else "llama.cpp's 8-bit")
         return loaded
     head = quant if head_quant == "auto" else head_quant
     prepare = None if quant == "none" else lambda m: _serving_form(m, quant, head, cpu_kernels)
@@ -136,7 +137,7 @@ def resolve_weight_quant(mode: str, dev: torch.device, dtype: torch.dtype, dtype
         raise ValueError("--weight-quant gguf serves a GGUF file's own quantized blocks; this model is not a .gguf")
     if mode == "auto":
         # On CPU the weights are served quantized unless float32 was asked for (the exact reference). A GGUF is
-        # served from its own blocks with llama.cpp's arithmetic (`gguf`) where those kernels run (x86 with
+        # served from its own blocks, integer sums per block as llama.cpp's (`gguf`) where those kernels run (x86 with
         # AVX2): re-quantizing them into our forms changed the model (issue 19, BENCHMARKS.md). Otherwise: where
         # our AVX-512 VNNI kernels run, one-row steps in int4 and batched ones in W8A8 (`mixed`); elsewhere
         # on x86 W8A8 throughout (fbgemm's kernel beat fp32 and int4 at every row count on an AVX2 EPYC,
@@ -243,8 +244,8 @@ def _load_gguf(path: Path, dtype, dev, max_model_len, prepare=None) -> LoadedMod
     if prepare in (GGUF_BLOCKS, GGUF_BLOCKS_Q8):
         from thinkgate.models.gguf_blocks import serve_gguf_blocks
 
-        passes = 2 if prepare == GGUF_BLOCKS else 1
-        prepare = lambda m: serve_gguf_blocks(g, m, passes)  # noqa: E731
+        act_bits = 16 if prepare == GGUF_BLOCKS else 8
+        prepare = lambda m: serve_gguf_blocks(g, m, act_bits)  # noqa: E731
     cfg = ModelConfig.from_hf(g.hf_config())
     tokenizer = g.tokenizer()
     model = _build(cfg, g.tensor_names(), g.tensor_getter(), dtype, dev, max_model_len, prepare)
