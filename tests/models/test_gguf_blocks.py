@@ -163,6 +163,27 @@ def test_speculative_greedy_answers_are_the_plain_ones(checkpoints, tmp_path):
     assert spec.runner.cpu_decoder is not None
     assert [spec.generate([p], params)[0] for p in prompts] == want
     assert spec.generate(prompts, params) == plain.generate(prompts, params)
+    # One sequence slot (a single-stream server): verify steps still run in the C++ decoder, not the model's
+    # Python layer loop (which took ~7x a decode step there), and answers stay the plain ones.
+    single = LLMEngine(lm, EngineConfig(**base, speculative="ngram", max_num_seqs=1))
+    verify_rows = []
+    decoder = single.runner.cpu_decoder
+
+    class Counting:
+        def forward(self, embeds, *rest):
+            verify_rows.append(embeds.shape[0])
+            return decoder.forward(embeds, *rest)
+
+    single.runner.cpu_decoder = Counting()
+    model_steps = []
+    forward = lm.model.forward
+    lm.model.forward = lambda ids, *rest: model_steps.append(ids.shape[0]) or forward(ids, *rest)
+    try:
+        assert [single.generate([p], params)[0] for p in prompts] == want
+    finally:
+        lm.model.forward = forward
+    assert model_steps == [len(p) for p in prompts]  # the prefills only
+    assert max(verify_rows) > 1 and single.proposer.accepted > 0
 
 
 def test_without_the_block_kernels_auto_falls_back_and_gguf_says_why(monkeypatch, checkpoints, tmp_path):

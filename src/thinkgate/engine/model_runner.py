@@ -38,6 +38,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.cpu_decoder = None  # csrc/decoder.cpp's Q4Decoder, for one-sequence CPU decode steps
         self.decoder_rows = 1  # decode steps of up to this many sequences go to cpu_decoder
+        # cpu_decoder takes rows at any positions (csrc/ggml_decoder.cpp), so verify steps go there too, whatever
+        # the batch size: a verify step is 1 + drafts rows even for one sequence.
+        self.decoder_verifies = False
         # Mixed steps (prefills beside decodes) run as two: the decodes through cpu_decoder, the prefills through
         # the model (whose linears may then take a float GEMM, layers/ggml_linear.GEMM_MIN_ROWS). A decoding
         # sequence's tokens are then the same whether or not another sequence was prefilling beside it.
@@ -55,6 +58,7 @@ class ModelRunner:
         self.paged_decode = True
         self.cpu_decoder = decoder
         self.decoder_rows = max_batch
+        self.decoder_verifies = True
         self.split_mixed = True
         return True
 
@@ -96,6 +100,7 @@ class ModelRunner:
         self.graphs = None
         self.cpu_decoder = None
         self.decoder_rows = 1
+        self.decoder_verifies = False
         self.split_mixed = False
 
     @staticmethod
@@ -135,7 +140,7 @@ class ModelRunner:
             decoding = [len(s.all_ids) - s.num_computed == 1 for s in batch.seqs]
             if any(decoding) and not all(decoding):
                 return self._split_logits(batch, rows, counts, decoding)
-        if self.decoder_rows > 1 and batch.drafts and any(batch.drafts) and \
+        if self.decoder_verifies and batch.drafts and any(batch.drafts) and \
                 all(len(s.all_ids) - s.num_computed == 1 for s in batch.seqs):
             return self._verify_in_decoder(batch, counts)
         ids, pos, q_lens, kv_lens, tables = [], [], [], [], []
