@@ -45,18 +45,25 @@ def test_ngram_lookup_takes_the_latest_longest_match():
 
 def test_drafting_backs_off_after_misses_and_resets_on_a_hit():
     p = NgramProposer(max_draft=4)
-    toks = [1, 2, 3, 1, 2]
-    assert p.propose("r", toks, 10) == [3, 1, 2]
-    p.record("r", 3, 0)
+    toks = [1, 2, 3, 1, 2, 3, 4, 5, 1, 2]
+    assert p.propose("r", toks, 10) == [3, 4]  # a sequence starts with START_DRAFT tokens
+    p.record("r", 2, 0)
     assert p.propose("r", toks, 10) == []  # cooling down for 2 steps
     assert p.propose("r", toks, 10) == []
-    assert p.propose("r", toks, 10) == [3, 1, 2]
-    p.record("r", 3, 0)
+    assert p.propose("r", toks, 10) == [3]  # after a miss: one token
+    p.record("r", 1, 0)
     assert sum(1 for _ in range(4) if not p.propose("r", toks, 10)) == 4  # 4 steps after the second miss
-    assert p.propose("r", toks, 10)
-    p.record("r", 3, 2)
-    assert p.propose("r", toks, 10)  # a hit: no cooldown
-    assert p.acceptance_rate == pytest.approx(2 / 9)
+    assert p.propose("r", toks, 10) == [3]
+    p.record("r", 1, 1)  # all accepted: no cooldown, twice the length
+    assert p.propose("r", toks, 10) == [3, 4]
+    p.record("r", 2, 2)
+    assert p.propose("r", toks, 10) == [3, 4, 5, 1]
+    p.record("r", 4, 4)
+    assert p.propose("r", toks, 10) == [3, 4, 5, 1]  # at most max_draft
+    p.record("r", 4, 1)  # a partial hit: one past what was accepted
+    assert p.propose("r", toks, 10) == [3, 4]
+    assert p.propose("r", toks, 1) == [3]  # and never past the room left
+    assert p.acceptance_rate == pytest.approx(8 / 14)
 
 
 def test_acceptance_rules():

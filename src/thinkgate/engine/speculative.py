@@ -8,7 +8,11 @@ and gives back the rejected tokens' blocks.
 
 A proposal costs a wider forward, so on text that does not repeat, drafting backs off: after a proposal of
 which nothing was accepted the sequence stops proposing for a number of steps that doubles with each such
-miss in a row (up to MAX_COOLDOWN), and a hit resets it.
+miss in a row (up to MAX_COOLDOWN), and a hit resets it. The draft length adapts too: a sequence starts with
+START_DRAFT tokens, doubles it (up to MAX_DRAFT) each time every draft is accepted, drops to one past what
+was accepted on a partial hit and to 1 on a miss. A miss then costs a verify step of 2 rows rather than 9: on
+CPU a row costs ~1/3 of a one-token step, so on prose the fixed 8-token drafts cost 15 % of the speed
+(BENCHMARKS.md, "N-gram speculative decoding"), while text that repeats is back at 8 within three steps.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import numpy as np
 NGRAM_MAX = 3  # the longest suffix looked up first ...
 NGRAM_MIN = 1  # ... down to this one
 MAX_DRAFT = 8  # tokens proposed at most per step
+START_DRAFT = 2  # a sequence's first drafts
 MAX_COOLDOWN = 64  # steps without proposing after many misses in a row
 
 
 @dataclass
 class DraftState:
     misses: int = 0  # proposals in a row of which nothing was accepted
+    limit: int = START_DRAFT  # tokens the next proposal may hold
     cooldown: int = 0  # steps left before the next proposal
     proposed: int = 0  # draft tokens proposed (statistics)
     accepted: int = 0  # of which accepted
@@ -61,14 +67,14 @@ class NgramProposer:
 
     def propose(self, request_id: str, tokens: list[int], room: int) -> list[int]:
         """Drafts for a sequence whose known tokens are `tokens`; `room`: how many may be proposed at most."""
-        st = self.states.setdefault(request_id, DraftState())
+        st = self.states.setdefault(request_id, DraftState(limit=min(START_DRAFT, self.max_draft)))
         if st.cooldown > 0:
             st.cooldown -= 1
             return []
-        return find_ngram_draft(tokens, min(self.max_draft, room))
+        return find_ngram_draft(tokens, min(st.limit, room))
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
-        st = self.states.setdefault(request_id, DraftState())
+        st = self.states.setdefault(request_id, DraftState(limit=min(START_DRAFT, self.max_draft)))
         st.proposed += proposed
         st.accepted += accepted
         self.proposed += proposed
@@ -76,8 +82,10 @@ class NgramProposer:
         if accepted == 0:
             st.misses += 1
             st.cooldown = min(2 ** st.misses, MAX_COOLDOWN)
+            st.limit = 1
         else:
             st.misses = 0
+            st.limit = min(self.max_draft, 2 * st.limit if accepted == proposed else accepted + 1)
 
     def forget(self, request_id: str) -> None:
         self.states.pop(request_id, None)
