@@ -895,9 +895,11 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             const int type = static_cast<int>(types[task.part]);
             const int64_t rb = weights[task.part].size(1);
             const uint8_t* pw = weights[task.part].data_ptr<uint8_t>();
-            constexpr int kRows = 4;  // input rows sharing each unpacked weight block
-            const void* acts[kRows];
-            float res[kRows];
+            // Input rows sharing each unpacked weight block: 8 for the 16-bit kernels (a batch of 8 sequences
+            // unpacks each block once), 4 for the 8-bit ones.
+            const int kRows = act.wide ? 8 : 4;
+            const void* acts[8];
+            float res[8];
             for (int64_t i0 = 0; i0 < m; i0 += kRows) {
                 const int na = static_cast<int>(std::min<int64_t>(kRows, m - i0));
                 for (int j = 0; j < na; ++j) acts[j] = act.row(type, i0 + j);
@@ -906,6 +908,10 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
 #ifdef __AVX2__
                     if (!scalar && act.wide) {
                         switch (na) {
+                            case 8: dot16_avx2<8>(type, row, acts, k, res); break;
+                            case 7: dot16_avx2<7>(type, row, acts, k, res); break;
+                            case 6: dot16_avx2<6>(type, row, acts, k, res); break;
+                            case 5: dot16_avx2<5>(type, row, acts, k, res); break;
                             case 4: dot16_avx2<4>(type, row, acts, k, res); break;
                             case 3: dot16_avx2<3>(type, row, acts, k, res); break;
                             case 2: dot16_avx2<2>(type, row, acts, k, res); break;
