@@ -65,9 +65,8 @@ class AttentionMetadata:
         qpos = (kv_lens_t - q_lens_t)[:, None] + qi[None, :]  # [B, Qmax]
         mask = None
         # Built where it is used ([B, Qmax, Lmax] is large for long chunks). A single prompt's later chunk
-        # needs none on CUDA (a bottom-right causal bias); on CPU SDPA would materialise that bias in every
-        # layer (as slow as the attention itself), so the step builds its mask once for all layers.
-        if kind in ("mixed", "decode") or (kind == "chunk" and device.type != "cuda"):  # "verify": none
+        # needs none: a bottom-right causal bias on CUDA, two unmasked calls on CPU (chunk_attention_cpu).
+        if kind in ("mixed", "decode"):  # "verify", "chunk": none
             dpos, dq, dkv, dvalid = pos.to(device), qpos.to(device), kv_lens_t.to(device), q_valid.to(device)
             mask = (dpos[None, None, :] <= dq[:, :, None]) & (dpos[None, None, :] < dkv[:, None, None])
             mask = mask | (~dvalid)[:, :, None] & (dpos[None, None, :] == 0)  # padded rows: one key, no NaN
@@ -118,6 +117,10 @@ class TorchPagedAttention:
                          v[:, :n0 + i].transpose(1, 2), scale=self.scale) for i in range(t)]
             return torch.cat(rows).squeeze(2).to(q.dtype)  # [t, Hq, D]
         if meta.kind == "chunk":
+            q4 = q.to(dtype).transpose(0, 1)[None]  # [1, Hq, T, D]
+            if not q.is_cuda:
+                out = chunk_attention_cpu(q4, k.transpose(1, 2), v.transpose(1, 2), self.scale)
+                return out[0].transpose(0, 1).to(q.dtype)
             mask = meta.mask
             if mask is None:
                 # Imported here: torch.nn.attention.bias pulls in torch._dynamo (sympy, triton), ~140 MiB of
@@ -127,8 +130,7 @@ class TorchPagedAttention:
                 # Query i sits at position L - T + i: causal aligned at the bottom right, which SDPA's fused
                 # kernels take without a materialised [T, L] mask.
                 mask = causal_lower_right(t, k.shape[1])
-            out = sdpa(q.to(dtype).transpose(0, 1)[None], k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
-                       attn_mask=mask)  # [1, Hq, T, D]
+            out = sdpa(q4, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale, attn_mask=mask)  # [1, Hq, T, D]
             return out[0].transpose(0, 1).to(q.dtype)
         qp = q[meta.q_index].to(dtype)  # [B, Qmax, Hq, D]
         out = sdpa(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale,
@@ -151,6 +153,26 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attn_m
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=hq != hkv)
+
+
+def chunk_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prompt's later chunk on CPU: q [1, Hq, T, D] at positions L - T .. L - 1 over k, v [1, Hkv, L, D].
+
+    SDPA with the bottom-right causal mask is a masked call on CPU: it computes (and masks) every query-key
+    pair, the chunk's upper triangle included, and reads the [T, L] mask besides (364 ms a layer for 2,048
+    queries over 4,096 keys here). Split instead into the two parts flash attention takes unmasked: the
+    earlier keys (all visible) and the chunk's own keys (causal from the top left), each returning its
+    log-sum-exp, and combine them as one softmax would (257 ms; 834 -> 560 ms at 8,192 keys)."""
+    t, n = q.shape[2], k.shape[2]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # GQA-aware; returns (out, lse)
+    out_own, lse_own = flash(q, k[:, :, n - t:], v[:, :, n - t:], 0.0, True, scale=scale)[:2]
+    if n == t:
+        return out_own
+    out_old, lse_old = flash(q, k[:, :, :n - t], v[:, :, :n - t], 0.0, False, scale=scale)[:2]
+    top = torch.maximum(lse_own, lse_old)
+    w_own, w_old = torch.exp(lse_own - top).unsqueeze(-1), torch.exp(lse_old - top).unsqueeze(-1)
+    out = (out_own.float() * w_own + out_old.float() * w_old) / (w_own + w_old)
+    return out.to(q.dtype)
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
