@@ -362,3 +362,47 @@ def test_concurrent_engines_do_not_share_the_gemm_buffer():
     for t in threads:
         t.join()
     assert not bad
+
+
+def test_silu_mul_writes_each_panel_into_a_wider_activation():
+    """ggml_silu_mul: SiLU(gate) * up of a [T, 2p] panel (gate columns, then up) against fp64, written into a view
+    of a wider activation without touching its other columns; refused by name when the view cannot take it."""
+    rng = np.random.default_rng(29)
+    x = torch.from_numpy((rng.standard_normal((5, 2 * 19)) * 6).astype(np.float32))
+    full = torch.full((5, 50), 7.0)
+    ops.ggml_silu_mul(x, full[:, 20:39])
+    g, u = x.double()[:, :19], x.double()[:, 19:]
+    torch.testing.assert_close(full[:, 20:39].double(), g * torch.sigmoid(g) * u, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full[:, :20], torch.full((5, 20), 7.0)) and torch.equal(full[:, 39:], torch.full((5, 11), 7.0))
+    with pytest.raises(RuntimeError, match="ggml_silu_mul: out"):
+        ops.ggml_silu_mul(x, full[:, 20:38])
+    with pytest.raises(RuntimeError, match="ggml_silu_mul: x"):
+        ops.ggml_silu_mul(x[:, :37], full[:, 20:38])
+
+
+@pytest.mark.parametrize("rows", [3, 64, 130])
+def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, monkeypatch):
+    """A gate/up GGMLLinear's swiglu (prefill's MLP): in panels of columns whose width does not divide the
+    intermediate size, each part of its own type, the result is SiLU(x W_gate^T) * (x W_up^T) of the exact
+    weights (fp64 model) from GEMM_MIN_ROWS rows, and of the block kernels' product below that."""
+    from thinkgate.layers import ggml_linear
+    from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
+
+    monkeypatch.setattr(ggml_linear, "SWIGLU_PANEL", 40)  # 104 columns: 3 panels of 48, the last one 8 wide
+    rng = np.random.default_rng(31)
+    gate, up = random_blocks(T.Q5_0, 104, 256, rng), random_blocks(T.Q8_0, 104, 256, rng)
+    lin = GGMLLinear([(int(T.Q5_0), torch.from_numpy(gate)), (int(T.Q8_0), torch.from_numpy(up))], 256)
+    x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
+    if rows >= GEMM_MIN_ROWS:
+        xd = x.numpy().astype(np.float64)
+        g = xd @ dequantize(gate, T.Q5_0).reshape(104, 256).astype(np.float64).T
+        u = xd @ dequantize(up, T.Q8_0).reshape(104, 256).astype(np.float64).T
+    else:
+        both = ops.ggml_linear(x, lin.types, lin.blocks, None, False, 16).double().numpy()
+        g, u = both[:, :104], both[:, 104:]
+    want = g / (1 + np.exp(-g)) * u
+    got = lin.swiglu(x.view(1, rows, 256))
+    assert got.shape == (1, rows, 104)
+    np.testing.assert_allclose(got[0].double().numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    single = GGMLLinear([(int(T.Q8_0), torch.from_numpy(up))], 256)
+    assert single.swiglu(x) is None  # not a gate/up pair: the model's plain SiLU path

@@ -395,7 +395,26 @@ private:
     std::vector<Layer> layers_;
 };
 
+// out[i, :p] = SiLU(x[i, :p]) * x[i, p:] for x [T, 2p] (one panel of gate/up columns, gate then up) into a
+// [T, >= p] view whose rows may be longer: prefill writes each panel's activations in place in the full
+// [T, I] activation, so the [T, 2I] gate/up product never exists whole (BENCHMARKS.md, "CPU, fifth round").
+void ggml_silu_mul(const at::Tensor& x, at::Tensor out) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) % 2 == 0,
+                "ggml_silu_mul: x must be a contiguous fp32 [T, 2p] tensor");
+    const int64_t t = x.size(0), p = x.size(1) / 2;
+    TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.size(0) == t && out.size(1) == p &&
+                    out.stride(1) == 1, "ggml_silu_mul: out must be an fp32 [T, p] view with unit column stride");
+    const float* px = x.data_ptr<float>();
+    float* po = out.data_ptr<float>();
+    const int64_t ld = out.stride(0);
+    at::parallel_for(0, t, 8, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) silu_mul_row(px + i * 2 * p, px + i * 2 * p + p, po + i * ld, p);
+    });
+}
+
 void bind_ggml_decoder(py::module& m) {
+    m.def("ggml_silu_mul", &ggml_silu_mul, "SiLU(gate) * up of a [T, 2p] gate/up panel into a [T, p] view",
+          py::arg("x"), py::arg("out"));
     py::class_<GGMLDecoder>(m, "GGMLDecoder")
         .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
         .def("add_layer", &GGMLDecoder::add_layer)

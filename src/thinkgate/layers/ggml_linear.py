@@ -28,6 +28,11 @@ GEMM_MIN_ROWS = 64
 # time): as large as the largest linear (35 MB for the default model's gate/up). One per thread: a server with
 # several local models runs each engine in a thread of its own.
 _local = threading.local()
+# A gate/up projection with many rows runs in panels of about this many gate columns (and as many up columns):
+# each panel's dequantized weight (3.6 MB) and product stay in the L3 cache and its SiLU(gate) * up is written
+# at once, where the whole [T, 2I] product (80 MB at 2,048 rows) and the 35 MB weight went through DRAM: 2,048
+# rows of the default model's gate/up and SwiGLU 410 -> 307 ms (BENCHMARKS.md, "CPU, fifth round").
+SWIGLU_PANEL = 512
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -67,6 +72,35 @@ class GGMLLinear(nn.Module):
             y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.act_bits)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU(x @ gate^T) * (x @ up^T), [..., I], for a gate/up projection (two parts of I rows each), or None
+        for any other linear. Many rows: in panels of gate/up columns (SWIGLU_PANEL), each dequantized, multiplied
+        by the float GEMM and activated in place; few rows: the block kernels, then the same activation."""
+        if len(self.blocks) != 2 or self.blocks[0].shape[0] != self.blocks[1].shape[0] or self.bias32 is not None:
+            return None
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        inter, rows = self.blocks[0].shape[0], flat.shape[0]
+        out = torch.empty(rows, inter)
+        if rows < GEMM_MIN_ROWS:
+            self._ops.ggml_silu_mul(self._ops.ggml_linear(flat, self.types, self.blocks, None, False, self.act_bits),
+                                    out)
+        else:
+            panels = -(-inter // SWIGLU_PANEL)
+            width = (-(-inter // panels) + 15) // 16 * 16  # about equal panels, a multiple of 16 columns
+            gate, up = self.blocks
+            for j in range(0, inter, width):
+                w = self._dequantize([gate[j:j + width], up[j:j + width]])
+                self._ops.ggml_silu_mul(_gemm(flat, w, None), out[:, j:j + width])
+        return out.view(*x.shape[:-1], inter).to(x.dtype)
+
+    def _dequantize(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """These rows of the parts (all of them, or a panel) in fp32, in the thread's kept buffer."""
+        need = sum(b.shape[0] for b in blocks) * self.in_features
+        scratch = getattr(_local, "scratch", None)
+        if scratch is None or scratch.numel() < need:
+            scratch = _local.scratch = torch.empty(need)
+        return self._ops.ggml_dequantize(self.types, blocks, False, scratch)
+
     def forward_exact(self, flat: torch.Tensor) -> torch.Tensor:
         """fp32 rows times the file's weights dequantized (the values the block kernels multiply, exactly): a
         float GEMM. For many rows at once (prefill) it is faster than the block kernels, which spend most of
@@ -74,14 +108,14 @@ class GGMLLinear(nn.Module):
         The weight is dequantized into one buffer kept between calls (a fresh one is fresh pages, whose first
         touch costs as much as the dequantization) and multiplied by oneDNN's GEMM where torch has it: 8-16%
         faster than MKL's on this AVX2 machine at 512-2048 rows (BENCHMARKS.md, "CPU, third round")."""
-        need = self.out_features * self.in_features
-        scratch = getattr(_local, "scratch", None)
-        if scratch is None or scratch.numel() < need:
-            scratch = _local.scratch = torch.empty(need)
-        w = self._ops.ggml_dequantize(self.types, self.blocks, False, scratch)
-        if _ONEDNN:
-            return torch.ops.mkldnn._linear_pointwise(flat, w, self.bias32, "none", [], "")
-        return flat @ w.t() if self.bias32 is None else torch.addmm(self.bias32, flat, w.t())
+        return _gemm(flat, self._dequantize(self.blocks), self.bias32)
+
+
+def _gemm(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """flat @ w^T (+ bias) in fp32: oneDNN's GEMM where torch has it, else torch's (MKL's)."""
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(flat, w, bias, "none", [], "")
+    return flat @ w.t() if bias is None else torch.addmm(bias, flat, w.t())
 
 
 class GGMLEmbedding(nn.Module):

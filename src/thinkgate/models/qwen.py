@@ -65,6 +65,10 @@ class DenseMLP(nn.Module):
     def forward(self, x, ops=None):
         if ops is not None:
             return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        swiglu = getattr(self.gate_up_proj, "swiglu", None)  # a GGUF's blocks: the product in panels, activated
+        act = None if swiglu is None else swiglu(x)
+        if act is not None:
+            return self.down_proj(act)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
