@@ -10,7 +10,7 @@ A proposal costs a wider forward, so on text that does not repeat, drafting back
 which nothing was accepted the sequence stops proposing for a number of steps that doubles with each such
 miss in a row (up to MAX_COOLDOWN), and a hit resets it. The draft length adapts too: a sequence starts with
 START_DRAFT tokens, doubles it (up to MAX_DRAFT) each time every draft is accepted, drops to one past what
-was accepted on a partial hit and to 1 on a miss. A miss then costs a verify step of 2 rows rather than 9: on
+was accepted on a partial hit and to 1 on a miss. A miss then costs a verify step of 2 rows rather than 8: on
 CPU a row costs ~1/3 of a one-token step, so on prose the fixed 8-token drafts cost 15 % of the speed
 (BENCHMARKS.md, "N-gram speculative decoding"), while text that repeats is back at 8 within three steps.
 """
@@ -23,7 +23,10 @@ import numpy as np
 
 NGRAM_MAX = 3  # the longest suffix looked up first ...
 NGRAM_MIN = 1  # ... down to this one
-MAX_DRAFT = 8  # tokens proposed at most per step
+# Tokens proposed at most per step: 7, so that a verify step (the pending token and its drafts) is 8 rows, one
+# group of the CPU block kernels, which unpack each weight block once for 8 rows; a 9th row costs a second
+# unpacking (editing 1.92x at 8, 2.03-2.14x at 7, 1.88x at 15: BENCHMARKS.md, "CPU, fifth round").
+MAX_DRAFT = 7
 START_DRAFT = 2  # a sequence's first drafts
 MAX_COOLDOWN = 64  # steps without proposing after many misses in a row
 
