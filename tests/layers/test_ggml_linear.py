@@ -404,5 +404,7 @@ def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, monkeypatch):
     got = lin.swiglu(x.view(1, rows, 256))
     assert got.shape == (1, rows, 104)
     np.testing.assert_allclose(got[0].double().numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    kept = lin.swiglu(x, reuse=True)  # the MLP's form: this thread's kept buffer, the same values
+    assert torch.equal(kept, got[0]) and lin.swiglu(x, reuse=True).data_ptr() == kept.data_ptr()
     single = GGMLLinear([(int(T.Q8_0), torch.from_numpy(up))], 256)
     assert single.swiglu(x) is None  # not a gate/up pair: the model's plain SiLU path

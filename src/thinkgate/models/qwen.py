@@ -66,7 +66,7 @@ class DenseMLP(nn.Module):
         if ops is not None:
             return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
         swiglu = getattr(self.gate_up_proj, "swiglu", None)  # a GGUF's blocks: the product in panels, activated
-        act = None if swiglu is None else swiglu(x)
+        act = None if swiglu is None else swiglu(x, reuse=True)  # a kept buffer, read by down_proj at once
         if act is not None:
             return self.down_proj(act)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
