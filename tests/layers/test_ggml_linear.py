@@ -408,3 +408,25 @@ def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, monkeypatch):
     assert torch.equal(kept, got[0]) and lin.swiglu(x, reuse=True).data_ptr() == kept.data_ptr()
     single = GGMLLinear([(int(T.Q8_0), torch.from_numpy(up))], 256)
     assert single.swiglu(x) is None  # not a gate/up pair: the model's plain SiLU path
+
+
+def test_a_large_weight_is_multiplied_in_panels_of_bounded_size(monkeypatch):
+    """forward_exact of a weight larger than EXACT_PANEL_BYTES (the output head) dequantizes it a panel of rows at a
+    time, panels that cross the parts' boundary included: the product (bias too) is the exact one, and the kept
+    buffer never grows past one panel."""
+    from thinkgate.layers import ggml_linear
+    from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
+
+    monkeypatch.setattr(ggml_linear, "EXACT_PANEL_BYTES", 48 * 256 * 4)  # panels of 48 rows over parts of 70 + 50
+    monkeypatch.setattr(ggml_linear._local, "scratch", None, raising=False)
+    rng = np.random.default_rng(37)
+    a, b = random_blocks(T.Q8_0, 70, 256, rng), random_blocks(T.Q4_K, 50, 256, rng)
+    bias = torch.from_numpy(rng.standard_normal(120).astype(np.float32))
+    lin = GGMLLinear([(int(T.Q8_0), torch.from_numpy(a)), (int(T.Q4_K), torch.from_numpy(b))], 256, bias)
+    x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS + 3, 256)).astype(np.float32))
+    w = np.concatenate([dequantize(a, T.Q8_0).reshape(70, 256), dequantize(b, T.Q4_K).reshape(50, 256)])
+    exact = x.numpy().astype(np.float64) @ w.astype(np.float64).T + bias.numpy()
+    got = lin(x)
+    assert got.shape == (GEMM_MIN_ROWS + 3, 120)
+    np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    assert ggml_linear._local.scratch.numel() == 48 * 256

@@ -9,6 +9,7 @@ embedding dequantizes the rows it looks up, as llama.cpp's get_rows does.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -33,6 +34,10 @@ _local = threading.local()
 # at once, where the whole [T, 2I] product (80 MB at 2,048 rows) and the 35 MB weight went through DRAM: 2,048
 # rows of the default model's gate/up and SwiGLU 410 -> 307 ms (BENCHMARKS.md, "CPU, fifth round").
 SWIGLU_PANEL = 512
+# forward_exact dequantizes at most this much fp32 weight at a time, in panels of output rows: the kept buffer
+# would otherwise grow to the largest weight ever multiplied this way, 545 MB for the default model's output
+# head (a step with 64+ rows of logits: prompt logprobs of a long prompt, or 64+ sequences decoding at once).
+EXACT_PANEL_BYTES = 32 << 20
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -117,8 +122,21 @@ class GGMLLinear(nn.Module):
         their time unpacking blocks, and it is the exact model's product: no 8-bit rounding of the rows.
         The weight is dequantized into one buffer kept between calls (a fresh one is fresh pages, whose first
         touch costs as much as the dequantization) and multiplied by oneDNN's GEMM where torch has it: 8-16%
-        faster than MKL's on this AVX2 machine at 512-2048 rows (BENCHMARKS.md, "CPU, third round")."""
-        return _gemm(flat, self._dequantize(self.blocks), self.bias32)
+        faster than MKL's on this AVX2 machine at 512-2048 rows (BENCHMARKS.md, "CPU, third round"). A weight
+        over EXACT_PANEL_BYTES in fp32 (the output head) goes a panel of output rows at a time."""
+        per = max(16, EXACT_PANEL_BYTES // (4 * self.in_features))
+        if self.out_features <= per:
+            return _gemm(flat, self._dequantize(self.blocks), self.bias32)
+        out = torch.empty(flat.shape[0], self.out_features)
+        firsts = list(itertools.accumulate([b.shape[0] for b in self.blocks], initial=0))[:-1]
+        for j in range(0, self.out_features, per):
+            end = min(j + per, self.out_features)
+            # Rows j..end of the stacked parts: each part's share (empty where the panel misses it).
+            panel = [b[min(max(j - f, 0), len(b)):min(max(end - f, 0), len(b))]
+                     for b, f in zip(self.blocks, firsts, strict=True)]
+            bias = None if self.bias32 is None else self.bias32[j:end]
+            out[:, j:end] = _gemm(flat, self._dequantize(panel), bias)
+        return out
 
 
 def _gemm(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
