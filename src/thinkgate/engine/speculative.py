@@ -12,7 +12,7 @@ miss in a row (up to MAX_COOLDOWN), and a hit resets it. The draft length adapts
 START_DRAFT tokens, doubles it (up to MAX_DRAFT) each time every draft is accepted, drops to one past what
 was accepted on a partial hit and to 1 on a miss. A miss then costs a verify step of 2 rows rather than 8: on
 CPU a row costs ~1/3 of a one-token step, so on prose the fixed 8-token drafts cost 15 % of the speed
-(BENCHMARKS.md, "N-gram speculative decoding"), while text that repeats is back at 8 within three steps.
+(BENCHMARKS.md, "N-gram speculative decoding"), while text that repeats is back at MAX_DRAFT within three steps.
 """
 
 from __future__ import annotations

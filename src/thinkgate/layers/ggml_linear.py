@@ -25,8 +25,9 @@ SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K"
 # from there the GEMM is faster (BENCHMARKS.md, "CPU, third round"). Decode and verify steps, whose rows must
 # match one-token decode steps bit for bit, run in the C++ decoder and never reach here with this many rows.
 GEMM_MIN_ROWS = 64
-# The dequantized weight of the last forward_exact, its buffer reused by the next (a model's linears run one at a
-# time): as large as the largest linear (35 MB for the default model's gate/up). One per thread: a server with
+# Per-thread kept buffers, reused call after call (a model's linears run one at a time): `scratch`, the dequantized
+# weight (or panel) of the last float GEMM, as large as the largest one, at most EXACT_PANEL_BYTES (17 MB for the
+# default model's down); `activation`, the MLP's SwiGLU output (swiglu(reuse=True)). One per thread: a server with
 # several local models runs each engine in a thread of its own.
 _local = threading.local()
 # A gate/up projection with many rows runs in panels of about this many gate columns (and as many up columns):
