@@ -177,7 +177,7 @@ def test_speculative_greedy_answers_are_the_plain_ones(checkpoints, tmp_path):
     single.runner.cpu_decoder = Counting()
     model_steps = []
     forward = lm.model.forward
-    lm.model.forward = lambda ids, *rest: model_steps.append(ids.shape[0]) or forward(ids, *rest)
+    lm.model.forward = lambda ids, *rest, **kw: model_steps.append(ids.shape[0]) or forward(ids, *rest, **kw)
     try:
         assert [single.generate([p], params)[0] for p in prompts] == want
     finally:

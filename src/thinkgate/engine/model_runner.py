@@ -156,14 +156,14 @@ class ModelRunner:
                                        verify=any(drafts))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, H]
-        ends = torch.tensor(q_lens).cumsum(0).tolist()
+        ends = itertools.accumulate(q_lens)
         if counts is None:
             counts = [0 if r is None else 1 for r in rows]
         want = [p for end, c in zip(ends, counts, strict=True) for p in range(end - c, end)]
-        if not want:
-            return None
-        return self.model.compute_logits(hidden[torch.tensor(want, device=self.device)])  # [sum(counts), V]
+        # Only the sampled rows' final hidden states are computed (the others' K/V are all later steps read).
+        hidden = self.model(input_ids, positions, self.kv_caches, meta,
+                            keep=torch.tensor(want, dtype=torch.long, device=self.device))  # [len(want), H]
+        return self.model.compute_logits(hidden) if want else None  # [sum(counts), V]
 
     def _split_logits(self, batch: ScheduledBatch, rows: list[SamplingRow | None], counts: list[int] | None,
                       decoding: list[bool]) -> torch.Tensor | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -40,6 +41,23 @@ SWIGLU_PANEL = 512
 # head (a step with 64+ rows of logits: prompt logprobs of a long prompt, or 64+ sequences decoding at once).
 EXACT_PANEL_BYTES = 32 << 20
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@contextmanager
+def rows_like(rows: int):
+    """Inside, a call with fewer rows chooses its path (block kernels or the float GEMM) as a call of `rows`
+    rows would: the kept rows of a prefill chunk's last layer (models/qwen.py) are then computed by the same
+    arithmetic as when the whole chunk ran through it (the float GEMM's exact product, not the 16-bit blocks)."""
+    before = getattr(_local, "rows_like", 0)
+    _local.rows_like = rows
+    try:
+        yield
+    finally:
+        _local.rows_like = before
+
+
+def _gemm_rows(rows: int) -> bool:
+    return max(rows, getattr(_local, "rows_like", 0)) >= GEMM_MIN_ROWS
 
 
 def available() -> bool:
@@ -72,7 +90,7 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
-        if flat.shape[0] >= GEMM_MIN_ROWS:
+        if _gemm_rows(flat.shape[0]):
             y = self.forward_exact(flat)
         else:
             y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.act_bits)
@@ -97,7 +115,7 @@ class GGMLLinear(nn.Module):
             out = kept[:rows * inter].view(rows, inter)
         else:
             out = torch.empty(rows, inter)
-        if rows < GEMM_MIN_ROWS:
+        if not _gemm_rows(rows):
             self._ops.ggml_silu_mul(self._ops.ggml_linear(flat, self.types, self.blocks, None, False, self.act_bits),
                                     out)
         else:

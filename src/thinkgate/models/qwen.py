@@ -13,6 +13,7 @@ from torch import nn
 
 from thinkgate.layers import cpu_fused
 from thinkgate.layers.attention import AttentionMetadata, TorchPagedAttention, write_kv
+from thinkgate.layers.ggml_linear import rows_like
 from thinkgate.layers.moe import grouped_moe, reference_moe, route, use_fused
 from thinkgate.layers.norm import RMSNorm
 from thinkgate.layers.rotary import RotaryEmbedding, apply_rotary
@@ -29,7 +30,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, backend) -> torch.Tensor:
+                meta: AttentionMetadata, backend, keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """keep: the only rows whose output is wanted (every row's K/V is still written); none: None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nq + 2 * self.nkv, self.d)  # [T, Hq+2Hkv, D]
         qk, v = qkv[:, : self.nq + self.nkv], qkv[:, self.nq + self.nkv:]
@@ -38,11 +40,16 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, *rope)  # q and k heads rotate together: one set of ops, not two
         q, k = qk[:, : self.nq], qk[:, self.nq:]
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        if keep is not None and keep.numel() == 0:
+            return None
         o = backend.forward(q, kv[0], kv[1], meta, k, v)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.nq * self.d))
+        if keep is not None:
+            o = o[keep]
+        return self.o_proj(o.reshape(o.shape[0], self.nq * self.d))
 
     def forward_fused(self, x, positions: torch.Tensor, rope: RotaryEmbedding,
-                      kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend, ops) -> torch.Tensor:
+                      kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, backend, ops,
+                      keep: torch.Tensor | None = None) -> torch.Tensor | None:
         """The same attention with q/k norm, rotary and the cache write in one fused op (`ops`: the Triton
         kernels on a GPU, our C++ ones on a CPU)."""
         t = x.shape[0]
@@ -51,9 +58,13 @@ class Attention(nn.Module):
         ops.qk_norm_rope_store(qkv, self.nq, self.nkv, self.q_norm.weight if has_norm else None,
                            self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
                            rope.cos, rope.sin, positions, meta.slot_mapping, kv[0], kv[1])
+        if keep is not None and keep.numel() == 0:
+            return None
         q, k, v = qkv.split([self.nq, self.nkv, self.nkv], dim=1)
         o = backend.forward(q, kv[0], kv[1], meta, k, v)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.nq * self.d))
+        if keep is not None:
+            o = o[keep]
+        return self.o_proj(o.reshape(o.shape[0], self.nq * self.d))
 
 
 class DenseMLP(nn.Module):
@@ -105,14 +116,22 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rope, kv, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, backend)
+    def forward(self, x, rope, kv, meta, backend, keep: torch.Tensor | None = None):
+        """keep: see QwenForCausalLM.forward; the result has those rows only."""
+        a = self.self_attn(self.input_layernorm(x), rope, kv, meta, backend, keep)
+        if a is None:
+            return x[:0]
+        x = (x if keep is None else x[keep]) + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x, residual, positions, rope, kv, meta, backend, ops):
+    def forward_fused(self, x, residual, positions, rope, kv, meta, backend, ops, keep: torch.Tensor | None = None):
         """Fused form: the residual travels beside the hidden state, and each add is fused into the next norm."""
         h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual)
-        x = self.self_attn.forward_fused(h, positions, rope, kv, meta, backend, ops)
+        x = self.self_attn.forward_fused(h, positions, rope, kv, meta, backend, ops, keep)
+        if x is None:
+            return h[:0], residual[:0]
+        if keep is not None:
+            residual = residual[keep]
         h, residual = ops.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
                                    residual)
         return self.mlp(h, ops=ops), residual
@@ -136,20 +155,33 @@ class QwenForCausalLM(nn.Module):
         self.fused_ops = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, H]."""
+                meta: AttentionMetadata, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H], or with `keep` (row indices) those rows'
+        alone, [len(keep), H]. Later steps read only the layers' keys and values, so past the last layer's
+        K/V the other rows are not computed (llama.cpp skips them the same way): a prefill chunk that samples
+        one token runs the last layer's attention output, o_proj and MLP for one row, one that samples none
+        stops at the last layer's K/V. The kept rows' linears choose their kernels as the whole chunk's would
+        (layers/ggml_linear.rows_like), so their values are those of the full computation."""
         x = self.embed_tokens(input_ids)
         ops = self.fused_ops
+        *body, last = zip(self.layers, kv_caches, strict=True)
         if ops is not None:
             residual = None
-            for layer, kv in zip(self.layers, kv_caches, strict=True):
+            for layer, kv in body:
                 x, residual = layer.forward_fused(x, residual, positions, self.rope, kv, meta, self.attn_backend,
                                                   ops)
+            with rows_like(x.shape[0]):
+                x, residual = last[0].forward_fused(x, residual, positions, self.rope, last[1], meta,
+                                                    self.attn_backend, ops, keep)
+            if x.shape[0] == 0:
+                return x
             return ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
         rope = self.rope.table(positions, x.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
+        for layer, kv in body:
             x = layer(x, rope, kv, meta, self.attn_backend)
-        return self.norm(x)
+        with rows_like(x.shape[0]):
+            x = last[0](x, rope, last[1], meta, self.attn_backend, keep)
+        return x if x.shape[0] == 0 else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]
