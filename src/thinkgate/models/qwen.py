@@ -31,7 +31,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, backend, keep: torch.Tensor | None = None) -> torch.Tensor | None:
-        """keep: the only rows whose output is wanted (every row's K/V is still written); none: None."""
+        """keep: the only rows whose output is wanted (every row's K/V is still written); an empty keep returns None."""
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nq + 2 * self.nkv, self.d)  # [T, Hq+2Hkv, D]
         qk, v = qkv[:, : self.nq + self.nkv], qkv[:, self.nq + self.nkv:]
