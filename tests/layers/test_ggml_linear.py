@@ -317,36 +317,47 @@ def test_whole_weight_dequantization_is_the_gguf_packages(qtype):
     assert into.data_ptr() == scratch.data_ptr() and torch.equal(into, fast)
 
 
-def test_many_rows_take_the_float_gemm_over_the_exact_weights():
-    """From GEMM_MIN_ROWS rows a GGMLLinear multiplies the dequantized weights in fp32 (no 8-bit rounding of the
-    rows): against fp64 it is far closer than the block kernels; below it the block kernels' bits are kept."""
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_many_rows_take_a_gemm(act_bits):
+    """From GEMM_MIN_ROWS rows a GGMLLinear multiplies by a GEMM: `gguf-q8` (8-bit blocks) by the float GEMM over
+    the dequantized weights, far closer to fp64 than the block kernels; the default (16-bit blocks) by the 16-bit
+    GEMM, whose error is the rows' 16-bit codes. Below it the block kernels' bits are kept."""
     from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
 
     rng = np.random.default_rng(19)
     parts = [(int(T.Q5_0), torch.from_numpy(random_blocks(T.Q5_0, 40, 896, rng))),
              (int(T.Q8_0), torch.from_numpy(random_blocks(T.Q8_0, 8, 896, rng)))]
     bias = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
-    lin = GGMLLinear(parts, 896, bias)
+    lin = GGMLLinear(parts, 896, bias, act_bits=act_bits)
     w = np.concatenate([dequantize(b.numpy(), T(t)).reshape(-1, 896) for t, b in parts]).astype(np.float64)
     x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS, 896)).astype(np.float32))
     exact = x.numpy().astype(np.float64) @ w.T + bias.numpy()
     many = lin(x).numpy()
-    blockwise = ops.ggml_linear(x, lin.types, lin.blocks, lin.bias32, False, 16).numpy()
+    blockwise = ops.ggml_linear(x, lin.types, lin.blocks, lin.bias32, False, act_bits).numpy()
     e_gemm, e_blocks = np.abs(many - exact).max(), np.abs(blockwise - exact).max()
-    assert e_gemm < 1e-5 * np.abs(exact).max() and e_gemm < e_blocks / 10, (e_gemm, e_blocks)  # fp32 sums
+    if act_bits == 8:
+        assert e_gemm < 1e-5 * np.abs(exact).max() and e_gemm < e_blocks / 10, (e_gemm, e_blocks)  # fp32 sums
+    else:
+        assert lin.int16_gemm == ops.ggml_gemm16_fast()
+        if lin.int16_gemm:
+            assert np.array_equal(many, ops.ggml_gemm16(*ops.ggml_quantize16(x), lin.types, lin.blocks, lin.bias32))
+        assert e_gemm < 1e-4 * np.abs(exact).max(), (e_gemm, e_blocks)
     few = x[:GEMM_MIN_ROWS - 1]
-    assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, 16))
+    assert torch.equal(lin(few), ops.ggml_linear(few, lin.types, lin.blocks, lin.bias32, False, act_bits))
 
 
-def test_concurrent_engines_do_not_share_the_gemm_buffer():
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_concurrent_engines_do_not_share_the_gemm_buffer(act_bits):
     """Two engines (a server with several local models) may prefill at once, each in its own thread: each
-    thread's float GEMM gets its own dequantization buffer, so both results are the ones computed alone."""
+    thread's float GEMM gets its own dequantization buffer (the 16-bit GEMM packs into buffers of its call), so
+    both results are the ones computed alone."""
     import threading
 
     from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
 
     rng = np.random.default_rng(23)
-    lins = [GGMLLinear([(int(T.Q8_0), torch.from_numpy(random_blocks(T.Q8_0, 96, 512, rng)))], 512) for _ in range(2)]
+    lins = [GGMLLinear([(int(T.Q8_0), torch.from_numpy(random_blocks(T.Q8_0, 96, 512, rng)))], 512, act_bits=act_bits)
+            for _ in range(2)]
     x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS, 512)).astype(np.float32))
     want = [lin(x) for lin in lins]
     bad = []
@@ -380,25 +391,32 @@ def test_silu_mul_writes_each_panel_into_a_wider_activation():
         ops.ggml_silu_mul(x[:, :37], full[:, 20:38])
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("rows", [3, 64, 130])
-def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, monkeypatch):
+def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, act_bits, monkeypatch):
     """A gate/up GGMLLinear's swiglu (prefill's MLP): in panels of columns whose width does not divide the
-    intermediate size, each part of its own type, the result is SiLU(x W_gate^T) * (x W_up^T) of the exact
-    weights (fp64 model) from GEMM_MIN_ROWS rows, and of the block kernels' product below that."""
+    intermediate size, each part of its own type, the result is SiLU(x W_gate^T) * (x W_up^T) from GEMM_MIN_ROWS
+    rows: of the exact weights (fp64 model) for `gguf-q8`'s float GEMM, of the rows' 16-bit codes for the default's
+    16-bit GEMM; below that, of the block kernels' product."""
     from thinkgate.layers import ggml_linear
+    from tests.layers.test_ggml_gemm16 import model, quantize16_model
     from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
 
     monkeypatch.setattr(ggml_linear, "SWIGLU_PANEL", 40)  # 104 columns: 3 panels of 48, the last one 8 wide
     rng = np.random.default_rng(31)
     gate, up = random_blocks(T.Q5_0, 104, 256, rng), random_blocks(T.Q8_0, 104, 256, rng)
-    lin = GGMLLinear([(int(T.Q5_0), torch.from_numpy(gate)), (int(T.Q8_0), torch.from_numpy(up))], 256)
+    lin = GGMLLinear([(int(T.Q5_0), torch.from_numpy(gate)), (int(T.Q8_0), torch.from_numpy(up))], 256,
+                     act_bits=act_bits)
     x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
-    if rows >= GEMM_MIN_ROWS:
+    if rows >= GEMM_MIN_ROWS and lin.int16_gemm:
+        q, d, s = quantize16_model(x.numpy())
+        g, u = model(T.Q5_0, gate, q, d, s), model(T.Q8_0, up, q, d, s)
+    elif rows >= GEMM_MIN_ROWS:
         xd = x.numpy().astype(np.float64)
         g = xd @ dequantize(gate, T.Q5_0).reshape(104, 256).astype(np.float64).T
         u = xd @ dequantize(up, T.Q8_0).reshape(104, 256).astype(np.float64).T
     else:
-        both = ops.ggml_linear(x, lin.types, lin.blocks, None, False, 16).double().numpy()
+        both = ops.ggml_linear(x, lin.types, lin.blocks, None, False, act_bits).double().numpy()
         g, u = both[:, :104], both[:, 104:]
     want = g / (1 + np.exp(-g)) * u
     got = lin.swiglu(x.view(1, rows, 256))
@@ -411,8 +429,8 @@ def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, monkeypatch):
 
 
 def test_a_large_weight_is_multiplied_in_panels_of_bounded_size(monkeypatch):
-    """forward_exact of a weight larger than EXACT_PANEL_BYTES (the output head) dequantizes it a panel of rows at a
-    time, panels that cross the parts' boundary included: the product (bias too) is the exact one, and the kept
+    """forward_exact (`gguf-q8`'s prefill) of a weight larger than EXACT_PANEL_BYTES (the output head) dequantizes it
+    a panel of rows at a time, panels that cross the parts' boundary included: the product (bias too) is the exact one, and the kept
     buffer never grows past one panel."""
     from thinkgate.layers import ggml_linear
     from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
@@ -422,7 +440,7 @@ def test_a_large_weight_is_multiplied_in_panels_of_bounded_size(monkeypatch):
     rng = np.random.default_rng(37)
     a, b = random_blocks(T.Q8_0, 70, 256, rng), random_blocks(T.Q4_K, 50, 256, rng)
     bias = torch.from_numpy(rng.standard_normal(120).astype(np.float32))
-    lin = GGMLLinear([(int(T.Q8_0), torch.from_numpy(a)), (int(T.Q4_K), torch.from_numpy(b))], 256, bias)
+    lin = GGMLLinear([(int(T.Q8_0), torch.from_numpy(a)), (int(T.Q4_K), torch.from_numpy(b))], 256, bias, act_bits=8)
     x = torch.from_numpy(rng.standard_normal((GEMM_MIN_ROWS + 3, 256)).astype(np.float32))
     w = np.concatenate([dequantize(a, T.Q8_0).reshape(70, 256), dequantize(b, T.Q4_K).reshape(50, 256)])
     exact = x.numpy().astype(np.float64) @ w.astype(np.float64).T + bias.numpy()

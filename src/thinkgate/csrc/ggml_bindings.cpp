@@ -12,6 +12,11 @@ at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at
 at::Tensor ggml_dequantize(const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights, bool scalar,
                            const c10::optional<at::Tensor>& scratch);
 std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ggml_quantize16(const at::Tensor& x, bool scalar);  // ggml_gemm16.cpp
+at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& sums,
+                       const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
+                       const c10::optional<at::Tensor>& bias, bool scalar);
+bool ggml_gemm16_fast();
 void bind_ggml_decoder(py::module& m);  // ggml_decoder.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,5 +28,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("ggml_dequantize", &ggml_dequantize, "the stacked weight parts, dequantized to fp32 [rows, k]",
           py::arg("types"), py::arg("weights"), py::arg("scalar") = false, py::arg("scratch") = py::none());
     m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes");
+    m.def("ggml_quantize16", &ggml_quantize16, "rows -> (int16 codes, scales, block sums) per 32 values",
+          py::arg("x"), py::arg("scalar") = false);
+    m.def("ggml_gemm16", &ggml_gemm16, "quantized rows @ W^T, W in a GGUF's blocks, in 16-bit integers (prefill)",
+          py::arg("codes"), py::arg("scales"), py::arg("sums"), py::arg("types"), py::arg("weights"),
+          py::arg("bias") = py::none(), py::arg("scalar") = false);
+    m.def("ggml_gemm16_fast", &ggml_gemm16_fast, "whether ggml_gemm16 runs its AVX2 kernel");
     bind_ggml_decoder(m);
 }

@@ -21,10 +21,12 @@ from thinkgate.layers import cpu_kernels
 # ggml type ids the kernels multiply as stored (GGMLQuantizationType values).
 SUPPORTED_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
-# From this many rows in one call (a prefill chunk) the weight is dequantized whole and multiplied by a float
-# GEMM (forward_exact): dequantizing costs about as much as the block kernels' work on a few dozen rows, and
-# from there the GEMM is faster (BENCHMARKS.md, "CPU, third round"). Decode and verify steps, whose rows must
-# match one-token decode steps bit for bit, run in the C++ decoder and never reach here with this many rows.
+# From this many rows in one call (a prefill chunk) a GEMM takes over from the block kernels: the default's 16-bit
+# GEMM (forward_int16, csrc/ggml_gemm16.cpp), or with 8-bit activation blocks (`gguf-q8`) or without AVX2 the
+# weight dequantized whole and multiplied by a float GEMM (forward_exact). Unpacking the weight costs about as
+# much as the block kernels' work on a few dozen rows, and from there the GEMMs are faster (BENCHMARKS.md, "CPU,
+# third round"). Decode and verify steps, whose rows must match one-token decode steps bit for bit, run in the C++
+# decoder and never reach here with this many rows.
 GEMM_MIN_ROWS = 64
 # Per-thread kept buffers, reused call after call (a model's linears run one at a time): `scratch`, the dequantized
 # weight (or panel) of the last float GEMM, as large as the largest one, at most EXACT_PANEL_BYTES (17 MB for the
@@ -87,19 +89,23 @@ class GGMLLinear(nn.Module):
         # 8: llama.cpp's arithmetic (its 8-bit activation blocks, `gguf-q8`); 16: the input rows in 16-bit blocks,
         # one integer pass with ~15 bits (as close to the exact model as fp32 activations, BENCHMARKS.md): the default.
         self.act_bits = act_bits
+        # Prefill's linears in 16-bit integers (ggml_gemm16): the rows in the 16-bit blocks the decode kernels
+        # use, ~1.5x the float GEMM's multiply-adds per cycle on AVX2 (BENCHMARKS.md, "CPU, seventh round").
+        self.int16_gemm = act_bits == 16 and in_features % 32 == 0 and self._ops.ggml_gemm16_fast()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()
         if _gemm_rows(flat.shape[0]):
-            y = self.forward_exact(flat)
+            y = self.forward_int16(flat) if self.int16_gemm else self.forward_exact(flat)
         else:
             y = self._ops.ggml_linear(flat, self.types, self.blocks, self.bias32, False, self.act_bits)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def swiglu(self, x: torch.Tensor, reuse: bool = False) -> torch.Tensor | None:
         """SiLU(x @ gate^T) * (x @ up^T), [..., I], for a gate/up projection (two parts of I rows each), or None
-        for any other linear. Many rows: in panels of gate/up columns (SWIGLU_PANEL), each dequantized, multiplied
-        by the float GEMM and activated in place; few rows: the block kernels, then the same activation.
+        for any other linear. Many rows: in panels of gate/up columns (SWIGLU_PANEL), each multiplied by the 16-bit
+        GEMM (or dequantized and multiplied by the float GEMM) and activated in place; few rows: the block kernels,
+        then the same activation.
 
         reuse: the result is written into this thread's kept activation buffer, which the next such call
         overwrites (the MLP hands it straight to down_proj). A fresh one is fresh pages: 40 MB at 2,048 rows,
@@ -122,10 +128,21 @@ class GGMLLinear(nn.Module):
             panels = -(-inter // SWIGLU_PANEL)
             width = (-(-inter // panels) + 15) // 16 * 16  # about equal panels, a multiple of 16 columns
             gate, up = self.blocks
+            quantized = self._ops.ggml_quantize16(flat) if self.int16_gemm else None  # once, for every panel
             for j in range(0, inter, width):
-                w = self._dequantize([gate[j:j + width], up[j:j + width]])
-                self._ops.ggml_silu_mul(_gemm(flat, w, None), out[:, j:j + width])
+                panel = [gate[j:j + width], up[j:j + width]]
+                if quantized is not None:
+                    y = self._ops.ggml_gemm16(*quantized, self.types, panel)
+                else:
+                    y = _gemm(flat, self._dequantize(panel), None)
+                self._ops.ggml_silu_mul(y, out[:, j:j + width])
         return out.view(*x.shape[:-1], inter).to(x.dtype)
+
+    def forward_int16(self, flat: torch.Tensor) -> torch.Tensor:
+        """fp32 rows, quantized into 16-bit codes per 32 values (the decode kernels' activation blocks), times the
+        file's weights as stored, summed in integers per block (csrc/ggml_gemm16.cpp). The weight is packed a
+        panel of 16 rows at a time inside the kernel, so no dequantized copy of it is kept."""
+        return self._ops.ggml_gemm16(*self._ops.ggml_quantize16(flat), self.types, self.blocks, self.bias32)
 
     def _dequantize(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         """These rows of the parts (all of them, or a panel) in fp32, in the thread's kept buffer."""

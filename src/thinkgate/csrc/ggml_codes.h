@@ -1,0 +1,125 @@
+// The scalar forms of a GGUF block's integer codes and scales, shared by the block kernels (ggml_linear.cpp) and
+// the 16-bit prefill GEMM's packing (ggml_gemm16.cpp): one reading of ggml's layouts for both.
+#pragma once
+
+#include "ggml_blocks.h"
+
+#include <c10/util/Half.h>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace ggml {
+
+#ifdef __F16C__
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }  // one instruction; the portable form is ~15
+#else
+inline float h2f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#endif
+inline uint16_t f2h(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+// Round half to even, as _mm256_round_ps(_MM_ROUND_NEAREST) and ggml's nearest_int do.
+inline int rne(float v) { return static_cast<int>(std::nearbyint(v)); }
+
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// ---- the weights' integer codes of one block (scalar reference forms) ----
+
+// Legacy types: the 32 codes, and whether they carry a min (Q4_1/Q5_1) instead of a zero offset.
+inline void codes32(int type, const uint8_t* blk, int* q, float& d, float& m) {
+    m = 0.0f;
+    switch (type) {
+        case Q4_0: {
+            auto b = reinterpret_cast<const BlockQ4_0*>(blk);
+            d = h2f(b->d);
+            for (int j = 0; j < 16; ++j) { q[j] = (b->qs[j] & 0xF) - 8; q[j + 16] = (b->qs[j] >> 4) - 8; }
+            break;
+        }
+        case Q4_1: {
+            auto b = reinterpret_cast<const BlockQ4_1*>(blk);
+            d = h2f(b->d);
+            m = h2f(b->m);
+            for (int j = 0; j < 16; ++j) { q[j] = b->qs[j] & 0xF; q[j + 16] = b->qs[j] >> 4; }
+            break;
+        }
+        case Q5_0:
+        case Q5_1: {
+            const bool with_min = type == Q5_1;
+            const uint8_t* qh8 = with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->qh : reinterpret_cast<const BlockQ5_0*>(blk)->qh;
+            const uint8_t* qs = with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->qs : reinterpret_cast<const BlockQ5_0*>(blk)->qs;
+            uint32_t qh;
+            std::memcpy(&qh, qh8, 4);
+            d = h2f(with_min ? reinterpret_cast<const BlockQ5_1*>(blk)->d : reinterpret_cast<const BlockQ5_0*>(blk)->d);
+            if (with_min) m = h2f(reinterpret_cast<const BlockQ5_1*>(blk)->m);
+            const int off = with_min ? 0 : 16;
+            for (int j = 0; j < 16; ++j) {
+                q[j] = ((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) - off;
+                q[j + 16] = ((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - off;
+            }
+            break;
+        }
+        default: {  // Q8_0
+            auto b = reinterpret_cast<const BlockQ8_0*>(blk);
+            d = h2f(b->d);
+            for (int j = 0; j < 32; ++j) q[j] = b->qs[j];
+        }
+    }
+}
+
+// K-quants: the 256 codes and, per group of 16 codes, an integer scale and min (a group's value is
+// code * d * scale - dmin * min). Q6_K has no min and codes already centred (code - 32).
+inline void codes256(int type, const uint8_t* blk, int* q, int* sc16, int* m16, float& d, float& dmin) {
+    if (type == Q6_K) {
+        auto b = reinterpret_cast<const BlockQ6_K*>(blk);
+        d = h2f(b->d);
+        dmin = 0.0f;
+        for (int n = 0; n < 2; ++n) {
+            const uint8_t* ql = b->ql + 64 * n;
+            const uint8_t* qh = b->qh + 32 * n;
+            for (int l = 0; l < 32; ++l) {
+                q[128 * n + l] = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                q[128 * n + l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                q[128 * n + l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                q[128 * n + l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            }
+        }
+        for (int g = 0; g < 16; ++g) { sc16[g] = b->scales[g]; m16[g] = 0; }
+        return;
+    }
+    const bool five = type == Q5_K;
+    const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
+    const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
+    d = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
+    dmin = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
+    for (int j = 0; j < 4; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            q[64 * j + l] = qs[32 * j + l] & 0xF;
+            q[64 * j + l + 32] = qs[32 * j + l] >> 4;
+            if (five) {
+                const uint8_t h = reinterpret_cast<const BlockQ5_K*>(blk)->qh[l];
+                q[64 * j + l] += ((h >> (2 * j)) & 1) << 4;
+                q[64 * j + l + 32] += ((h >> (2 * j + 1)) & 1) << 4;
+            }
+        }
+    }
+    for (int s = 0; s < 8; ++s) {
+        int sc, m;
+        scale_min_k4(s, scales, sc, m);
+        sc16[2 * s] = sc16[2 * s + 1] = sc;
+        m16[2 * s] = m16[2 * s + 1] = m;
+    }
+}
+
+}  // namespace ggml
