@@ -398,8 +398,8 @@ def test_swiglu_in_panels_is_silu_of_gate_times_up(rows, act_bits, monkeypatch):
     intermediate size, each part of its own type, the result is SiLU(x W_gate^T) * (x W_up^T) from GEMM_MIN_ROWS
     rows: of the exact weights (fp64 model) for `gguf-q8`'s float GEMM, of the rows' 16-bit codes for the default's
     16-bit GEMM; below that, of the block kernels' product."""
-    from thinkgate.layers import ggml_linear
     from tests.layers.test_ggml_gemm16 import model, quantize16_model
+    from thinkgate.layers import ggml_linear
     from thinkgate.layers.ggml_linear import GEMM_MIN_ROWS, GGMLLinear
 
     monkeypatch.setattr(ggml_linear, "SWIGLU_PANEL", 40)  # 104 columns: 3 panels of 48, the last one 8 wide
