@@ -223,6 +223,8 @@ void tile_avx2(const int16_t* a, int64_t lda, const float* sa, const float* xs, 
             const int16_t* b = pc + k0 * NR;
             __m256i s[R][2];
             for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+            // Unrolled: as a loop GCC copies each sum to another register every pair (8 extra moves a step).
+#pragma GCC unroll 16
             for (int q = 0; q < G / 2; ++q) {
                 const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + q * 2 * NR));
                 const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + q * 2 * NR + 16));
@@ -232,6 +234,9 @@ void tile_avx2(const int16_t* a, int64_t lda, const float* sa, const float* xs, 
                     const __m256i av = _mm256_set1_epi32(pair);
                     s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(av, b0));
                     s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(av, b1));
+                    // Keeps each sum in its register, one add per product: unrolled, GCC otherwise reassociates
+                    // the integer adds into a tree and parks every product on the stack.
+                    __asm__("" : "+x"(s[r][0]), "+x"(s[r][1]));
                 }
             }
             const float* sw = ps + (k0 / G) * NR;
