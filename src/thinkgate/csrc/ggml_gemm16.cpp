@@ -24,6 +24,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -175,28 +179,126 @@ struct Packed {
     float* offsets(int64_t p) const { return scales(p) + scale_elems; }
 };
 
+#ifdef __AVX2__
+// 32 signed byte codes -> 32 int16 at c.
+TG_INLINE void store_widened(__m256i v, int16_t* c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 16), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1)));
+}
+
+// The codes of the types the default GGUF keeps most of its weights in, with AVX2 (false: another type, for the
+// scalar form). Q5_0 as R4: block bk's low nibbles are nib01 / nib23's low or high halves; its fifth bit of code j
+// is bit bk (j < 16) or bk + 4 (j >= 16) of hb[j % 16].
+bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s, float* o) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), sixteen = _mm256_set1_epi8(16);
+    if (t == Q5_0_R4) {
+        for (int64_t g = 0; g < k / (4 * QK); ++g) {
+            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
+            const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
+            const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
+            const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb));
+            const __m256i h = _mm256_set_m128i(_mm_srli_epi16(hb, 4), hb);  // codes 16..31 read bits 4..7
+            const __m256i lo[4] = {_mm256_and_si256(n01, low4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), low4),
+                                   _mm256_and_si256(n23, low4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), low4)};
+            for (int bk = 0; bk < 4; ++bk) {
+                // bit bk of each byte moved to bit 4 (the shifts cross bytes; the mask keeps only each byte's own)
+                const __m256i high = _mm256_and_si256(bk <= 4 ? _mm256_slli_epi16(h, 4 - bk) : h, bit4);
+                store_widened(_mm256_sub_epi8(_mm256_or_si256(lo[bk], high), sixteen), c + (4 * g + bk) * QK);
+                s[4 * g + bk] = x->d[bk];
+                o[4 * g + bk] = 0.0f;
+            }
+        }
+        return true;
+    }
+    if (t == Q8_0) {
+        for (int64_t b = 0; b < k / QK; ++b) {
+            auto x = reinterpret_cast<const BlockQ8_0*>(row) + b;
+            store_widened(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs)), c + b * QK);
+            s[b] = h2f(x->d);
+            o[b] = 0.0f;
+        }
+        return true;
+    }
+    return false;
+}
+
+// Rows [16][k] of int16 -> the panel's [k / 2][16][2] layout: 8 x 8 transposes of int32 code pairs.
+void interleave_avx2(const int16_t* rows, int64_t k, int16_t* pc) {
+    for (int half = 0; half < 2; ++half) {
+        for (int64_t p0 = 0; p0 < k / 2; p0 += 8) {
+            __m256i v[8], t[8];
+            for (int i = 0; i < 8; ++i)
+                v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (8 * half + i) * k + 2 * p0));
+            for (int i = 0; i < 4; ++i) {
+                t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+                t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+            }
+            for (int i = 0; i < 2; ++i) {
+                for (int j = 0; j < 2; ++j) {
+                    v[4 * i + 2 * j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
+                    v[4 * i + 2 * j + 1] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
+                }
+            }
+            // v[0..3]: rows 0-3, v[4..7]: rows 4-7; in each, 128-bit lane L holds pairs p0 + 4L + {0, 1, 2, 3}
+            // (v[0]: pair 0, v[1]: pair 1, v[2]: pair 2, v[3]: pair 3 of each lane)
+            for (int j = 0; j < 4; ++j) {
+                const __m256i lo = _mm256_permute2x128_si256(v[j], v[4 + j], 0x20);  // pair p0 + j
+                const __m256i hi = _mm256_permute2x128_si256(v[j], v[4 + j], 0x31);  // pair p0 + 4 + j
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pc + (p0 + j) * 2 * NR + 16 * half), lo);
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pc + (p0 + 4 + j) * 2 * NR + 16 * half), hi);
+            }
+        }
+    }
+}
+#endif
+
+// One weight row's codes as int16 (see row_codes).
+void row_codes16(int t, const uint8_t* row, int64_t k, int16_t* c, float* s, float* o, bool scalar, int* tmp) {
+#ifdef __AVX2__
+    if (!scalar && row_codes16_avx2(t, row, k, c, s, o)) return;
+#endif
+    row_codes(t, row, k, tmp, s, o);
+    for (int64_t j = 0; j < k; ++j) c[j] = static_cast<int16_t>(tmp[j]);
+}
+
+// A thread's scratch for packing: the 16 rows' codes, row-major, and their scales and offsets.
+struct PackScratch {
+    std::vector<int16_t> rows;
+    std::vector<int> wide;
+    std::vector<float> s, o;
+    explicit PackScratch(int64_t k) : rows(NR * k), wide(k), s(k / 16), o(k / QK) {}
+};
+
 // Rows r0 .. r0 + rows of a part into panel p (the missing rows of a last, partial panel are zeros).
-void pack_panel(const Panel& pn, const uint8_t* part, int64_t row_bytes, const Packed& pk, int64_t p) {
+void pack_panel(const Panel& pn, const uint8_t* part, int64_t row_bytes, const Packed& pk, int64_t p, bool scalar,
+                PackScratch& ws) {
     const int64_t k = pk.k;
     const int g = group_of(pn.type);
     int16_t* pc = pk.codes(p);
     float* ps = pk.scales(p);
     float* po = pk.offsets(p);
-    std::vector<int> c(k);
-    std::vector<float> s(k / 16), o(k / QK);
     for (int i = 0; i < NR; ++i) {
+        int16_t* c = ws.rows.data() + i * k;
         if (i < pn.rows) {
-            row_codes(pn.type, part + (pn.r0 + i) * row_bytes, k, c.data(), s.data(), o.data());
+            row_codes16(pn.type, part + (pn.r0 + i) * row_bytes, k, c, ws.s.data(), ws.o.data(), scalar,
+                        ws.wide.data());
         } else {
-            std::fill(c.begin(), c.end(), 0);
-            std::fill(s.begin(), s.end(), 0.0f);
-            std::fill(o.begin(), o.end(), 0.0f);
+            std::fill(c, c + k, int16_t{0});
+            std::fill(ws.s.begin(), ws.s.end(), 0.0f);
+            std::fill(ws.o.begin(), ws.o.end(), 0.0f);
         }
-        for (int64_t j = 0; j < k; ++j) pc[(j / 2) * 2 * NR + 2 * i + (j & 1)] = static_cast<int16_t>(c[j]);
-        for (int64_t j = 0; j < k / g; ++j) ps[j * NR + i] = s[j];
+        for (int64_t j = 0; j < k / g; ++j) ps[j * NR + i] = ws.s[j];
         if (has_min(pn.type))
-            for (int64_t j = 0; j < k / QK; ++j) po[j * NR + i] = o[j];
+            for (int64_t j = 0; j < k / QK; ++j) po[j * NR + i] = ws.o[j];
     }
+#ifdef __AVX2__
+    if (!scalar && k % 16 == 0) {
+        interleave_avx2(ws.rows.data(), k, pc);
+        return;
+    }
+#endif
+    for (int i = 0; i < NR; ++i)
+        for (int64_t j = 0; j < k; ++j) pc[(j / 2) * 2 * NR + 2 * i + (j & 1)] = ws.rows[i * k + j];
 }
 
 // ---- the micro-kernel: R input rows x one panel, blocks kb0 .. kb1 of 32 values ----
@@ -388,11 +490,12 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
             static_cast<uint8_t*>(std::aligned_alloc(64, pk.stride)), &std::free);
         TORCH_CHECK(mem, "ggml_gemm16: out of memory");
         own.base = mem.get();
+        PackScratch ws(k);
         alignas(32) float c[MR * NR];
         for (int64_t p = p0; p < p1; ++p) {
             const Panel& pn = panels[p];
             const at::Tensor& w = weights[pn.part];
-            pack_panel(pn, w.data_ptr<uint8_t>(), w.size(1), own, 0);
+            pack_panel(pn, w.data_ptr<uint8_t>(), w.size(1), own, 0, scalar, ws);
             for (int64_t r = 0; r < m; r += MR) {
                 const int rows = static_cast<int>(std::min<int64_t>(MR, m - r));
                 std::fill(c, c + MR * NR, 0.0f);
