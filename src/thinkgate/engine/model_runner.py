@@ -42,7 +42,7 @@ class ModelRunner:
         # the batch size: a verify step is 1 + drafts rows even for one sequence.
         self.decoder_verifies = False
         # Mixed steps (prefills beside decodes) run as two: the decodes through cpu_decoder, the prefills through
-        # the model (whose linears may then take a float GEMM, layers/ggml_linear.GEMM_MIN_ROWS). A decoding
+        # the model (whose linears may then take a GEMM, layers/ggml_linear.GEMM_MIN_ROWS). A decoding
         # sequence's tokens are then the same whether or not another sequence was prefilling beside it.
         self.split_mixed = False
 

@@ -3,8 +3,9 @@
 The file's weights are already quantized (Q5_0, Q8_0, Q4_K, Q6_K ... in a Q4_K_M file); re-quantizing them
 into our int4 / int8 forms would change the model a second time. These modules keep each weight's rows as the
 file stores them and multiply with llama.cpp's arithmetic (csrc/ggml_linear.cpp: activations quantized into
-its 8-bit blocks, integer sums per block), so a GGUF served here is the model llama.cpp serves from it. The
-embedding dequantizes the rows it looks up, as llama.cpp's get_rows does.
+its 8-bit blocks, or by default our 16-bit ones; integer sums per block), so a GGUF served here is the model
+llama.cpp serves from it. Prefill chunks take a 16-bit integer GEMM over the same codes (csrc/ggml_gemm16.cpp).
+The embedding dequantizes the rows it looks up, as llama.cpp's get_rows does.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 @contextmanager
 def rows_like(rows: int):
-    """Inside, a call with fewer rows chooses its path (block kernels or the float GEMM) as a call of `rows`
-    rows would: the kept rows of a prefill chunk's last layer (models/qwen.py) are then computed by the same
-    arithmetic as when the whole chunk ran through it (the float GEMM's exact product, not the 16-bit blocks)."""
+    """Inside, a call with fewer rows chooses its path (block kernels or a GEMM) as a call of `rows` rows would:
+    the kept rows of a prefill chunk's last layer (models/qwen.py) are then computed by the same arithmetic as
+    when the whole chunk ran through it (the GEMM's, whose rows are independent of each other, not the block
+    kernels', whose K-quant activation blocks are 256 wide)."""
     before = getattr(_local, "rows_like", 0)
     _local.rows_like = rows
     try:
