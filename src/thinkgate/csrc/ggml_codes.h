@@ -35,6 +35,30 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
     }
 }
 
+// Bytes of one block of a type (0: not a type the kernels read), and the values a row of row_bytes holds.
+inline bool is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
+inline int block_bytes(int type) {
+    switch (type) {
+        case Q4_0: return sizeof(BlockQ4_0);
+        case Q4_1: return sizeof(BlockQ4_1);
+        case Q5_0: return sizeof(BlockQ5_0);
+        case Q5_1: return sizeof(BlockQ5_1);
+        case Q8_0: return sizeof(BlockQ8_0);
+        case Q4_K: return sizeof(BlockQ4_K);
+        case Q5_K: return sizeof(BlockQ5_K);
+        case Q6_K: return sizeof(BlockQ6_K);
+#ifdef __AVX2__
+        case Q5_0_R4: return sizeof(BlockQ5_0R4);
+#endif
+        default: return 0;
+    }
+}
+
+inline int64_t row_length(int type, int64_t row_bytes) {
+    return row_bytes / block_bytes(type) * (is_k(type) ? QKK : type == Q5_0_R4 ? 4 * QK : QK);
+}
+
 // ---- the weights' integer codes of one block (scalar reference forms) ----
 
 // Legacy types: the 32 codes, and whether they carry a min (Q4_1/Q5_1) instead of a zero offset.

@@ -103,33 +103,14 @@ void quantize_row16_avx2(const float* x, int64_t k, int16_t* q, float* d, float*
 
 bool has_min(int t) { return t == Q4_1 || t == Q5_1 || t == Q4_K || t == Q5_K; }
 int group_of(int t) { return t == Q6_K ? 16 : 32; }
-bool is_k_type(int t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
-
-int bytes_of(int t) {
-    switch (t) {
-        case Q4_0: return sizeof(BlockQ4_0);
-        case Q4_1: return sizeof(BlockQ4_1);
-        case Q5_0: return sizeof(BlockQ5_0);
-        case Q5_1: return sizeof(BlockQ5_1);
-        case Q8_0: return sizeof(BlockQ8_0);
-        case Q4_K: return sizeof(BlockQ4_K);
-        case Q5_K: return sizeof(BlockQ5_K);
-        case Q6_K: return sizeof(BlockQ6_K);
-        case Q5_0_R4: return sizeof(BlockQ5_0R4);
-        default: return 0;
-    }
-}
-
-int64_t values_per_block(int t) { return is_k_type(t) ? QKK : t == Q5_0_R4 ? 4 * QK : QK; }
-
 // One weight row's codes c (k ints), scales s (one per group of group_of(t)) and offsets o (one per 32; zero
 // for the types without a min): the row's value j is s[j / G] * c[j] + o[j / 32].
 void row_codes(int t, const uint8_t* row, int64_t k, int* c, float* s, float* o) {
-    if (is_k_type(t)) {
+    if (is_k(t)) {
         int sc16[16], m16[16];
         for (int64_t b = 0; b < k / QKK; ++b) {
             float d, dmin;
-            codes256(t, row + b * bytes_of(t), c + b * QKK, sc16, m16, d, dmin);
+            codes256(t, row + b * block_bytes(t), c + b * QKK, sc16, m16, d, dmin);
             if (t == Q6_K) {
                 for (int g = 0; g < 16; ++g) s[b * 16 + g] = d * static_cast<float>(sc16[g]);
                 for (int g = 0; g < 8; ++g) o[b * 8 + g] = 0.0f;
@@ -158,7 +139,7 @@ void row_codes(int t, const uint8_t* row, int64_t k, int* c, float* s, float* o)
     } else {
         for (int64_t b = 0; b < k / QK; ++b) {
             float d, m;
-            codes32(t, row + b * bytes_of(t), c + b * QK, d, m);
+            codes32(t, row + b * block_bytes(t), c + b * QK, d, m);
             s[b] = d;
             o[b] = m;
         }
@@ -460,10 +441,10 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
     int64_t n_total = 0;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
-        TORCH_CHECK(bytes_of(t) > 0, "ggml_gemm16: unsupported ggml type ", t);
+        TORCH_CHECK(block_bytes(t) > 0, "ggml_gemm16: unsupported ggml type ", t);
         const at::Tensor& w = weights[i];
-        TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) % bytes_of(t) == 0 &&
-                        w.size(1) / bytes_of(t) * values_per_block(t) == k,
+        TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) % block_bytes(t) == 0 &&
+                        row_length(t, w.size(1)) == k,
                     "ggml_gemm16: a weight part's rows do not hold K = ", k, " values");
         for (int64_t r = 0; r < w.size(0); r += NR)
             panels.push_back({static_cast<int>(i), t, r, std::min<int64_t>(NR, w.size(0) - r), n_total + r});

@@ -656,29 +656,6 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
 
 #endif  // __AVX2__
 
-bool is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
-
-int block_bytes(int type) {
-    switch (type) {
-        case Q4_0: return sizeof(BlockQ4_0);
-        case Q4_1: return sizeof(BlockQ4_1);
-        case Q5_0: return sizeof(BlockQ5_0);
-        case Q5_1: return sizeof(BlockQ5_1);
-        case Q8_0: return sizeof(BlockQ8_0);
-        case Q4_K: return sizeof(BlockQ4_K);
-        case Q5_K: return sizeof(BlockQ5_K);
-        case Q6_K: return sizeof(BlockQ6_K);
-#ifdef __AVX2__
-        case Q5_0_R4: return sizeof(BlockQ5_0R4);
-#endif
-        default: return 0;
-    }
-}
-
-int64_t row_length(int type, int64_t row_bytes) {
-    return row_bytes / block_bytes(type) * (is_k(type) ? QKK : type == Q5_0_R4 ? 4 * QK : QK);
-}
-
 // The input rows in each activation form the parts need, built once per call.
 struct Activations {
     int64_t k = 0;
