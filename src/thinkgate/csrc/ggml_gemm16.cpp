@@ -43,7 +43,7 @@ namespace {
 
 constexpr int NR = 16;  // weight rows (output columns) per packed panel
 // Input rows per micro-kernel call: 4 x 2 int32 accumulators, 2 weight vectors and the 4 rows' broadcast pairs fit
-// the 16 registers (at 6 rows GCC loads all 6 broadcasts first and spills accumulators: 52 against ? GMAC/s).
+// the 16 registers (at 6 rows GCC loaded all 6 broadcasts first and spilled accumulators to the stack).
 constexpr int MR = 4;
 constexpr float kQ16 = 32767.f;
 
@@ -464,7 +464,7 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
     const float* pxs = sums.data_ptr<float>();
     // A thread packs one panel at a time into its own buffer (16 x K int16: 28 KB at K = 896, 152 KB for the
     // default model's down) and passes every input row over it while it sits in L1 / L2; the rows (M x K int16)
-    // stream from L3. Packing the whole weight first went through DRAM (17 MB for gate/up) and cost a third more.
+    // stream from L3. Packing the whole weight first would write it to DRAM and read it back (17 MB for gate/up).
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
         Packed own = pk;
         std::unique_ptr<uint8_t, decltype(&std::free)> mem(
