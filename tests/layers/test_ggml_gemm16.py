@@ -139,3 +139,18 @@ def test_bad_input_is_refused_by_name():
         ops.ggml_gemm16(q, d, s, [1], [blocks])
     with pytest.raises(RuntimeError, match="ggml_quantize16: K"):
         ops.ggml_quantize16(torch.randn(2, 40))
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0, T.Q4_1], ids=lambda t: t.name)
+def test_rows_of_blocks_left_as_the_file_stores_them(qtype):
+    """K = 96: three blocks a row, so Q5_0 stays in the file's layout (ggml_repack needs a multiple of 4 blocks)
+    and is read by the scalar codes; the result is still the model's."""
+    rng = np.random.default_rng(61)
+    blocks = random_blocks(qtype, 19, 96, rng)
+    t, b = ops.ggml_repack(torch.from_numpy(blocks), int(qtype))
+    assert t == int(qtype)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    q, d, s = ops.ggml_quantize16(torch.from_numpy(x))
+    got = ops.ggml_gemm16(q, d, s, [t], [b])
+    want = model(qtype, blocks, q.numpy(), d.numpy(), s.numpy())
+    assert np.abs(got.numpy() - want).max() < 2e-6 * np.abs(want).max()
