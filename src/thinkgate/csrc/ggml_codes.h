@@ -10,6 +10,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -57,6 +58,32 @@ inline int block_bytes(int type) {
 
 inline int64_t row_length(int type, int64_t row_bytes) {
     return row_bytes / block_bytes(type) * (is_k(type) ? QKK : type == Q5_0_R4 ? 4 * QK : QK);
+}
+
+// 16-bit blocks (ours, the default): d = amax / 32767 over the block, codes round-half-even(x * 32767 / amax).
+inline constexpr float kQ16 = 32767.f;
+
+// The codes of n values in one scale; returns their sum.
+inline int64_t quantize16(const float* x, int n, float id, int16_t* q) {
+    int64_t sum = 0;
+    for (int j = 0; j < n; ++j) {
+        q[j] = static_cast<int16_t>(std::clamp(rne(x[j] * id), -32767, 32767));
+        sum += q[j];
+    }
+    return sum;
+}
+
+inline float absmax(const float* x, int n) {
+    float amax = 0.0f;
+    for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+    return amax;
+}
+
+// Code j (signed, -16..15) of block bk of a Q5_0 R4 group (ggml_repack's layout, ggml_blocks.h).
+inline int r4_code(const BlockQ5_0R4* x, int bk, int j) {
+    const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
+    const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
+    return (((nib[j] >> ((bk % 2) * 4)) & 0xF) | (high << 4)) - 16;
 }
 
 // ---- the weights' integer codes of one block (scalar reference forms) ----

@@ -45,7 +45,6 @@ constexpr int NR = 16;  // weight rows (output columns) per packed panel
 // Input rows per micro-kernel call: 4 x 2 int32 accumulators, 2 weight vectors and the 4 rows' broadcast pairs fit
 // the 16 registers (at 6 rows GCC loaded all 6 broadcasts first and spilled accumulators to the stack).
 constexpr int MR = 4;
-constexpr float kQ16 = 32767.f;
 
 // ---- the input rows' 16-bit codes ----
 
@@ -53,16 +52,9 @@ constexpr float kQ16 = 32767.f;
 // the blocks' sums d * sum(q): the Q16_0 blocks of ggml_linear.cpp, split into arrays.
 void quantize_row16_scalar(const float* x, int64_t k, int16_t* q, float* d, float* xs) {
     for (int64_t b = 0; b < k / QK; ++b, x += QK, q += QK) {
-        float amax = 0.0f;
-        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
-        const float id = amax != 0.0f ? kQ16 / amax : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; ++j) {
-            q[j] = static_cast<int16_t>(std::clamp(rne(x[j] * id), -32767, 32767));
-            sum += q[j];
-        }
+        const float amax = absmax(x, QK);
         d[b] = amax / kQ16;
-        xs[b] = d[b] * static_cast<float>(sum);
+        xs[b] = d[b] * static_cast<float>(quantize16(x, QK, amax != 0.0f ? kQ16 / amax : 0.0f, q));
     }
 }
 
@@ -125,13 +117,7 @@ void row_codes(int t, const uint8_t* row, int64_t k, int* c, float* s, float* o)
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             for (int bk = 0; bk < 4; ++bk) {
-                const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
-                const int shift = (bk % 2) * 4;
-                int* cb = c + (4 * g + bk) * QK;
-                for (int j = 0; j < QK; ++j) {
-                    const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
-                    cb[j] = (((nib[j] >> shift) & 0xF) | (high << 4)) - 16;
-                }
+                for (int j = 0; j < QK; ++j) c[(4 * g + bk) * QK + j] = r4_code(x, bk, j);
                 s[4 * g + bk] = x->d[bk];
                 o[4 * g + bk] = 0.0f;
             }
@@ -153,11 +139,11 @@ struct Panel {
 };
 
 struct Packed {
-    int64_t k = 0, code_elems = 0, scale_elems = 0, off_elems = 0, stride = 0;  // stride in bytes
+    int64_t k = 0, code_elems = 0, scale_elems = 0, bytes = 0;
     uint8_t* base = nullptr;
-    int16_t* codes(int64_t p) const { return reinterpret_cast<int16_t*>(base + p * stride); }
-    float* scales(int64_t p) const { return reinterpret_cast<float*>(base + p * stride + 2 * code_elems); }
-    float* offsets(int64_t p) const { return scales(p) + scale_elems; }
+    int16_t* codes() const { return reinterpret_cast<int16_t*>(base); }
+    float* scales() const { return reinterpret_cast<float*>(base + 2 * code_elems); }
+    float* offsets() const { return scales() + scale_elems; }
 };
 
 #ifdef __AVX2__
@@ -250,14 +236,14 @@ struct PackScratch {
     explicit PackScratch(int64_t k) : rows(NR * k), wide(k), s(k / 16), o(k / QK) {}
 };
 
-// Rows r0 .. r0 + rows of a part into panel p (the missing rows of a last, partial panel are zeros).
-void pack_panel(const Panel& pn, const uint8_t* part, int64_t row_bytes, const Packed& pk, int64_t p, bool scalar,
+// Rows r0 .. r0 + rows of a part into the panel (the missing rows of a last, partial panel are zeros).
+void pack_panel(const Panel& pn, const uint8_t* part, int64_t row_bytes, const Packed& pk, bool scalar,
                 PackScratch& ws) {
     const int64_t k = pk.k;
     const int g = group_of(pn.type);
-    int16_t* pc = pk.codes(p);
-    float* ps = pk.scales(p);
-    float* po = pk.offsets(p);
+    int16_t* pc = pk.codes();
+    float* ps = pk.scales();
+    float* po = pk.offsets();
     for (int i = 0; i < NR; ++i) {
         int16_t* c = ws.rows.data() + i * k;
         if (i < pn.rows) {
@@ -282,25 +268,25 @@ void pack_panel(const Panel& pn, const uint8_t* part, int64_t row_bytes, const P
         for (int64_t j = 0; j < k; ++j) pc[(j / 2) * 2 * NR + 2 * i + (j & 1)] = ws.rows[i * k + j];
 }
 
-// ---- the micro-kernel: R input rows x one panel, blocks kb0 .. kb1 of 32 values ----
+// ---- the micro-kernel: R input rows x one panel ----
 
-// The input rows' codes (row stride lda int16), their scales and block sums (row stride ldb floats); c: the R x 16
-// fp32 results so far, updated in place. Per group: the integer sums, then one fp32 multiply-add per output with
+// The input rows' codes (row stride lda = K int16), their scales and block sums (row stride ldb = K / 32 floats);
+// c: the R x 16 fp32 results, accumulated in place from zero. Per group: the integer sums, then one fp32 multiply-add per output with
 // the scale s_w * s_x; per block of 32 (types with a min): one more with o_w * x_sum. The scalar form below does the
 // same operations in the same order, so the two agree bit for bit.
 #ifdef __AVX2__
 template <int R, int G, bool MIN>
 void tile_avx2(const int16_t* a, int64_t lda, const float* sa, const float* xs, int64_t ldb, const Packed& pk,
-               int64_t p, int64_t kb0, int64_t kb1, float* c) {
-    const int16_t* pc = pk.codes(p);
-    const float* ps = pk.scales(p);
-    const float* po = pk.offsets(p);
+               float* c) {
+    const int16_t* pc = pk.codes();
+    const float* ps = pk.scales();
+    const float* po = pk.offsets();
     __m256 acc[R][2];
     for (int r = 0; r < R; ++r) {
         acc[r][0] = _mm256_loadu_ps(c + r * NR);
         acc[r][1] = _mm256_loadu_ps(c + r * NR + 8);
     }
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
+    for (int64_t kb = 0; kb < ldb; ++kb) {
         for (int h = 0; h < QK / G; ++h) {
             const int64_t k0 = kb * QK + h * G;
             const int16_t* b = pc + k0 * NR;
@@ -348,14 +334,14 @@ void tile_avx2(const int16_t* a, int64_t lda, const float* sa, const float* xs, 
 
 template <int G, bool MIN>
 void tile_scalar(int rows, const int16_t* a, int64_t lda, const float* sa, const float* xs, int64_t ldb,
-                 const Packed& pk, int64_t p, int64_t kb0, int64_t kb1, float* c) {
-    const int16_t* pc = pk.codes(p);
-    const float* ps = pk.scales(p);
-    const float* po = pk.offsets(p);
+                 const Packed& pk, float* c) {
+    const int16_t* pc = pk.codes();
+    const float* ps = pk.scales();
+    const float* po = pk.offsets();
     for (int r = 0; r < rows; ++r) {
         for (int n = 0; n < NR; ++n) {
             float acc = c[r * NR + n];
-            for (int64_t kb = kb0; kb < kb1; ++kb) {
+            for (int64_t kb = 0; kb < ldb; ++kb) {
                 for (int h = 0; h < QK / G; ++h) {
                     const int64_t k0 = kb * QK + h * G;
                     int32_t s = 0;
@@ -370,28 +356,27 @@ void tile_scalar(int rows, const int16_t* a, int64_t lda, const float* sa, const
     }
 }
 
-using TileFn = void (*)(const int16_t*, int64_t, const float*, const float*, int64_t, const Packed&, int64_t, int64_t,
-                        int64_t, float*);
+using TileFn = void (*)(const int16_t*, int64_t, const float*, const float*, int64_t, const Packed&, float*);
 
 template <int G, bool MIN>
 void run_tile(bool scalar, int rows, const int16_t* a, int64_t lda, const float* sa, const float* xs, int64_t ldb,
-              const Packed& pk, int64_t p, int64_t kb0, int64_t kb1, float* c) {
+              const Packed& pk, float* c) {
 #ifdef __AVX2__
     if (!scalar) {
         static constexpr TileFn fns[MR] = {tile_avx2<1, G, MIN>, tile_avx2<2, G, MIN>, tile_avx2<3, G, MIN>,
                                            tile_avx2<4, G, MIN>};
-        fns[rows - 1](a, lda, sa, xs, ldb, pk, p, kb0, kb1, c);
+        fns[rows - 1](a, lda, sa, xs, ldb, pk, c);
         return;
     }
 #endif
-    tile_scalar<G, MIN>(rows, a, lda, sa, xs, ldb, pk, p, kb0, kb1, c);
+    tile_scalar<G, MIN>(rows, a, lda, sa, xs, ldb, pk, c);
 }
 
 void tile(int type, bool scalar, int rows, const int16_t* a, int64_t lda, const float* sa, const float* xs, int64_t ldb,
-          const Packed& pk, int64_t p, int64_t kb0, int64_t kb1, float* c) {
-    if (type == Q6_K) run_tile<16, false>(scalar, rows, a, lda, sa, xs, ldb, pk, p, kb0, kb1, c);
-    else if (has_min(type)) run_tile<32, true>(scalar, rows, a, lda, sa, xs, ldb, pk, p, kb0, kb1, c);
-    else run_tile<32, false>(scalar, rows, a, lda, sa, xs, ldb, pk, p, kb0, kb1, c);
+          const Packed& pk, float* c) {
+    if (type == Q6_K) run_tile<16, false>(scalar, rows, a, lda, sa, xs, ldb, pk, c);
+    else if (has_min(type)) run_tile<32, true>(scalar, rows, a, lda, sa, xs, ldb, pk, c);
+    else run_tile<32, false>(scalar, rows, a, lda, sa, xs, ldb, pk, c);
 }
 
 }  // namespace
@@ -454,8 +439,7 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
     pk.k = k;
     pk.code_elems = k * NR;
     pk.scale_elems = k / 16 * NR;
-    pk.off_elems = nb * NR;
-    pk.stride = (2 * pk.code_elems + 4 * (pk.scale_elems + pk.off_elems) + 63) / 64 * 64;
+    pk.bytes = (2 * pk.code_elems + 4 * (pk.scale_elems + nb * NR) + 63) / 64 * 64;  // codes, scales, offsets
     const int64_t np = static_cast<int64_t>(panels.size());
     at::Tensor y = at::empty({m, n_total}, codes.options().dtype(at::kFloat));
     float* py = y.data_ptr<float>();
@@ -468,7 +452,7 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
     at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
         Packed own = pk;
         std::unique_ptr<uint8_t, decltype(&std::free)> mem(
-            static_cast<uint8_t*>(std::aligned_alloc(64, pk.stride)), &std::free);
+            static_cast<uint8_t*>(std::aligned_alloc(64, pk.bytes)), &std::free);
         TORCH_CHECK(mem, "ggml_gemm16: out of memory");
         own.base = mem.get();
         PackScratch ws(k);
@@ -476,11 +460,11 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
         for (int64_t p = p0; p < p1; ++p) {
             const Panel& pn = panels[p];
             const at::Tensor& w = weights[pn.part];
-            pack_panel(pn, w.data_ptr<uint8_t>(), w.size(1), own, 0, scalar, ws);
+            pack_panel(pn, w.data_ptr<uint8_t>(), w.size(1), own, scalar, ws);
             for (int64_t r = 0; r < m; r += MR) {
                 const int rows = static_cast<int>(std::min<int64_t>(MR, m - r));
                 std::fill(c, c + MR * NR, 0.0f);
-                tile(pn.type, scalar, rows, pa + r * k, k, psa + r * nb, pxs + r * nb, nb, own, 0, 0, nb, c);
+                tile(pn.type, scalar, rows, pa + r * k, k, psa + r * nb, pxs + r * nb, nb, own, c);
                 float* out = py + r * n_total + pn.col;
                 for (int i = 0; i < rows; ++i)
                     std::memcpy(out + i * n_total, c + i * NR, pn.rows * sizeof(float));

@@ -82,25 +82,6 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t k) {
     }
 }
 
-// 16-bit blocks (ours, the default): d = amax / 32767 over the block, codes round-half-even(x * 32767 / amax).
-constexpr float kQ16 = 32767.f;
-
-// The codes of n values in one scale; returns their sum.
-inline int64_t quantize16(const float* x, int n, float id, int16_t* q) {
-    int64_t sum = 0;
-    for (int j = 0; j < n; ++j) {
-        q[j] = static_cast<int16_t>(std::clamp(rne(x[j] * id), -32767, 32767));
-        sum += q[j];
-    }
-    return sum;
-}
-
-inline float absmax(const float* x, int n) {
-    float amax = 0.0f;
-    for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
-    return amax;
-}
-
 void quantize_q16_0(const float* x, BlockQ16_0* y, int64_t k) {
     for (int64_t b = 0; b < k / QK; ++b, x += QK) {
         const float amax = absmax(x, QK);
@@ -863,12 +844,7 @@ void dequantize_row(int t, const uint8_t* row, int64_t k, float* y, bool scalar 
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             for (int bk = 0; bk < 4; ++bk, y += QK) {
-                const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
-                const int shift = (bk % 2) * 4;
-                for (int j = 0; j < QK; ++j) {
-                    const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
-                    y[j] = static_cast<float>((((nib[j] >> shift) & 0xF) | (high << 4)) - 16) * x->d[bk];
-                }
+                for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(r4_code(x, bk, j)) * x->d[bk];
             }
         }
     } else {
