@@ -43,8 +43,13 @@ struct BlockQ8_0L { int32_t corr[8]; float d; int8_t qs[QK]; };
 // Q16_K with the K-quants (sums per 32, for Q4_K/Q5_K's mins).
 struct BlockQ16_0 { float d; float s; int16_t qs[QK]; };
 struct BlockQ16_K { float d; int32_t bsums[QKK / 32]; int16_t qs[QKK]; };
+// A Q16_K block's codes split into bytes, code = 256 * hi + lo (lo unsigned, hi signed): the form the AVX2
+// Q4_K / Q5_K kernel multiplies with vpmaddubsw (unsigned x signed bytes, 32 products per instruction), where the
+// int16 codes would need the weights widened to 16 bits first. The same integers, so the same products.
+struct BlockQ16_KS { float d; int32_t bsums[QKK / 32]; uint8_t lo[QKK]; int8_t hi[QKK]; };
 
-static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ8_0L) == 68, "a repacked layout has padding");
+static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ8_0L) == 68 && sizeof(BlockQ16_KS) == 548,
+              "a repacked layout has padding");
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 &&
               sizeof(BlockQ5_1) == 24 && sizeof(BlockQ8_0) == 34 && sizeof(BlockQ8_1) == 36 &&
               sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210 &&

@@ -100,6 +100,17 @@ void quantize_q16_k(const float* x, BlockQ16_K* y, int64_t k) {
     }
 }
 
+void split_q16_k(const BlockQ16_K* x, BlockQ16_KS* y, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+        y[b].d = x[b].d;
+        std::memcpy(y[b].bsums, x[b].bsums, sizeof(y[b].bsums));
+        for (int j = 0; j < QKK; ++j) {
+            y[b].lo[j] = static_cast<uint8_t>(x[b].qs[j] & 0xFF);
+            y[b].hi[j] = static_cast<int8_t>(x[b].qs[j] >> 8);  // arithmetic shift: 256 * hi + lo == qs
+        }
+    }
+}
+
 // ---- dot products of one weight row with one quantized input row ----
 
 float dot_scalar(int type, const uint8_t* w, const void* act, int64_t k) {
@@ -480,50 +491,28 @@ void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float*
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
 
-// Two sub-blocks of 16 codes (bytes, signed) times their scales, as int16.
-TG_INLINE void scaled16(__m256i c, int sc_lo, int sc_hi, __m256i& lo, __m256i& hi) {
-    widen(c, lo, hi);
-    lo = _mm256_mullo_epi16(lo, _mm256_set1_epi16(static_cast<short>(sc_lo)));
-    hi = _mm256_mullo_epi16(hi, _mm256_set1_epi16(static_cast<short>(sc_hi)));
-}
-
+// Q6_K: each half super-block's codes widened to int16 and multiplied by their sub-block's scale (at most
+// 32 x 128), then two vpmaddwd per 32 weights and row. Each half is converted to float on its own: a lane's sum
+// over the whole super-block could pass 2^31 (16 x 4096 x 32767 per half).
 template <int NA>
-void dot16_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
-    float summ[NA];
-    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < k / QKK; ++b) {
-        float dx, mx = 0.0f;
-        int mn[8] = {0};
-        const uint8_t* blk = w + b * (type == Q6_K ? sizeof(BlockQ6_K) : type == Q5_K ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K));
+        auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
+        const float dx = h2f(x->d);
+        // The 16 scales as int16, lanes 0-7 / 8-15 in the low / high 128 bits; each half's 8 in both halves of
+        // a vector, from which one shuffle broadcasts a sub-block's scale (instead of a move and a broadcast).
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->scales)));
         for (int n = 0; n < 2; ++n) {  // half super-blocks: 128 codes, 8 vectors of 16 scaled codes
+            const __m256i scn = n == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
             __m256i c[8];
-            if (type == Q6_K) {
-                auto x = reinterpret_cast<const BlockQ6_K*>(blk);
-                dx = h2f(x->d);
-                __m256i raw[4];
-                q6k_codes(x, n, raw);
-                for (int i = 0; i < 4; ++i)
-                    scaled16(_mm256_sub_epi8(raw[i], _mm256_set1_epi8(32)), x->scales[8 * n + 2 * i], x->scales[8 * n + 2 * i + 1],
-                             c[2 * i], c[2 * i + 1]);
-            } else {
-                const bool five = type == Q5_K;
-                const uint8_t* scales = five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales;
-                const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
-                dx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
-                mx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
-                const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
-                                           : _mm256_setzero_si256();
-                for (int i = 2 * n; i < 2 * n + 2; ++i) {
-                    int sc0, sc1;
-                    scale_min_k4(2 * i, scales, sc0, mn[2 * i]);
-                    scale_min_k4(2 * i + 1, scales, sc1, mn[2 * i + 1]);
-                    __m256i lo, hi;
-                    k45_codes(qs, five ? &hbits : nullptr, i, lo, hi);
-                    const int o = 4 * (i - 2 * n);
-                    scaled16(lo, sc0, sc0, c[o], c[o + 1]);
-                    scaled16(hi, sc1, sc1, c[o + 2], c[o + 3]);
-                }
+            __m256i raw[4];
+            q6k_codes(x, n, raw);
+            for (int i = 0; i < 8; i += 2) {
+                widen(_mm256_sub_epi8(raw[i / 2], _mm256_set1_epi8(32)), c[i], c[i + 1]);
+                c[i] = _mm256_mullo_epi16(c[i], _mm256_shuffle_epi8(scn, _mm256_set1_epi16(static_cast<short>(0x0100 * (2 * i + 1) + 2 * i))));
+                c[i + 1] = _mm256_mullo_epi16(c[i + 1], _mm256_shuffle_epi8(scn, _mm256_set1_epi16(static_cast<short>(0x0100 * (2 * i + 3) + 2 * i + 2))));
             }
             for (int j = 0; j < NA; ++j) {
                 const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
@@ -533,13 +522,79 @@ void dot16_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k,
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sum), acc[j]);
             }
         }
-        if (type != Q6_K) {
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+// Q4_K / Q5_K against 16-bit rows split into bytes (BlockQ16_KS): per 32 codes and row two vpmaddubsw (codes x
+// high bytes, low bytes x codes) and two vpmaddwd by the sub-block's scale (times 256 for the high bytes), no
+// widening of the weights and no multiply of each code by its scale: ~4x fewer cycles than widening them
+// (BENCHMARKS.md, "CPU, eighth round"). The sums are the same integers: pairs fit int16 (31 x 128 x 2, 255 x 31 x
+// 2), a lane's sum over the super-block at most 8 x 4 x 31 x 63 x 32767 < 2^31. The 8 scales and mins come out
+// of their 12 packed bytes with llama.cpp's masks, as one vector.
+TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
+    uint32_t u[4];
+    std::memcpy(u, packed, 12);
+    constexpr uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);
+    const uint32_t mins_lo = u[1] & m6;
+    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);
+    u[2] = mins_lo;
+    u[0] &= m6;
+    // int16 lanes 0-7: the sub-blocks' scales, 8-15: their mins
+    return _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(u[3]), static_cast<int>(u[2]), static_cast<int>(u[1]), static_cast<int>(u[0])));
+}
+
+template <int NA>
+void dot16_k45_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    float summ[NA];
+    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
+    const bool five = type == Q5_K;
+    const int64_t bb = five ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
+    for (int64_t b = 0; b < k / QKK; ++b) {
+        const uint8_t* blk = w + b * bb;
+        const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
+        const float dx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
+        const float mx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
+        const __m256i sm = k45_scales_mins(five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales);
+        const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
+                                   : _mm256_setzero_si256();
+        // Both 128-bit lanes hold the 8 scales (int16); shuffling word s into every lane gives sub-block s's scale.
+        const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        const __m256i sc256 = _mm256_slli_epi16(sc, 8);
+        __m256i sumi[NA];
+        for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+            __m256i lo, hi;
+            k45_codes(qs, five ? &hbits : nullptr, i, lo, hi);
+            const __m256i pick_lo = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 1) + 4 * i));
+            const __m256i pick_hi = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 3) + 4 * i + 2));
+            const __m256i s_lo = _mm256_shuffle_epi8(sc, pick_lo), s_hi = _mm256_shuffle_epi8(sc, pick_hi);
+            const __m256i s256_lo = _mm256_shuffle_epi8(sc256, pick_lo), s256_hi = _mm256_shuffle_epi8(sc256, pick_hi);
             for (int j = 0; j < NA; ++j) {
-                const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
-                int64_t mins = 0;
-                for (int s = 0; s < 8; ++s) mins += static_cast<int64_t>(mn[s]) * y.bsums[s];
-                summ[j] += y.d * mx * static_cast<float>(mins);
+                const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
+                const __m256i ah_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.hi + 64 * i));
+                const __m256i ah_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.hi + 64 * i + 32));
+                const __m256i al_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.lo + 64 * i));
+                const __m256i al_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.lo + 64 * i + 32));
+                const __m256i p_lo = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s256_lo),
+                                                      _mm256_madd_epi16(_mm256_maddubs_epi16(al_lo, lo), s_lo));
+                const __m256i p_hi = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s256_hi),
+                                                      _mm256_madd_epi16(_mm256_maddubs_epi16(al_hi, hi), s_hi));
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p_lo, p_hi));
             }
+        }
+        const __m256i mins = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1));
+        for (int j = 0; j < NA; ++j) {
+            const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+            // sum of mins x the rows' sums per 32: at most 8 x 63 x 32 x 32767 < 2^31
+            __m256i mb = _mm256_mullo_epi32(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
+            __m128i m4 = _mm_add_epi32(_mm256_castsi256_si128(mb), _mm256_extracti128_si256(mb, 1));
+            m4 = _mm_add_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
+            m4 = _mm_add_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+            summ[j] += y.d * mx * static_cast<float>(_mm_cvtsi128_si32(m4));
         }
     }
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
@@ -554,7 +609,8 @@ inline void dot_avx2(int type, const uint8_t* w, const void* const* act, int64_t
 
 template <int NA>
 inline void dot16_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
-    if (type == Q4_K || type == Q5_K || type == Q6_K) dot16_k_avx2<NA>(type, w, act, k, out);
+    if (type == Q6_K) dot16_q6k_avx2<NA>(w, act, k, out);
+    else if (type == Q4_K || type == Q5_K) dot16_k45_avx2<NA>(type, w, act, k, out);
     else if (type == Q5_0_R4) dot16_q5r4_avx2<NA>(w, act, k, out);
     else dot16_legacy_avx2<NA>(type, w, act, k, out);
 }
@@ -647,8 +703,10 @@ struct Activations {
     std::vector<BlockQ8_0L> q8_0l;
     std::vector<BlockQ16_0> q16_0;
     std::vector<BlockQ16_K> q16_k;
+    std::vector<BlockQ16_KS> q16_ks;  // q16_k split into bytes, for the AVX2 Q4_K / Q5_K kernel
 
     const void* row(int type, int64_t m) const {
+        if (wide && (type == Q4_K || type == Q5_K) && !q16_ks.empty()) return q16_ks.data() + m * (k / QKK);
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
         if (type == Q5_0_R4) return q8_0l.data() + m * (k / QK);
@@ -676,7 +734,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     const at::Tensor xc = x.contiguous();
     const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
-    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false;
+    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need45 = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -691,6 +749,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         need0l |= t == Q5_0_R4;
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
+        need45 |= t == Q4_K || t == Q5_K;
     }
     Activations act;
     act.k = k;
@@ -705,6 +764,12 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         if (needk) {
             act.q16_k.resize(m * nbk);
             for (int64_t r = 0; r < m; ++r) quantize_q16_k(px + r * k, act.q16_k.data() + r * nbk, k);
+#ifdef __AVX2__
+            if (!scalar && need45) {
+                act.q16_ks.resize(m * nbk);
+                split_q16_k(act.q16_k.data(), act.q16_ks.data(), m * nbk);
+            }
+#endif
         }
     } else {
         if (need0) {
