@@ -474,14 +474,33 @@ template <int NA>
 void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
-    const __m256i b16 = _mm256_set1_epi8(16);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
         auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
+        // The signed codes (-16..15) without building the unsigned ones first: a code is its nibble, or nibble - 16
+        // (0xF0 | nibble in int8) where the fifth bit is clear. Shifting block bk's bit of each plane byte to bit 7
+        // (by 7 - bk for weights 0-15, 3 - bk for 16-31: one variable shift per 32-bit lane) lets vpshufb of a
+        // table of 0xF0 give 0 where it is set and 0xF0 where not: 3 operations a block where a compare and a
+        // subtraction took 5 (~10 % of the kernel, BENCHMARKS.md "CPU, eighth round"). The same codes, bit for bit.
+        // With many rows the registers go to the accumulators: there the unsigned codes of q5r4_codes, minus 16.
         __m256i codes[4];
-        q5r4_codes(x, codes);
+        if constexpr (NA <= 2) {
+            const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+            const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
+            const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
+            const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
+                                    _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+            for (int bk = 0; bk < 4; ++bk) {
+                const __m256i shift = _mm256_setr_epi32(7 - bk, 7 - bk, 7 - bk, 7 - bk, 3 - bk, 3 - bk, 3 - bk, 3 - bk);
+                codes[bk] = _mm256_or_si256(nib[bk], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift)));
+            }
+        } else {
+            q5r4_codes(x, codes);
+            for (int bk = 0; bk < 4; ++bk) codes[bk] = _mm256_sub_epi8(codes[bk], _mm256_set1_epi8(16));
+        }
         for (int bk = 0; bk < 4; ++bk) {
             __m256i lo, hi;
-            widen(_mm256_sub_epi8(codes[bk], b16), lo, hi);
+            widen(codes[bk], lo, hi);
             for (int j = 0; j < NA; ++j) {
                 auto y = static_cast<const BlockQ16_0*>(act[j]) + 4 * g + bk;
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(x->d[bk] * y->d), _mm256_cvtepi32_ps(dot16x32(lo, hi, y->qs)), acc[j]);
