@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 using namespace ggml;
@@ -587,59 +588,73 @@ TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
     return _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(u[3]), static_cast<int>(u[2]), static_cast<int>(u[1]), static_cast<int>(u[0])));
 }
 
-template <int NA>
-void dot16_k45_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+template <int TYPE, int NA>
+void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    using Block = std::conditional_t<TYPE == Q5_K, BlockQ5_K, BlockQ4_K>;
+    // With few rows the high bytes' products go to an accumulator of their own, scaled by 256 once per
+    // super-block (a lane's high sum is at most 8 x 4 x 31 x 128 x 63 < 2^23 before the shift): one scale
+    // shuffle per 32 codes instead of two. With many rows the registers go to the rows' accumulators.
+    constexpr bool split = NA <= 2;
     __m256 acc[NA];
-    float summ[NA];
-    for (int j = 0; j < NA; ++j) { acc[j] = _mm256_setzero_ps(); summ[j] = 0.0f; }
-    const bool five = type == Q5_K;
-    const int64_t bb = five ? sizeof(BlockQ5_K) : sizeof(BlockQ4_K);
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < k / QKK; ++b) {
-        const uint8_t* blk = w + b * bb;
-        const uint8_t* qs = five ? reinterpret_cast<const BlockQ5_K*>(blk)->qs : reinterpret_cast<const BlockQ4_K*>(blk)->qs;
-        const float dx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->d : reinterpret_cast<const BlockQ4_K*>(blk)->d);
-        const float mx = h2f(five ? reinterpret_cast<const BlockQ5_K*>(blk)->dmin : reinterpret_cast<const BlockQ4_K*>(blk)->dmin);
-        const __m256i sm = k45_scales_mins(five ? reinterpret_cast<const BlockQ5_K*>(blk)->scales : reinterpret_cast<const BlockQ4_K*>(blk)->scales);
-        const __m256i hbits = five ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ5_K*>(blk)->qh))
-                                   : _mm256_setzero_si256();
+        const Block* x = reinterpret_cast<const Block*>(w) + b;
+        const float dx = h2f(x->d), mx = h2f(x->dmin);
+        const __m256i sm = k45_scales_mins(x->scales);
+        __m256i hbits;
+        if constexpr (TYPE == Q5_K) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
         // Both 128-bit lanes hold the 8 scales (int16); shuffling word s into every lane gives sub-block s's scale.
         const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
         const __m256i sc256 = _mm256_slli_epi16(sc, 8);
-        __m256i sumi[NA];
+        __m256i sumi[NA], sumh[split ? NA : 1];
         for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
+        if constexpr (split)
+            for (int j = 0; j < NA; ++j) sumh[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
             __m256i lo, hi;
-            k45_codes(qs, five ? &hbits : nullptr, i, lo, hi);
+            k45_codes(x->qs, TYPE == Q5_K ? &hbits : nullptr, i, lo, hi);
             const __m256i pick_lo = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 1) + 4 * i));
             const __m256i pick_hi = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 3) + 4 * i + 2));
             const __m256i s_lo = _mm256_shuffle_epi8(sc, pick_lo), s_hi = _mm256_shuffle_epi8(sc, pick_hi);
-            const __m256i s256_lo = _mm256_shuffle_epi8(sc256, pick_lo), s256_hi = _mm256_shuffle_epi8(sc256, pick_hi);
             for (int j = 0; j < NA; ++j) {
                 const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
                 const __m256i ah_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.hi + 64 * i));
                 const __m256i ah_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.hi + 64 * i + 32));
                 const __m256i al_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.lo + 64 * i));
                 const __m256i al_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.lo + 64 * i + 32));
-                const __m256i p_lo = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s256_lo),
-                                                      _mm256_madd_epi16(_mm256_maddubs_epi16(al_lo, lo), s_lo));
-                const __m256i p_hi = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s256_hi),
-                                                      _mm256_madd_epi16(_mm256_maddubs_epi16(al_hi, hi), s_hi));
-                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p_lo, p_hi));
+                const __m256i p_low = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(al_lo, lo), s_lo),
+                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(al_hi, hi), s_hi));
+                if constexpr (split) {
+                    sumh[j] = _mm256_add_epi32(sumh[j], _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s_lo),
+                                                                         _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s_hi)));
+                    sumi[j] = _mm256_add_epi32(sumi[j], p_low);
+                } else {
+                    const __m256i s256_lo = _mm256_shuffle_epi8(sc256, pick_lo), s256_hi = _mm256_shuffle_epi8(sc256, pick_hi);
+                    const __m256i p_high = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s256_lo),
+                                                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s256_hi));
+                    sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p_low, p_high));
+                }
             }
         }
-        const __m256i mins = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1));
+        // The mins' term, dmin * sum(min_s * the row's sum over sub-block s), folded into the accumulator lane by
+        // lane (lane s: sub-block s) instead of summed across lanes per super-block.
+        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1)));
         for (int j = 0; j < NA; ++j) {
             const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
-            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
-            // sum of mins x the rows' sums per 32: at most 8 x 63 x 32 x 32767 < 2^31
-            __m256i mb = _mm256_mullo_epi32(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
-            __m128i m4 = _mm_add_epi32(_mm256_castsi256_si128(mb), _mm256_extracti128_si256(mb, 1));
-            m4 = _mm_add_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
-            m4 = _mm_add_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
-            summ[j] += y.d * mx * static_cast<float>(_mm_cvtsi128_si32(m4));
+            __m256i total = sumi[j];
+            if constexpr (split) total = _mm256_add_epi32(total, _mm256_slli_epi32(sumh[j], 8));
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(total), acc[j]);
+            const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
+            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * mx)), bsums, acc[j]);
         }
     }
-    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+template <int NA>
+void dot16_k45_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    if (type == Q5_K) dot16_k45_t<Q5_K, NA>(w, act, k, out);
+    else dot16_k45_t<Q4_K, NA>(w, act, k, out);
 }
 
 template <int NA>
