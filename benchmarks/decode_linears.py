@@ -10,9 +10,7 @@ benchmarks/ggml_vec_dot.c prints for llama.cpp's own dot products (its 8-bit act
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +20,13 @@ from gguf import GGMLQuantizationType as T
 from thinkgate.layers import cpu_kernels
 from thinkgate.layers.ggml_linear import GGMLLinear
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' random GGUF blocks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' random GGUF blocks, the timer
+from benchmarks.prefill_linears import median_time  # noqa: E402
 from tests.layers.test_ggml_linear import random_blocks  # noqa: E402
 
 SHAPES = [("q/k/v 1152 x 896, Q5_0", T.Q5_0, 1152, 896), ("o 896 x 896, Q5_0", T.Q5_0, 896, 896),
           ("gate/up 9728 x 896, Q5_0", T.Q5_0, 9728, 896), ("down 896 x 4864, Q4_K", T.Q4_K, 896, 4864),
           ("down 896 x 4864, Q6_K", T.Q6_K, 896, 4864), ("output head 151936 x 896, Q8_0", T.Q8_0, 151936, 896)]
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
