@@ -396,14 +396,23 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]) - summ[j];
 }
 
-// The 4 x 32 codes of an R4 group as unsigned bytes, code + 16 (0..31).
-TG_INLINE void q5r4_codes(const BlockQ5_0R4* x, __m256i* u) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
-    const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+// The low nibbles of an R4 group's 4 blocks (0..15 as bytes) and its fifth-bit planes in both 128-bit halves.
+TG_INLINE __m256i q5r4_nibbles(const BlockQ5_0R4* x, __m256i* nib) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
     const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
-    const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
-                            _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+    nib[0] = _mm256_and_si256(n01, m4);
+    nib[1] = _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4);
+    nib[2] = _mm256_and_si256(n23, m4);
+    nib[3] = _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4);
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
+}
+
+// The 4 x 32 codes of an R4 group as unsigned bytes, code + 16 (0..31).
+TG_INLINE void q5r4_codes(const BlockQ5_0R4* x, __m256i* u) {
+    const __m256i b5 = _mm256_set1_epi8(0x10);
+    __m256i nib[4];
+    const __m256i planes = q5r4_nibbles(x, nib);
     for (int bk = 0; bk < 4; ++bk) {
         const __m256i mask = _mm256_set_m128i(_mm_set1_epi8(static_cast<char>(1 << (bk + 4))), _mm_set1_epi8(static_cast<char>(1 << bk)));
         u[bk] = _mm256_or_si256(nib[bk], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(planes, mask), mask), b5));
@@ -498,7 +507,7 @@ template <int NA>
 void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0F), f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
+    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
         auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
         // The signed codes (-16..15) without building the unsigned ones first: a code is its nibble, or nibble - 16
@@ -509,11 +518,8 @@ void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float*
         // With many rows the registers go to the accumulators: there the unsigned codes of q5r4_codes, minus 16.
         __m256i codes[4];
         if constexpr (NA <= 2) {
-            const __m256i planes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb)));
-            const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
-            const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
-            const __m256i nib[4] = {_mm256_and_si256(n01, m4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), m4),
-                                    _mm256_and_si256(n23, m4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), m4)};
+            __m256i nib[4];
+            const __m256i planes = q5r4_nibbles(x, nib);
             for (int bk = 0; bk < 4; ++bk) {
                 const __m256i shift = _mm256_setr_epi32(7 - bk, 7 - bk, 7 - bk, 7 - bk, 3 - bk, 3 - bk, 3 - bk, 3 - bk);
                 codes[bk] = _mm256_or_si256(nib[bk], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift)));
