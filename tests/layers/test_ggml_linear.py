@@ -448,3 +448,54 @@ def test_a_large_weight_is_multiplied_in_panels_of_bounded_size(monkeypatch):
     assert got.shape == (GEMM_MIN_ROWS + 3, 120)
     np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
     assert ggml_linear._local.scratch.numel() == 48 * 256
+
+
+def test_the_block_kernels_run_without_the_gil():
+    """A decode step is one long C++ call on the engine's thread; the server's event loop (another thread) must
+    keep running Python meanwhile: the kernels release the GIL. Held, the loop below would stall for the whole
+    call."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(29)
+    blocks = torch.from_numpy(random_blocks(T.Q8_0, 20000, 2048, rng))
+    x = torch.from_numpy(rng.standard_normal((24, 2048)).astype(np.float32))
+    started, span = threading.Event(), []
+
+    def call() -> None:
+        started.set()
+        t0 = time.perf_counter()
+        ops.ggml_linear(x, [int(T.Q8_0)], [blocks], None, True, 16)  # one call, the slow scalar form
+        span.append(time.perf_counter() - t0)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    started.wait()
+    ticks = []
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    worker.join()
+    assert span[0] > 0.05, "the call must be long enough to tell"
+    assert len(ticks) > 10, f"the loop ran {len(ticks)} times during a {span[0]:.3f} s call"
+    assert np.diff(ticks).max() < span[0] / 3, (np.diff(ticks).max(), span[0])
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_the_result_does_not_depend_on_the_thread_count(qtype):
+    """Threads take chunks of weight rows as they become free (csrc/dynamic_for.h): whichever thread computes a
+    row, it gets the same bits as on one thread."""
+    rng = np.random.default_rng(31)
+    k = 512 if qtype not in (T.Q4_K, T.Q6_K) else 1024
+    lin_blocks = torch.from_numpy(random_blocks(qtype, 3001, k, rng))
+    types, blocks = zip(*[ops.ggml_repack(lin_blocks, int(qtype))], strict=True)
+    x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(ops.ggml_linear(x, list(types), list(blocks), None, False, 16))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

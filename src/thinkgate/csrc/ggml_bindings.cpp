@@ -19,18 +19,22 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
 bool ggml_gemm16_fast();
 void bind_ggml_decoder(py::module& m);  // ggml_decoder.cpp
 
+// The compute calls run without the GIL (`nogil`): a decode step holds the engine thread in C++ for tens of
+// milliseconds, and with the GIL held the server's event loop could not send the last token, read a request or
+// answer a health check until the step ended. ggml_quantize_activations and ggml_gemm16_fast are quick.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("ggml_linear", &ggml_linear, "x @ W^T with W in a GGUF's quantized blocks (llama.cpp's arithmetic)",
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("ggml_linear", &ggml_linear, "x @ W^T with W in a GGUF's quantized blocks (llama.cpp's arithmetic)", nogil,
           py::arg("x"), py::arg("types"), py::arg("weights"), py::arg("bias") = py::none(), py::arg("scalar") = false,
           py::arg("act_bits") = 8);
     m.def("ggml_quantize_activations", &ggml_quantize_activations, "rows -> Q8_0 / Q8_1 / Q8_K blocks (bytes)");
-    m.def("ggml_dequantize_rows", &ggml_dequantize_rows, "rows of a block matrix, dequantized to fp32");
-    m.def("ggml_dequantize", &ggml_dequantize, "the stacked weight parts, dequantized to fp32 [rows, k]",
+    m.def("ggml_dequantize_rows", &ggml_dequantize_rows, "rows of a block matrix, dequantized to fp32", nogil);
+    m.def("ggml_dequantize", &ggml_dequantize, "the stacked weight parts, dequantized to fp32 [rows, k]", nogil,
           py::arg("types"), py::arg("weights"), py::arg("scalar") = false, py::arg("scratch") = py::none());
-    m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes");
-    m.def("ggml_quantize16", &ggml_quantize16, "rows -> (int16 codes, scales, block sums) per 32 values",
+    m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes", nogil);
+    m.def("ggml_quantize16", &ggml_quantize16, "rows -> (int16 codes, scales, block sums) per 32 values", nogil,
           py::arg("x"), py::arg("scalar") = false);
-    m.def("ggml_gemm16", &ggml_gemm16, "quantized rows @ W^T, W in a GGUF's blocks, in 16-bit integers (prefill)",
+    m.def("ggml_gemm16", &ggml_gemm16, "quantized rows @ W^T, W in a GGUF's blocks, in 16-bit integers (prefill)", nogil,
           py::arg("codes"), py::arg("scales"), py::arg("sums"), py::arg("types"), py::arg("weights"),
           py::arg("bias") = py::none(), py::arg("scalar") = false);
     m.def("ggml_gemm16_fast", &ggml_gemm16_fast, "whether ggml_gemm16 runs its AVX2 kernel");

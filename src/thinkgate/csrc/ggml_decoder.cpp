@@ -414,10 +414,11 @@ void ggml_silu_mul(const at::Tensor& x, at::Tensor out) {
 
 void bind_ggml_decoder(py::module& m) {
     m.def("ggml_silu_mul", &ggml_silu_mul, "SiLU(gate) * up of a [T, 2p] gate/up panel into a [T, p] view",
+          py::call_guard<py::gil_scoped_release>(),
           py::arg("x"), py::arg("out"));
     py::class_<GGMLDecoder>(m, "GGMLDecoder")
         .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
         .def("add_layer", &GGMLDecoder::add_layer)
-        .def("forward", &GGMLDecoder::forward)
+        .def("forward", &GGMLDecoder::forward, py::call_guard<py::gil_scoped_release>())  // a whole step: see ggml_bindings.cpp
         .def("num_layers", &GGMLDecoder::num_layers);
 }

@@ -14,6 +14,7 @@
 
 #include "ggml_blocks.h"
 #include "ggml_codes.h"
+#include "dynamic_for.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -870,7 +871,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         for (int64_t r = 0; r < n; r += kTile) tasks.push_back({static_cast<int>(i), r, std::min(n, r + kTile), col});
         col += n;
     }
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    dynamic_for(static_cast<int64_t>(tasks.size()), 16, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
             const Task& task = tasks[t];
             const int type = static_cast<int>(types[task.part]);
