@@ -487,15 +487,14 @@ def test_the_result_does_not_depend_on_the_thread_count(qtype):
     row, it gets the same bits as on one thread."""
     rng = np.random.default_rng(31)
     k = 512 if qtype not in (T.Q4_K, T.Q6_K) else 1024
-    lin_blocks = torch.from_numpy(random_blocks(qtype, 3001, k, rng))
-    types, blocks = zip(*[ops.ggml_repack(lin_blocks, int(qtype))], strict=True)
+    rtype, blocks = ops.ggml_repack(torch.from_numpy(random_blocks(qtype, 3001, k, rng)), int(qtype))
     x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32))
     before = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(ops.ggml_linear(x, list(types), list(blocks), None, False, 16))
+            outs.append(ops.ggml_linear(x, [rtype], [blocks], None, False, 16))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

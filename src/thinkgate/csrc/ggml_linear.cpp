@@ -579,9 +579,10 @@ void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* 
 // Q4_K / Q5_K against 16-bit rows split into bytes (BlockQ16_KS): per 32 codes and row two vpmaddubsw (codes x
 // high bytes, low bytes x codes) and two vpmaddwd by the sub-block's scale (times 256 for the high bytes), no
 // widening of the weights and no multiply of each code by its scale: 2-3x fewer cycles than widening them (one
-// row, one thread: 3.5-5.5 -> 1.8-1.9 ns per 32 weights, BENCHMARKS.md "CPU, eighth round"). The sums are the same integers: pairs fit int16 (31 x 128 x 2, 255 x 31 x
-// 2), a lane's sum over the super-block at most 8 x 4 x 31 x 63 x 32767 < 2^31. The 8 scales and mins come out
-// of their 12 packed bytes with llama.cpp's masks, as one vector.
+// row, one thread: 3.5-5.5 -> 1.8-1.9 ns per 32 weights, BENCHMARKS.md "CPU, eighth round"). The sums are the
+// same integers: pairs fit int16 (31 x 128 x 2, 255 x 31 x 2), a lane's sum over the super-block at most
+// 8 x 4 x 31 x 63 x 32767 < 2^31. The 8 scales and mins come out of their 12 packed bytes with llama.cpp's
+// masks, as one vector.
 TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
     uint32_t u[4];
     std::memcpy(u, packed, 12);
