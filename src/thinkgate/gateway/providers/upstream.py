@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
-import orjson
 
 from thinkgate.chat.messages import check_parts
 from thinkgate.chat.reasoning import ReasoningParser
@@ -33,6 +32,8 @@ from thinkgate.gateway.providers.base import (
     UsageEvent,
     UsageRecord,
 )
+from thinkgate.gateway.providers.pool import ShardedTransport
+from thinkgate.gateway.providers.sse_reader import sse_objects
 from thinkgate.params import ChatParams
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ TOOLS_OVERHEAD_TOKENS = 512
 # image (a 1024x1024 picture is about 1300 tokens on Qwen2.5-VL, 765 on GPT-4o), never the URL's bytes; the
 # capture bills the upstream's own count.
 IMAGE_TOKENS = 1536
-DRAIN_S = 0.25  # after [DONE]: how long the rest of the body may take before the connection is dropped
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,14 @@ class UpstreamProvider:
         self._active = 0
         self.clients = {
             b.name: httpx.AsyncClient(
-                base_url=b.base_url.rstrip("/"), transport=transport,
+                base_url=b.base_url.rstrip("/"),
                 headers={"Authorization": f"Bearer {b.api_key}"} if b.api_key else {},
                 timeout=httpx.Timeout(b.timeout_s, connect=10.0),
                 # Idle connections are dropped well before a uvicorn-served upstream's (vLLM, SGLang,
                 # thinkgate) 5 s keep-alive, so a request rarely picks one the server is closing (that race
                 # is a connection error before the first byte, retried like any other).
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0))
+                transport=transport or ShardedTransport(max_connections=256, max_keepalive_connections=64,
+                                                        keepalive_expiry=2.0))
             for b in backends}
 
     def card(self) -> dict:
@@ -347,7 +348,7 @@ class _Run:
             raise _Failure(502 if resp.status_code != 400 else 400,
                            f"upstream {name} refused the request ({resp.status_code}): {text}", retryable=False)
         self.response = resp
-        lines = _sse_objects(resp)
+        lines = sse_objects(resp)
         try:  # the first event, within its own timeout: before it, failing over is still possible
             first = await asyncio.wait_for(anext(lines, None), backend.first_byte_timeout_s)
         except TimeoutError:
@@ -471,37 +472,6 @@ async def _pump(lines: AsyncIterator[dict], queue: asyncio.Queue) -> None:
 async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
     await event.wait()
     queue.put_nowait(_CANCEL)
-
-
-async def _sse_objects(resp: httpx.Response) -> AsyncIterator[dict]:
-    """The JSON objects of an SSE stream (`data:` lines; comments and `[DONE]` skipped). Raises ValueError on
-    anything that is not one."""
-    lines = resp.aiter_lines()
-    async for line in lines:
-        if not line or line.startswith(":") or line.startswith("event:"):
-            continue
-        if not line.startswith("data:"):
-            raise ValueError(f"not an SSE line: {line[:60]!r}")
-        data = line[5:].strip()
-        if data == "[DONE]":
-            await _drain(lines)
-            return
-        obj = orjson.loads(data)
-        if not isinstance(obj, dict):
-            raise ValueError("an SSE event that is not a JSON object")
-        yield obj
-
-
-async def _drain(lines: AsyncIterator[str]) -> None:
-    """Read the body to its end after `[DONE]` (the chunked terminator is normally right behind it): httpcore
-    closes a connection whose response was closed unread, so without this every request opened a new TCP
-    connection to the upstream. An upstream that keeps the body open past DRAIN_S just loses the connection."""
-    try:
-        async with asyncio.timeout(DRAIN_S):
-            async for _ in lines:
-                pass
-    except (TimeoutError, httpx.HTTPError):
-        pass
 
 
 async def _prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
