@@ -6,6 +6,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
 
 import httpx
 import pytest
@@ -114,3 +120,157 @@ def test_the_pool_spreads_concurrent_streams_over_its_shards_and_reuses_connecti
     assert n_burst == 32
     # The five sequential requests took shard 0's kept-alive connection: no new connection for them.
     assert len(set(seen)) == 32
+
+
+# -- the network backend (net.py) under the pool, over real sockets --------------------------------------
+def test_the_pool_runs_on_our_network_backend():
+    assert ShardedTransport().own_network  # False would mean httpx moved its pool: anyio's backend serves
+
+
+def raw_server(handler) -> tuple[int, threading.Thread]:
+    """A TCP server on loopback in a thread; `handler(conn)` answers each connection."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, sock
+
+
+def read_request(conn) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")),
+                      b"0"))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+def fetch(port, *, timeout=5.0, tls=None, scheme="http", n=1, read_slowly=False) -> list[bytes]:
+    async def run():
+        transport = ShardedTransport(shards=2, ssl_context=tls)
+        out = []
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+            for _ in range(n):
+                async with client.stream("POST", f"{scheme}://localhost:{port}/v1/x", json={"a": 1}) as r:
+                    parts = []
+                    async for part in r.aiter_raw():
+                        parts.append(part)
+                        if read_slowly:
+                            await asyncio.sleep(0.001)
+                    out.append(b"".join(parts))
+        return out
+
+    return asyncio.run(run())
+
+
+def test_a_server_that_stalls_is_a_read_timeout():
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        time.sleep(3)
+        conn.close()
+
+    port, sock = raw_server(handler)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            fetch(port, timeout=0.3)
+        assert time.monotonic() - t0 < 2
+    finally:
+        sock.close()
+
+
+def test_a_refused_connection_is_a_connect_error():
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(httpx.ConnectError):
+        fetch(port)
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused():
+    connections = []
+
+    def handler(conn):  # answers one request, then closes without saying so (as a keep-alive timeout does)
+        connections.append(conn)
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        time.sleep(0.05)
+        conn.close()
+
+    port, sock = raw_server(handler)
+    try:
+        async def run():
+            async with httpx.AsyncClient(transport=ShardedTransport(shards=1)) as client:
+                bodies = []
+                for _ in range(3):
+                    bodies.append((await client.post(f"http://127.0.0.1:{port}/", json={})).content)
+                    await asyncio.sleep(0.2)  # the server has closed the kept-alive connection by now
+                return bodies
+
+        assert asyncio.run(run()) == [b"ok"] * 3 and len(connections) == 3
+    finally:
+        sock.close()
+
+
+def test_a_body_larger_than_the_read_ahead_arrives_whole_when_read_slowly():
+    body = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: reading pauses past 1 MiB and resumes
+
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1)
+        conn.close()
+
+    port, sock = raw_server(handler)
+    try:
+        assert fetch(port, read_slowly=True) == [body]
+    finally:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", d / "key.pem", "-out", d / "cert.pem"],
+                   check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_https_upstreams_work_and_a_certificate_not_trusted_is_refused(tls_files):
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    def handler(conn):
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                while True:
+                    read_request(tls)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecret")
+        except (OSError, ssl.SSLError):
+            pass
+
+    port, sock = raw_server(handler)
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        assert fetch(port, tls=trusted, scheme="https", n=2) == [b"secret"] * 2
+        with pytest.raises(httpx.ConnectError):
+            fetch(port, scheme="https")  # the system's CAs do not know this certificate
+    finally:
+        sock.close()
