@@ -119,14 +119,21 @@ def start_upstream(args) -> tuple[subprocess.Popen, str, str]:
     return proc, base, model
 
 
-def start_front(upstream_base: str, model: str, tmp: str, keys: bool) -> tuple[subprocess.Popen, str, str]:
+def start_front(upstream_base: str, model: str, tmp: str, keys: bool, db_url: str | None = None
+                ) -> tuple[subprocess.Popen, str, str]:
+    import sqlalchemy as sa
+
     from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
     from thinkgate.gateway.money import to_units
     from thinkgate.storage.accounts import AccountStore
     from thinkgate.storage.db import Database
 
-    db_url = f"sqlite:///{tmp}/front.db"
+    db_url = db_url or f"sqlite:///{tmp}/front.db"
     db = Database(db_url)
+    if not db.is_sqlite:  # a PostgreSQL database given to the benchmark: start from nothing
+        with db.engine.begin() as c:
+            c.execute(sa.text("DROP SCHEMA public CASCADE"))
+            c.execute(sa.text("CREATE SCHEMA public"))
     db.upgrade()
     store = AccountStore(db)
     store.create_account("bench", balance_units=to_units("1000000"))
@@ -212,6 +219,8 @@ def main() -> None:
     ap.add_argument("--ttft-ms", type=float, default=50.0)
     ap.add_argument("--front-auth", choices=["keys", "none"], default="keys",
                     help="keys: every request authenticated, held and captured; none: --no-auth (metered only)")
+    ap.add_argument("--front-db", default=None,
+                    help="the front's database URL (default: SQLite in a temp dir); a PostgreSQL one is emptied")
     args = ap.parse_args()
     if args.serve_paced:
         return serve_paced(args.port, args.interval_ms / 1000, args.ttft_ms / 1000)
@@ -219,7 +228,7 @@ def main() -> None:
     upstream, up_base, model = start_upstream(args)
     front = None
     try:
-        front, front_base, secret = start_front(up_base, model, tmp, args.front_auth == "keys")
+        front, front_base, secret = start_front(up_base, model, tmp, args.front_auth == "keys", args.front_db)
         keyed = {"Authorization": f"Bearer {secret}"}
         asyncio.run(round_of(front_base, "front", 4, 8, keyed))  # warm both paths up
         asyncio.run(round_of(up_base, model, 4, 8, {}))
@@ -237,6 +246,7 @@ def main() -> None:
                 cpu["upstream"] += cpu_seconds(upstream.pid) - u0
             d, f = summary(direct), summary(through)
             out = {"upstream": args.upstream if args.upstream == PACED else args.model, "front": args.front_auth,
+                   "front_db": "sqlite" if args.front_db is None else args.front_db.split(":")[0],
                    "streams": streams,
                    "rounds": args.rounds, "tokens": args.tokens, "direct": rounded(d), "through_front": rounded(f),
                    "added_ms": rounded({k: f[k] - d[k] for k in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}

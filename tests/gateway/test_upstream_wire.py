@@ -274,3 +274,10 @@ def test_https_upstreams_work_and_a_certificate_not_trusted_is_refused(tls_files
             fetch(port, scheme="https")  # the system's CAs do not know this certificate
     finally:
         sock.close()
+
+
+def test_the_upstream_body_is_compact_json_even_with_integers_orjson_refuses():
+    from thinkgate.gateway.providers.upstream import _json_body
+
+    assert _json_body({"model": "m", "messages": [{"content": "é"}]}) == '{"model":"m","messages":[{"content":"é"}]}'.encode()
+    assert json.loads(_json_body({"maximum": 2**70})) == {"maximum": 2**70}

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
+import orjson
 
 from thinkgate.chat.messages import check_parts
 from thinkgate.chat.reasoning import ReasoningParser
@@ -148,6 +149,9 @@ class UpstreamProvider:
                 transport=transport or ShardedTransport(max_connections=256, max_keepalive_connections=64,
                                                         keepalive_expiry=2.0))
             for b in backends}
+
+        # Absolute, parsed once: httpx otherwise joins and re-parses the URL (a regex pass) on every request.
+        self.urls = {b.name: httpx.URL(b.base_url.rstrip("/") + "/chat/completions") for b in backends}
 
     def card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "thinkgate",
@@ -330,10 +334,10 @@ class _Run:
 
     async def _try(self, name: str) -> AsyncIterator[dict]:
         backend = self.p.backends[name]
-        body = {**self.prep.body, "max_tokens": self.prep.max_tokens}
         client = self.p.clients[name]
         try:
-            resp = await client.send(client.build_request("POST", "/chat/completions", json=body), stream=True)
+            resp = await client.send(client.build_request("POST", self.p.urls[name], content=_json_body(
+                {**self.prep.body, "max_tokens": self.prep.max_tokens}), headers=JSON_HEADERS), stream=True)
         except httpx.TimeoutException:
             raise _Failure(504, f"upstream {name} timed out", retryable=True) from None
         except httpx.HTTPError as e:
@@ -457,6 +461,16 @@ def _without_images(params: ChatParams) -> tuple[list[dict], int]:
 
 
 _CANCEL = object()
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def _json_body(body: dict) -> bytes:
+    """The upstream request's JSON: orjson (faster than httpx's json.dumps), or the standard library for what orjson
+    refuses (an integer past 64 bits, e.g. a client's `seed`: the upstream validates it)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def _pump(lines: AsyncIterator[dict], queue: asyncio.Queue) -> None:
