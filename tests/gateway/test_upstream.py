@@ -302,6 +302,38 @@ def test_a_client_that_leaves_closes_the_upstream_request_at_once():
     assert rec.native_finish_reason == "client_disconnect" and rec.completion_tokens > 0
 
 
+def test_a_client_that_leaves_before_the_first_event_closes_the_upstream_request_at_once():
+    closed = asyncio.Event()
+
+    async def prefilling(request):  # headers, then nothing for a long while (a long prompt's prefill)
+        async def body():
+            try:
+                while True:
+                    await asyncio.sleep(0.01)
+                    yield b": still here\n\n"
+            finally:
+                closed.set()
+
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+    from thinkgate.gateway.providers.base import RequestContext, UsageEvent
+
+    async def run():
+        prov = provider(Upstreams(a=[prefilling]), "a", first_byte_timeout_s=60)
+        prep = await prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=MSGS)))
+        ctx = RequestContext("chatcmpl-x")
+        asyncio.get_running_loop().call_later(0.1, ctx.cancelled.set)
+        t0 = time.monotonic()
+        events = [ev async for ev in prov.stream(prep, ctx)]
+        await asyncio.wait_for(closed.wait(), 2)
+        return events, time.monotonic() - t0
+
+    events, took = asyncio.run(run())
+    assert took < 2  # not the 60 s first-byte timeout
+    assert len(events) == 1 and isinstance(events[0], UsageEvent)
+    assert events[0].record.ended_by == "client_disconnect" and events[0].record.prompt_tokens == 0
+
+
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "iVBORw0KGgo" * 3000, "detail": "low"}}
 LOOK = [{"role": "system", "content": "You describe pictures."},
         {"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, IMAGE]}]

@@ -5,9 +5,11 @@ and handed to the app's usage hook. Every endpoint that generates (chat, respons
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -22,6 +24,7 @@ from thinkgate.params import ChatParams
 if TYPE_CHECKING:
     from thinkgate.api.operations import Operations
 
+log = logging.getLogger(__name__)
 # The routes whose requests all go on to `start`, i.e. to the gateway's hold, which re-reads the key's row: only
 # they may authenticate from the gateway's per-process key cache (see gateway/service.py).
 GENERATING = ("/chat/completions", "/completions", "/responses")
@@ -76,34 +79,83 @@ class Dispatcher:
         ctx = RequestContext(id_prefix + uuid.uuid4().hex)
         slot = self.ops.admit(provider, prepared, ctx) if self.ops is not None else None  # 429/503, nothing held
         admission = None
+        early: _Run | None = None
         if gw is not None:
             try:
-                admission = await gw.admit(caller, ctx.request_id, params.model, price, prepared, params.request.user)
+                permit = await gw.acquire(caller)
+                # An upstream request can start while the hold is placed (its round trip overlaps the ledger's),
+                # when the hold will almost surely grant the whole request; nothing reaches the client, and
+                # nothing is billed, until the hold is confirmed.
+                if getattr(provider, "starts_early", False) and gw.likely_holds_in_full(caller, price, prepared):
+                    early = self._run(provider, prepared, ctx, slot, caller, info)
+                admission = await gw.hold(caller, permit, ctx.request_id, params.model, price, prepared,
+                                          params.request.user)
             except BaseException:
-                if slot is not None:
+                if early is not None:
+                    early.discard()
+                elif slot is not None:
                     slot.release()
                 raise
+            if early is not None and admission.prepared is not prepared:  # the hold granted less: a new run
+                early.discard()
+                early, ctx = None, replace(ctx, cancelled=asyncio.Event())
+                try:
+                    slot = self.ops.admit(provider, admission.prepared, ctx) if self.ops is not None else None
+                except BaseException:
+                    await gw.release(admission)
+                    raise
             prepared = admission.prepared
-
-        async def settle_then_report(record: UsageRecord) -> UsageRecord:
-            try:
-                if admission is not None:
-                    record = await gw.settle(admission, record)
-            finally:
-                if self.ops is not None:
-                    self.ops.settled(info, caller, record)
-            result = self.on_usage(record)
-            if inspect.isawaitable(result):
-                await result
-            return record
-
-        stream = provider.stream(prepared, ctx)
-        run = ProviderRun(slot.watch(stream) if slot is not None else stream, ctx, settle_then_report)
+        started = early or self._run(provider, prepared, ctx, slot, caller, info)
+        started.confirm(admission)
         if info is not None:
             info.run_started = True  # it finishes when the record is settled
-        early = await run.first_error()
-        if early is not None:  # nothing was streamed yet: answer with the provider's status
-            run.abandon()
-            raise ProviderError(early.message, early.status, early.type, early.code, early.headers)
+        early_error = await started.run.first_error()
+        if early_error is not None:  # nothing was streamed yet: answer with the provider's status
+            started.run.abandon()
+            raise ProviderError(early_error.message, early_error.status, early_error.type, early_error.code,
+                                early_error.headers)
         headers = {**(admission.headers if admission is not None else {}), "x-request-id": ctx.request_id}
-        return Started(run, ctx, provider, prepared, headers)
+        return Started(started.run, ctx, provider, prepared, headers)
+
+    def _run(self, provider: ChatProvider, prepared: PreparedRequest, ctx: RequestContext, slot,
+             caller: Caller | None, info) -> _Run:
+        return _Run(self, provider.stream(prepared, ctx), ctx, slot, caller, info)
+
+
+_DISCARDED = object()
+
+
+class _Run:
+    """A provider run whose usage record is settled against the admission `confirm` gives it: one started
+    before its hold was known waits for it, and one discarded (the hold refused or granted less) is stopped
+    and its record dropped: the client never saw it and it is billed nowhere."""
+
+    def __init__(self, dispatcher: Dispatcher, stream, ctx: RequestContext, slot, caller: Caller | None, info):
+        self.d, self.caller, self.info = dispatcher, caller, info
+        self.admission: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.run = ProviderRun(slot.watch(stream) if slot is not None else stream, ctx, self._settle_then_report)
+
+    def confirm(self, admission) -> None:
+        self.admission.set_result(admission)
+
+    def discard(self) -> None:
+        if not self.admission.done():
+            self.admission.set_result(_DISCARDED)
+        self.run.abandon()
+
+    async def _settle_then_report(self, record: UsageRecord) -> UsageRecord:
+        admission = await self.admission
+        if admission is _DISCARDED:
+            log.debug("request %s: a run started before its hold was discarded (%d tokens)", record.request_id,
+                      record.completion_tokens)
+            return record
+        try:
+            if admission is not None:
+                record = await self.d.gateway.settle(admission, record)
+        finally:
+            if self.d.ops is not None:
+                self.d.ops.settled(self.info, self.caller, record)
+        result = self.d.on_usage(record)
+        if inspect.isawaitable(result):
+            await result
+        return record

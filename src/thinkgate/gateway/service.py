@@ -183,20 +183,38 @@ class Gateway:
     # -- before generation: limits and the hold -----------------------------------------------------
     async def admit(self, caller: Caller, request_id: str, model: str, price: Price, prepared: PreparedRequest,
                     user: str | None = None) -> Admission:
-        permit = None
-        if caller.key is not None:
-            k = caller.key
-            try:
-                permit = await self.limiter.acquire(str(k.id), KeyLimits(k.rpm, k.tpm, k.concurrency))
-            except LimitExceeded as e:
-                raise RateLimited(f"rate limit reached for {e.limit}: retry after {e.retry_after_s} s",
-                                  code=f"rate_limit_{e.limit}",
-                                  headers={"Retry-After": str(e.retry_after_s), **e.headers}) from None
+        permit = await self.acquire(caller)
+        return await self.hold(caller, permit, request_id, model, price, prepared, user)
+
+    async def acquire(self, caller: Caller) -> Permit | None:
+        """The key's rate limits (429), the first half of `admit`."""
+        if caller.key is None:
+            return None
+        k = caller.key
+        try:
+            return await self.limiter.acquire(str(k.id), KeyLimits(k.rpm, k.tpm, k.concurrency))
+        except LimitExceeded as e:
+            raise RateLimited(f"rate limit reached for {e.limit}: retry after {e.retry_after_s} s",
+                              code=f"rate_limit_{e.limit}",
+                              headers={"Retry-After": str(e.retry_after_s), **e.headers}) from None
+
+    def likely_holds_in_full(self, caller: Caller, price: Price, prepared: PreparedRequest) -> bool:
+        """Whether the hold will almost surely cover the whole request, judged from this process's cached key:
+        the account's balance when the key was cached (at most KEY_CACHE_S ago) is at least twice the full
+        hold, and the key has no spending limit. The API may then start an upstream request while the hold
+        is placed (api/dispatch.py); when the guess is wrong it stops that request and nothing is billed."""
+        if caller.key is None or caller.key.limit_units is not None:
+            return False
+        return 2 * _plan(price, prepared).full_cost() <= caller.account.balance_units
+
+    async def hold(self, caller: Caller, permit: Permit | None, request_id: str, model: str, price: Price,
+                   prepared: PreparedRequest, user: str | None = None) -> Admission:
+        """The hold that guarantees payment (402 when not even one token is affordable), the second half of
+        `admit`; the permit is released if it fails."""
         adm = Admission(caller, request_id, model, price, prepared, permit, None, user)
         if caller.key is None:
             return adm
-        plan = HoldPlan(prepared.prompt_tokens, prepared.max_tokens * prepared.params.n, prepared.params.n,
-                        price.input_per_1k, price.output_per_1k)
+        plan = _plan(price, prepared)
         op = self.ledger.hold_op(request_id, caller.account.id, caller.key.id, self.instance_id, plan)
         hold = self.writer.submit(op, caller.account.id)
         try:
@@ -217,6 +235,7 @@ class Gateway:
             raise
         if held is None:
             await self.limiter.release(permit, 0)
+            self.forget_key(caller.key.secret_hash)  # its cached balance was too high: read it afresh next time
             raise PaymentRequired("the balance cannot pay for this request's prompt and one output token "
                                   f"at {model!r}'s prices", code="insufficient_balance")
         adm.held_units = held
@@ -230,9 +249,12 @@ class Gateway:
                 self._spawn(self.limiter.release(adm.permit, 0))
             return
         adm.held_units = hold.result()
-        record = UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None,
-                             "client_disconnect", None, 0.0)
-        self._spawn(self.settle(adm, record))
+        self._spawn(self.release(adm))
+
+    async def release(self, adm: Admission) -> None:
+        """Give a hold back whole: its request generated nothing (a 0-token usage row)."""
+        await self.settle(adm, UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None,
+                                           "client_disconnect", None, 0.0))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -264,6 +286,11 @@ class Gateway:
                 await self.limiter.release(adm.permit, record.prompt_tokens + record.completion_tokens)
         return replace(record, cost=to_cny(cost) if adm.held_units is not None else to_cny(0))
 
+
+
+def _plan(price: Price, prepared: PreparedRequest) -> HoldPlan:
+    return HoldPlan(prepared.prompt_tokens, prepared.max_tokens * prepared.params.n, prepared.params.n,
+                    price.input_per_1k, price.output_per_1k)
 
 
 def _bearer(authorization: str | None) -> str | None:

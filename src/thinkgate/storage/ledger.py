@@ -57,6 +57,10 @@ class HoldPlan:
         self.tokens_per_choice = per
         return self._cost(per * self.n)
 
+    def full_cost(self) -> int:
+        """The units of a hold that grants every token asked for."""
+        return self._cost(self.want_tokens)
+
     def _cost(self, completion: int) -> int:
         return -(-(self.prompt_tokens * self.input_per_1k + completion * self.output_per_1k) // 1000)
 

@@ -123,6 +123,10 @@ class _Failure(Exception):
 
 
 class UpstreamProvider:
+    # Its stream sends one request to a remote engine, which stops at once when it is closed: the API may start
+    # it while the request's hold is still being placed (api/dispatch.py), and discard it if the hold refuses.
+    starts_early = True
+
     def __init__(self, model_id: str, backends: list[UpstreamBackend], card: dict | None = None,
                  context_length: int = 32768, tokenizer=None, transport: httpx.AsyncBaseTransport | None = None,
                  retries: int = 2, backoff_s: float = 0.2, vision: bool = False):
@@ -256,8 +260,22 @@ class _Run:
             await self.response.aclose()
 
     async def events(self) -> AsyncIterator[ProviderEvent]:
+        # Until the first event (an upstream's prefill can take seconds, its retries longer) the client may
+        # leave, or the API discard the run: the request is then closed at once, so the upstream stops too.
+        connect = asyncio.ensure_future(self._connect())
+        left = asyncio.ensure_future(self.ctx.cancelled.wait())
         try:
-            lines = await self._connect()
+            await asyncio.wait((connect, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+            if not connect.done():
+                connect.cancel()
+                await asyncio.wait((connect,))  # then stream()'s close() closes the response
+        if connect.cancelled():
+            yield UsageEvent(self._record("client_disconnect", prompt=0))
+            return
+        try:
+            lines = connect.result()
         except _Failure as f:
             headers = {"Retry-After": f.retry_after} if f.retry_after else None
             yield ErrorEvent(f.message, type="upstream_error", code=f"upstream_{f.status}", status=f.status,
