@@ -4,6 +4,7 @@ connection pool (requests spread over small pools, one connection reused by a lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import shutil
@@ -127,10 +128,10 @@ def test_the_pool_runs_on_our_network_backend():
     assert ShardedTransport().own_network  # False would mean httpx moved its pool: anyio's backend serves
 
 
-def raw_server(handler) -> tuple[int, threading.Thread]:
-    """A TCP server on loopback in a thread; `handler(conn)` answers each connection."""
+@contextlib.contextmanager
+def raw_server(handler):
+    """A TCP server on loopback in a thread, its port; `handler(conn)` answers each connection."""
     sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
 
     def serve():
         while True:
@@ -140,9 +141,11 @@ def raw_server(handler) -> tuple[int, threading.Thread]:
                 return
             threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return port, sock
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
 
 
 def read_request(conn) -> bytes:
@@ -182,14 +185,11 @@ def test_a_server_that_stalls_is_a_read_timeout():
         time.sleep(3)
         conn.close()
 
-    port, sock = raw_server(handler)
-    try:
+    with raw_server(handler) as port:
         t0 = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             fetch(port, timeout=0.3)
         assert time.monotonic() - t0 < 2
-    finally:
-        sock.close()
 
 
 def test_a_refused_connection_is_a_connect_error():
@@ -210,8 +210,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused():
         time.sleep(0.05)
         conn.close()
 
-    port, sock = raw_server(handler)
-    try:
+    with raw_server(handler) as port:
         async def run():
             async with httpx.AsyncClient(transport=ShardedTransport(shards=1)) as client:
                 bodies = []
@@ -221,8 +220,6 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused():
                 return bodies
 
         assert asyncio.run(run()) == [b"ok"] * 3 and len(connections) == 3
-    finally:
-        sock.close()
 
 
 def test_a_body_larger_than_the_read_ahead_arrives_whole_when_read_slowly():
@@ -234,11 +231,8 @@ def test_a_body_larger_than_the_read_ahead_arrives_whole_when_read_slowly():
         time.sleep(1)
         conn.close()
 
-    port, sock = raw_server(handler)
-    try:
+    with raw_server(handler) as port:
         assert fetch(port, read_slowly=True) == [body]
-    finally:
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -266,14 +260,11 @@ def test_https_upstreams_work_and_a_certificate_not_trusted_is_refused(tls_files
         except (OSError, ssl.SSLError):
             pass
 
-    port, sock = raw_server(handler)
-    try:
+    with raw_server(handler) as port:
         trusted = ssl.create_default_context(cafile=str(cert))
         assert fetch(port, tls=trusted, scheme="https", n=2) == [b"secret"] * 2
         with pytest.raises(httpx.ConnectError):
             fetch(port, scheme="https")  # the system's CAs do not know this certificate
-    finally:
-        sock.close()
 
 
 def test_the_upstream_body_is_compact_json_even_with_integers_orjson_refuses():

@@ -69,6 +69,16 @@ class _Protocol(asyncio.Protocol):
             self.waiter.set_result(None)
 
 
+async def _wait(fut: asyncio.Future, timeout: float | None, exc: type[Exception]) -> None:
+    """Wait for `fut`, failing with `exc` past `timeout` seconds: a timer armed only when a read or write waits."""
+    timer = asyncio.get_running_loop().call_later(timeout, _timeout, fut, exc) if timeout is not None else None
+    try:
+        await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 def _timeout(fut: asyncio.Future, exc: type[Exception]) -> None:
     if not fut.done():
         fut.set_exception(exc())
@@ -90,15 +100,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if self._pending:
             self._flush()
         if not p.buffer and not p.eof:
-            loop = asyncio.get_running_loop()
-            p.waiter = loop.create_future()
-            timer = loop.call_later(timeout, _timeout, p.waiter, httpcore.ReadTimeout) if timeout is not None else None
+            p.waiter = asyncio.get_running_loop().create_future()
             try:
-                await p.waiter
+                await _wait(p.waiter, timeout, httpcore.ReadTimeout)
             finally:
                 p.waiter = None
-                if timer is not None:
-                    timer.cancel()
         if not p.buffer:
             if p.error is not None:
                 raise httpcore.ReadError(str(p.error) or type(p.error).__name__)
@@ -131,15 +137,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             return
         self._flush()
         if p.write_paused:  # the kernel's send buffer is full: wait for it, within the timeout
-            loop = asyncio.get_running_loop()
-            p.drain = loop.create_future()
-            timer = loop.call_later(timeout, _timeout, p.drain, httpcore.WriteTimeout) if timeout is not None else None
+            p.drain = asyncio.get_running_loop().create_future()
             try:
-                await p.drain
+                await _wait(p.drain, timeout, httpcore.WriteTimeout)
             finally:
                 p.drain = None
-                if timer is not None:
-                    timer.cancel()
             if p.error is not None:
                 raise httpcore.WriteError(str(p.error) or type(p.error).__name__)
 
