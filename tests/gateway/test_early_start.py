@@ -8,10 +8,11 @@ import asyncio
 import json
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from tests.api.inprocess import asgi_client
-from tests.gateway.dbs import fresh_database
+from tests.gateway.dbs import BACKENDS, fresh_database
 from tests.gateway.test_upstream import GOOD, MSGS, provider
 from thinkgate.api.app import create_app
 from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
@@ -55,8 +56,13 @@ class Upstream:
         return httpx.Response(200, content=GOOD, headers={"content-type": "text/event-stream"})
 
 
-def serve(tmp_path, balance_units: int, up: Upstream):
-    db = fresh_database("sqlite", tmp_path)
+@pytest.fixture(params=BACKENDS)
+def kind(request) -> str:
+    return request.param
+
+
+def serve(kind: str, tmp_path, balance_units: int, up: Upstream):
+    db = fresh_database(kind, tmp_path)
     store = AccountStore(db)
     store.create_account("a", balance_units=balance_units)
     secret = new_secret()
@@ -112,9 +118,9 @@ def entries(db) -> list[tuple[str, str]]:
                                                           .order_by(ledger.c.id))]
 
 
-def test_an_upstream_request_starts_before_its_hold_when_the_balance_surely_covers_it(tmp_path):
+def test_an_upstream_request_starts_before_its_hold_when_the_balance_surely_covers_it(kind, tmp_path):
     up = Upstream("good")
-    db, store, app, headers = serve(tmp_path, to_units("10"), up)
+    db, store, app, headers = serve(kind, tmp_path, to_units("10"), up)
     try:
         (r,) = post(app, headers, up, [(True, None)])
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello"
@@ -126,10 +132,10 @@ def test_an_upstream_request_starts_before_its_hold_when_the_balance_surely_cove
         db.dispose()
 
 
-def test_no_early_start_when_the_balance_might_not_cover_the_whole_request(tmp_path):
+def test_no_early_start_when_the_balance_might_not_cover_the_whole_request(kind, tmp_path):
     full = PRICE.cost(prompt_estimate(), MAX_TOKENS)
     up = Upstream("good")
-    db, store, app, headers = serve(tmp_path, full + full // 2, up)  # the hold grants all; the guess wants 2x
+    db, store, app, headers = serve(kind, tmp_path, full + full // 2, up)  # the hold grants all; the guess wants 2x
     try:
         (r,) = post(app, headers, up, [(False, None)])
         assert r.status_code == 200
@@ -138,9 +144,9 @@ def test_no_early_start_when_the_balance_might_not_cover_the_whole_request(tmp_p
         db.dispose()
 
 
-def test_a_hold_that_refuses_stops_the_early_request_and_bills_nothing(tmp_path):
+def test_a_hold_that_refuses_stops_the_early_request_and_bills_nothing(kind, tmp_path):
     up = Upstream("good", "endless")
-    db, store, app, headers = serve(tmp_path, to_units("10"), up)
+    db, store, app, headers = serve(kind, tmp_path, to_units("10"), up)
     try:
         # The first request caches the key with its balance; then the balance is spent elsewhere. The second
         # starts early on the cached balance, is refused by the hold (402) and its upstream request closed;
@@ -155,10 +161,10 @@ def test_a_hold_that_refuses_stops_the_early_request_and_bills_nothing(tmp_path)
         db.dispose()
 
 
-def test_a_hold_that_grants_less_replaces_the_early_request_with_a_capped_one_billed_once(tmp_path):
+def test_a_hold_that_grants_less_replaces_the_early_request_with_a_capped_one_billed_once(kind, tmp_path):
     prompt = prompt_estimate()
     up = Upstream("good", "endless", "good")
-    db, store, app, headers = serve(tmp_path, to_units("10"), up)
+    db, store, app, headers = serve(kind, tmp_path, to_units("10"), up)
     affordable = PRICE.cost(prompt, 5)  # the prompt and about 5 output tokens
     try:
         r1, r2 = post(app, headers, up, [(True, None), (True, lambda: set_balance(db, affordable))])
