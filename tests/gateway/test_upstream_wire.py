@@ -272,3 +272,30 @@ def test_the_upstream_body_is_compact_json_even_with_integers_orjson_refuses():
 
     assert _json_body({"model": "m", "messages": [{"content": "é"}]}) == '{"model":"m","messages":[{"content":"é"}]}'.encode()
     assert json.loads(_json_body({"maximum": 2**70})) == {"maximum": 2**70}
+
+
+def test_a_request_body_larger_than_the_socket_buffers_is_sent_whole():
+    body = bytes(range(256)) * (12 * 1024)  # 3 MiB: the transport's buffer fills and the write waits to drain
+    got = []
+
+    def handler(conn):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        head, _, rest = head.partition(b"\r\n\r\n")
+        length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            time.sleep(0.001)  # a slow reader
+            rest += conn.recv(65536)
+        got.append(rest)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        time.sleep(0.5)
+        conn.close()
+
+    async def run(port):
+        async with httpx.AsyncClient(transport=ShardedTransport(shards=1), timeout=10) as client:
+            return (await client.post(f"http://127.0.0.1:{port}/", content=body)).content
+
+    with raw_server(handler) as port:
+        assert asyncio.run(run(port)) == b"ok"
+    assert got == [body]
