@@ -287,7 +287,6 @@ class Gateway:
         return replace(record, cost=to_cny(cost) if adm.held_units is not None else to_cny(0))
 
 
-
 def _plan(price: Price, prepared: PreparedRequest) -> HoldPlan:
     return HoldPlan(prepared.prompt_tokens, prepared.max_tokens * prepared.params.n, prepared.params.n,
                     price.input_per_1k, price.output_per_1k)

@@ -484,7 +484,8 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 def _json_body(body: dict) -> bytes:
     """The upstream request's JSON: orjson (faster than httpx's json.dumps), or the standard library for what orjson
-    refuses (an integer past 64 bits, e.g. a client's `seed`: the upstream validates it)."""
+    refuses: an integer past 64 bits, which an HTTP client cannot send us (our parser reads those as floats) but a
+    caller in process can."""
     try:
         return orjson.dumps(body)
     except TypeError:
