@@ -148,16 +148,27 @@ def raw_server(handler):
         sock.close()
 
 
-def read_request(conn) -> bytes:
+def recv_some(conn) -> bytes:
+    """The next bytes, or ConnectionError once the peer has closed (a loop on an empty read would spin: such a
+    handler thread once outlived its test and slowed the rest of the suite by half)."""
+    data = conn.recv(65536)
+    if not data:
+        raise ConnectionError("the client closed the connection")
+    return data
+
+
+def read_request(conn, pace_s: float = 0.0) -> tuple[bytes, bytes]:
+    """A request's head and body; `pace_s` between reads of the body makes a slow reader."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += conn.recv(65536)
+        data += recv_some(conn)
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")),
                       b"0"))
     while len(body) < length:
-        body += conn.recv(65536)
-    return head
+        time.sleep(pace_s)
+        body += recv_some(conn)
+    return head, body
 
 
 def fetch(port, *, timeout=5.0, tls=None, scheme="http", n=1, read_slowly=False) -> list[bytes]:
@@ -279,15 +290,7 @@ def test_a_request_body_larger_than_the_socket_buffers_is_sent_whole():
     got = []
 
     def handler(conn):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += conn.recv(65536)
-        head, _, rest = head.partition(b"\r\n\r\n")
-        length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")))
-        while len(rest) < length:
-            time.sleep(0.001)  # a slow reader
-            rest += conn.recv(65536)
-        got.append(rest)
+        got.append(read_request(conn, pace_s=0.001)[1])  # a slow reader
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         time.sleep(0.5)
         conn.close()
