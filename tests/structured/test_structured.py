@@ -151,16 +151,23 @@ PERSON_SCHEMAS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def default_served(default_gguf):
+    """The default model as `thinkgate serve` loads it (weight mode `auto`: on this CPU the file's own blocks)."""
+    from thinkgate.models.loader import load_model
+
+    return load_model(str(default_gguf), weight_quant="auto", device="cpu")
+
+
 @pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.parametrize("name", BACKENDS)
-def test_real_model_person_records(default_gguf, name):
+def test_real_model_person_records(default_served, name):
     from thinkgate.chat.template import render_chat
     from thinkgate.config import EngineConfig
     from thinkgate.engine.llm_engine import LLMEngine
-    from thinkgate.models.loader import load_model
 
-    lm = load_model(str(default_gguf), dtype="bfloat16", device="cpu")
+    lm = default_served
     eng = LLMEngine(lm, EngineConfig(kv_cache_memory=256 * 2**20))
     backend = make_backend(lm.tokenizer, lm.eos_token_ids, name)
     prompt = lm.tokenizer.encode(render_chat(lm.tokenizer.chat_template, [
