@@ -2,13 +2,17 @@
 delay, and the gateway process's CPU, at 1 and 32 concurrent streams.
 
     python benchmarks/upstream_overhead.py [--streams 1,32] [--rounds 5] [--tokens 64] [--interval-ms 20]
+                                           [--arrivals burst|steady]
     python benchmarks/upstream_overhead.py --upstream model      # a real tiny model as the upstream
 
 Three processes on this machine: the upstream (a second thinkgate), the front (`thinkgate serve --config` with
 keys on SQLite: every request authenticated, held and captured, as in production; `--front-auth none` for
 `--no-auth`) and this one, the client.
 Rounds alternate: C streams straight to the upstream, then C streams through the front, so both see the same
-machine. Figures are front minus direct:
+machine. The C streams of a round start at once (`--arrivals burst`, the worst case: C intakes queue on the
+front's one event loop), or one by one with C kept in flight (`--arrivals steady`: C workers each running 3
+streams back to back, their starts spread over one stream's length; the first of each is the ramp and not
+counted), as C independent clients load a server. Figures are front minus direct:
 - added TTFT: the client's time to the first token (content or reasoning), p50 and p99 over all requests of all rounds;
 - added per-token delay: the upstream (`--upstream paced`, the default) is thinkgate's API serving a paced
   provider that writes its monotonic clock into each token (every `--interval-ms`, the first after `--ttft-ms`),
@@ -179,10 +183,23 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, tokens: in
     return {"ttft": ttft, "itl": itl, "delays": delays}
 
 
-async def round_of(base: str, model: str, streams: int, tokens: int, headers: dict) -> list[dict]:
+async def round_of(base: str, model: str, streams: int, tokens: int, headers: dict, steady_s: float | None = None,
+                   per_worker: int = 3) -> list[dict]:
+    """A burst (`steady_s` None): `streams` requests started at once. Steady: `streams` workers, each running
+    `per_worker` streams back to back, the workers' starts spread evenly over `steady_s` (one stream's length),
+    so about `streams` are in flight at any time and starts arrive one by one, as from many independent
+    clients; a worker's first stream (the ramp) is not counted."""
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=streams)) as c:
-        return await asyncio.gather(*(one_stream(c, "/v1/chat/completions", model, tokens, headers)
-                                      for _ in range(streams)))
+        if steady_s is None:
+            return await asyncio.gather(*(one_stream(c, "/v1/chat/completions", model, tokens, headers)
+                                          for _ in range(streams)))
+
+        async def worker(i: int) -> list[dict]:
+            await asyncio.sleep(i * steady_s / streams)
+            return [await one_stream(c, "/v1/chat/completions", model, tokens, headers)
+                    for _ in range(per_worker)][1:]
+
+        return [r for rs in await asyncio.gather(*(worker(i) for i in range(streams))) for r in rs]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -219,6 +236,9 @@ def main() -> None:
     ap.add_argument("--ttft-ms", type=float, default=50.0)
     ap.add_argument("--front-auth", choices=["keys", "none"], default="keys",
                     help="keys: every request authenticated, held and captured; none: --no-auth (metered only)")
+    ap.add_argument("--arrivals", choices=["burst", "steady"], default="burst",
+                    help="burst: each round's streams start at once; steady: they start one by one and keep "
+                         "that many in flight (see round_of)")
     ap.add_argument("--front-db", default=None,
                     help="the front's database URL (default: SQLite in a temp dir); a PostgreSQL one is emptied")
     args = ap.parse_args()
@@ -237,17 +257,20 @@ def main() -> None:
             direct, through = [], []
             cpu = {"front": 0.0, "upstream": 0.0}
             front_wall = 0.0
+            steady = None
+            if args.arrivals == "steady" and streams > 1:
+                steady = (args.ttft_ms + args.tokens * args.interval_ms) / 1000
             for _ in range(args.rounds):
-                direct += asyncio.run(round_of(up_base, model, streams, args.tokens, {}))
+                direct += asyncio.run(round_of(up_base, model, streams, args.tokens, {}, steady))
                 c0, u0, t0 = cpu_seconds(front.pid), cpu_seconds(upstream.pid), time.monotonic()
-                through += asyncio.run(round_of(front_base, "front", streams, args.tokens, keyed))
+                through += asyncio.run(round_of(front_base, "front", streams, args.tokens, keyed, steady))
                 front_wall += time.monotonic() - t0
                 cpu["front"] += cpu_seconds(front.pid) - c0
                 cpu["upstream"] += cpu_seconds(upstream.pid) - u0
             d, f = summary(direct), summary(through)
             out = {"upstream": args.upstream if args.upstream == PACED else args.model, "front": args.front_auth,
                    "front_db": "sqlite" if args.front_db is None else args.front_db.split(":")[0],
-                   "streams": streams,
+                   "streams": streams, "arrivals": "steady" if steady else "burst",
                    "rounds": args.rounds, "tokens": args.tokens, "direct": rounded(d), "through_front": rounded(f),
                    "added_ms": rounded({k: f[k] - d[k] for k in ("ttft_p50", "ttft_p99", "itl_p50", "itl_p99")}
                                        | ({"per_token_p50": f["delay_p50"] - d["delay_p50"],
