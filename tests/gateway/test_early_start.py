@@ -1,6 +1,7 @@
-"""An upstream request started while its hold is placed (api/dispatch.py): it overlaps the hold when the
-cached balance surely covers the request, never otherwise; a hold that refuses stops it and bills nothing;
-a hold that grants less replaces it with a request capped to what was granted, billed once."""
+"""An upstream request started before its hold is placed (api/dispatch.py): sent first, the hold overlapping
+the upstream's work, when the cached balance surely covers the request, never otherwise; a hold that refuses
+stops it and bills nothing; a hold that grants less replaces it with a request capped to what was granted,
+billed once; a client that leaves before the request was sent gives its rate-limit slot back."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from thinkgate.api.app import create_app
 from thinkgate.gateway.keys import display_prefix, hash_secret, new_secret
 from thinkgate.gateway.limits import MemoryRateLimiter
 from thinkgate.gateway.money import Price, to_units
+from thinkgate.gateway.providers.upstream import UpstreamBackend, UpstreamProvider
 from thinkgate.gateway.service import Gateway
 from thinkgate.params import validate_chat
 from thinkgate.protocol import ChatCompletionRequest
@@ -30,7 +32,8 @@ MAX_TOKENS = 50
 
 class Upstream:
     """A scripted upstream: answers[i] ("good" or "endless") for its i-th request; it notes each request's
-    max_tokens and whether the hold was placed by then, and counts the endless answers closed."""
+    max_tokens and whether the hold was placed by then, whether the request had come when the hold began, and
+    counts the endless answers closed."""
 
     def __init__(self, *answers: str):
         self.answers = answers
@@ -38,7 +41,7 @@ class Upstream:
         self.closed = 0
         self.received: asyncio.Event | None = None
         self.held = False
-        self.expect_early = False  # the hold waits until this upstream has the request
+        self.before_hold: bool | None = None  # whether the request had come when its hold began
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.calls.append({"max_tokens": json.loads(request.content)["max_tokens"], "after_hold": self.held})
@@ -72,8 +75,7 @@ def serve(kind: str, tmp_path, balance_units: int, up: Upstream):
     hold = gateway.hold
 
     async def traced_hold(*a, **kw):
-        if up.expect_early:  # proves the overlap: without the upstream request first, this times out
-            await asyncio.wait_for(up.received.wait(), 5)
+        up.before_hold = up.received.is_set()
         try:
             return await hold(*a, **kw)
         finally:
@@ -85,16 +87,18 @@ def serve(kind: str, tmp_path, balance_units: int, up: Upstream):
 
 
 def post(app, headers, up: Upstream, plan: list[tuple[bool, object]]) -> list[httpx.Response]:
-    """One request per (expect_early, before) of `plan`; `before()` runs first (e.g. spends the balance)."""
+    """One request per (early, before) of `plan`; `before()` runs first (e.g. spends the balance); `early`:
+    whether the upstream must have had the request when its hold began."""
     async def run():
         out = []
         async with asgi_client(app) as http:
-            for expect_early, before in plan:
+            for early, before in plan:
                 if before is not None:
                     before()
-                up.received, up.held, up.expect_early = asyncio.Event(), False, expect_early
+                up.received, up.held, up.before_hold = asyncio.Event(), False, None
                 out.append(await http.post("/v1/chat/completions", headers=headers,
                                            json={"model": "up", "messages": MSGS, "max_tokens": MAX_TOKENS}))
+                assert up.before_hold is early
             return out
 
     return asyncio.run(run())
@@ -176,5 +180,53 @@ def test_a_hold_that_grants_less_replaces_the_early_request_with_a_capped_one_bi
         second = [k for rid, k in entries(db) if rid == r2.json()["id"]]
         assert second.count("hold") == 1 and second.count("capture") == 1
         assert store.account("a").balance_units == affordable - PRICE.cost(11, 3)
+    finally:
+        db.dispose()
+
+
+def test_a_client_that_leaves_before_the_early_request_was_sent_gives_its_slot_back(kind, tmp_path):
+    class FirstNeverConnects(httpx.AsyncBaseTransport):
+        """With `hang` set, the next request waits forever for its connection (its body is never sent)."""
+
+        def __init__(self):
+            self.hang = False
+            self.waiting = asyncio.Event()
+
+        async def handle_async_request(self, request):
+            if self.hang:
+                self.hang = False
+                self.waiting.set()
+                await asyncio.Event().wait()
+            await request.aread()
+            return httpx.Response(200, content=GOOD, headers={"content-type": "text/event-stream"})
+
+    db = fresh_database(kind, tmp_path)
+    store = AccountStore(db)
+    store.create_account("a", balance_units=to_units("10"))
+    secret = new_secret()
+    store.create_key("a", "k", hash_secret(secret), display_prefix(secret), concurrency=1)
+    gateway = Gateway(db, {"up": PRICE}, require_keys=True, limiter=MemoryRateLimiter())
+    gateway.start_sync()
+    transport = FirstNeverConnects()
+    prov = UpstreamProvider("up", [UpstreamBackend(name="a", base_url="http://a/v1", remote_model="remote")],
+                            transport=transport)
+    app = create_app({"up": prov}, gateway=gateway)
+    headers = {"Authorization": f"Bearer {secret}"}
+    body = {"model": "up", "messages": MSGS, "max_tokens": MAX_TOKENS}
+
+    async def run():
+        async with asgi_client(app) as http:
+            await http.post("/v1/chat/completions", headers=headers, json=body)  # caches the key
+            transport.hang = True
+            leaving = asyncio.ensure_future(http.post("/v1/chat/completions", headers=headers, json=body))
+            await asyncio.wait_for(transport.waiting.wait(), 5)
+            leaving.cancel()  # the client goes before its request reached the upstream
+            await asyncio.wait([leaving])
+            return await http.post("/v1/chat/completions", headers=headers, json=body)
+
+    try:
+        r = asyncio.run(run())
+        assert r.status_code == 200, r.text  # the one concurrency slot was given back
+        assert [k for _, k in entries(db)].count("hold") == 2  # the request that left placed none
     finally:
         db.dispose()

@@ -83,11 +83,17 @@ class Dispatcher:
         if gw is not None:
             try:
                 permit = await gw.acquire(caller)
-                # An upstream request can start while the hold is placed (its round trip overlaps the ledger's),
+                # An upstream request can start before the hold is placed (its round trip overlaps the ledger's),
                 # when the hold will almost surely grant the whole request; nothing reaches the client, and
-                # nothing is billed, until the hold is confirmed.
+                # nothing is billed, until the hold is confirmed. The hold waits until the request has left:
+                # placed at once, its work (a thread holding the GIL on SQLite) delayed the request's sending.
                 if getattr(provider, "starts_early", False) and gw.likely_holds_in_full(caller, price, prepared):
                     early = self._run(provider, prepared, ctx, slot, caller, info)
+                    try:
+                        await ctx.sent.wait()
+                    except BaseException:  # the client left: no hold was placed; the permit goes back
+                        await gw.release_permit(permit)
+                        raise
                 admission = await gw.hold(caller, permit, ctx.request_id, params.model, price, prepared,
                                           params.request.user)
             except BaseException:

@@ -54,6 +54,7 @@ class ProviderRun:
     async def _consume(self, stream: AsyncIterator[ProviderEvent]) -> None:
         try:
             async for ev in stream:
+                self.ctx.sent.set()
                 if isinstance(ev, UsageEvent):
                     ev = UsageEvent(await self._report(ev.record))
                 elif isinstance(ev, ErrorEvent) and self.error is None:
@@ -63,6 +64,7 @@ class ProviderRun:
             log.exception("provider stream of %s failed", self.ctx.request_id)
             self._queue.put_nowait(e)
         finally:
+            self.ctx.sent.set()
             if self.record is None:
                 log.error("request %s ended without a usage record", self.ctx.request_id)
             self._queue.put_nowait(_END)

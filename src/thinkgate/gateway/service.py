@@ -251,6 +251,11 @@ class Gateway:
         adm.held_units = hold.result()
         self._spawn(self.release(adm))
 
+    async def release_permit(self, permit: Permit | None) -> None:
+        """Give back the rate-limit slot of a request that ended before its hold was placed."""
+        if permit is not None:
+            await self.limiter.release(permit, 0)
+
     async def release(self, adm: Admission) -> None:
         """Give a hold back whole: its request generated nothing (a 0-token usage row)."""
         await self.settle(adm, UsageRecord(adm.request_id, adm.model, adm.prepared.params.n, 0, 0, 0, 0, None, None,

@@ -44,6 +44,10 @@ class RequestContext:
     # Set by the API when the client disconnects: the provider stops generating, then still ends its
     # stream with the usage record of what was generated.
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the provider's request has left for its backend (a remote provider sets it as the request's
+    # last byte goes out), else with the run's first event or its end (api/provider_run.py): the API places a
+    # hold that overlaps the request after this, so the ledger's work does not delay the request.
+    sent: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True)

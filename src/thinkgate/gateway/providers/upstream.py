@@ -153,10 +153,11 @@ class UpstreamProvider:
                                                   keepalive_expiry=2.0)
             for b in backends}
         self.timeouts = {b.name: httpx.Timeout(b.timeout_s, connect=10.0).as_dict() for b in backends}
-        self.headers = {b.name: {**REQUEST_HEADERS, **({"authorization": f"Bearer {b.api_key}"} if b.api_key else {})}
-                        for b in backends}
         # Absolute, parsed once: httpx otherwise joins and re-parses the URL (a regex pass) on every request.
         self.urls = {b.name: httpx.URL(b.base_url.rstrip("/") + "/chat/completions") for b in backends}
+        self.headers = {b.name: {"host": self.urls[b.name].netloc.decode("ascii"), **REQUEST_HEADERS,
+                                 **({"authorization": f"Bearer {b.api_key}"} if b.api_key else {})}
+                        for b in backends}
 
     def card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "thinkgate",
@@ -353,8 +354,10 @@ class _Run:
 
     async def _try(self, name: str) -> AsyncIterator[dict]:
         backend = self.p.backends[name]
-        request = httpx.Request("POST", self.p.urls[name], headers=self.p.headers[name], content=_json_body(
-            {**self.prep.body, "max_tokens": self.prep.max_tokens}), extensions={"timeout": self.p.timeouts[name]})
+        body = _json_body({**self.prep.body, "max_tokens": self.prep.max_tokens})
+        request = httpx.Request("POST", self.p.urls[name], headers={**self.p.headers[name],
+                                                                   "content-length": str(len(body))},
+                                stream=_SentBody(body, self.ctx.sent), extensions={"timeout": self.p.timeouts[name]})
         try:
             resp = await self.p.transports[name].handle_async_request(request)
         except httpx.TimeoutException:
@@ -493,6 +496,17 @@ def _json_body(body: dict) -> bytes:
         return orjson.dumps(body)
     except TypeError:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class _SentBody(httpx.AsyncByteStream):
+    """A request body that sets `sent` once the connection has taken its last byte (RequestContext.sent)."""
+
+    def __init__(self, body: bytes, sent: asyncio.Event):
+        self.body, self.sent = body, sent
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+        self.sent.set()
 
 
 async def _pump(lines: AsyncIterator[dict], queue: asyncio.Queue) -> None:
