@@ -38,3 +38,45 @@ def test_error_mid_stream_becomes_an_error_chunk_then_done():
 
     frames = asyncio.run(_collect(sse(bad_request(), keepalive_s=5)))
     assert orjson.loads(frames[0][6:])["error"]["param"] == "x"
+
+
+def test_a_streaming_response_ends_when_its_client_leaves_and_passes_on_a_cancellation_from_outside():
+    """RunStreamingResponse watches for the client's disconnect with a task of its own (not Starlette's task
+    group): a disconnect ends the response quietly and abandons the run; the server cancelling the request
+    (a shutdown) is not swallowed."""
+    from thinkgate.api.provider_run import RunStreamingResponse
+
+    class Run:
+        abandoned = 0
+
+        def abandon(self):
+            Run.abandoned += 1
+
+    async def endless():
+        while True:
+            yield b"data: x\n\n"
+            await asyncio.sleep(0.01)
+
+    async def scenario(leave: bool):
+        sent, gone = [], asyncio.Event()
+
+        async def receive():
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        response = RunStreamingResponse(endless(), Run(), media_type="text/event-stream")
+        task = asyncio.ensure_future(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send))
+        await asyncio.sleep(0.05)
+        gone.set() if leave else task.cancel()
+        try:
+            await asyncio.wait_for(task, 2)
+        except asyncio.CancelledError:
+            return "cancelled", len(sent)
+        return "ended", len(sent)
+
+    ended, n = asyncio.run(scenario(leave=True))
+    assert ended == "ended" and n >= 3 and Run.abandoned == 1
+    assert asyncio.run(scenario(leave=False))[0] == "cancelled" and Run.abandoned == 2

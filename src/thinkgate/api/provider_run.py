@@ -122,6 +122,37 @@ class RunStreamingResponse(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if scope.get("type") == "http":
+                await self._stream_until_disconnect(receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             self.run.abandon()
+
+    async def _stream_until_disconnect(self, receive, send) -> None:
+        """Starlette's streaming, with its watch for the client's disconnect done by one plain task: for servers
+        of ASGI spec < 2.4 (uvicorn's is 2.3) Starlette runs it in an anyio task group, ~0.13 ms of CPU a
+        response on these cores against ~0.01 ms for the streaming itself."""
+        task = asyncio.current_task()
+        streaming, gone = True, False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if streaming:  # the task is suspended inside stream_response: the cancellation lands there
+                gone = True
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # ours, not the server's: the response just ends, as Starlette's does
+        finally:
+            streaming = False
+            watcher.cancel()
+        if self.background is not None:
+            await self.background()
