@@ -483,7 +483,7 @@ def _without_images(params: ChatParams) -> tuple[list[dict], int]:
 
 
 _CANCEL = object()
-# What httpx's client would send (less its user agent), and the content type.
+# What httpx's client sent (with our own user agent), and the content type.
 REQUEST_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "connection": "keep-alive",
                    "user-agent": "thinkgate", "content-type": "application/json"}
 
