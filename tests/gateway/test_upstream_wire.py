@@ -19,7 +19,7 @@ import pytest
 
 from tests.api.inprocess import InProcessServer
 from tests.gateway.test_upstream import GOOD, USAGE, Upstreams, call, obj, provider
-from thinkgate.gateway.providers.pool import ShardedTransport
+from thinkgate.gateway.providers.h1 import H1Transport
 from thinkgate.gateway.providers.sse_reader import split_lines
 
 
@@ -92,42 +92,123 @@ def streaming_app(seen: list):
     return app
 
 
-def test_the_pool_spreads_concurrent_streams_over_its_shards_and_reuses_connections():
+def test_concurrent_streams_get_a_connection_each_and_a_lone_client_reuses_one():
     seen: list = []
     server = InProcessServer(streaming_app(seen))
     try:
         async def run():
-            transport = ShardedTransport(shards=8, max_connections=256, max_keepalive_connections=64)
-            peak = []
+            transport = H1Transport(max_connections=256, max_keepalive_connections=64)
             async with httpx.AsyncClient(base_url=server.base, transport=transport) as client:
                 async def one():
                     async with client.stream("POST", "/v1/chat/completions", json={}) as r:
-                        peak.append(list(transport.in_flight))
                         return b"".join([part async for part in r.aiter_raw()])
 
                 bodies = await asyncio.gather(*(one() for _ in range(32)))
-                after_burst = list(transport.in_flight)
+                counts = (transport.n_open, transport.n_idle)
                 n_burst = len(set(seen))
                 for _ in range(5):  # a lone client, one request after another
                     await one()
-            return bodies, peak, after_burst, n_burst
+            return bodies, counts, n_burst
 
-        bodies, peak, after_burst, n_burst = asyncio.run(run())
+        bodies, counts, n_burst = asyncio.run(run())
     finally:
         server.stop()
     assert all(b.endswith(b"data: [DONE]\n\n") and b.count(b"data: {") == 3 for b in bodies)
-    assert max(max(p) for p in peak) == 4  # 32 streams in flight: 4 on each of 8 shards, none on one pool alone
-    assert after_burst == [0] * 8  # every closed response gave its slot back
-    assert n_burst == 32
-    # The five sequential requests took shard 0's kept-alive connection: no new connection for them.
+    assert n_burst == 32 and counts == (32, 32)  # every response read to its end gave its connection back
+    # The five sequential requests took a kept-alive connection: no new connection for them.
     assert len(set(seen)) == 32
 
 
-# -- the network backend (net.py) under the pool, over real sockets --------------------------------------
-def test_the_pool_runs_on_our_network_backend():
-    assert ShardedTransport().own_network  # False would mean httpx moved its pool: anyio's backend serves
+def test_past_the_connection_limit_a_request_waits_for_one_to_come_free():
+    seen: list = []
+    server = InProcessServer(streaming_app(seen))
+    try:
+        async def run():
+            transport = H1Transport(max_connections=2)
+            async with httpx.AsyncClient(base_url=server.base, transport=transport) as client:
+                async def one():
+                    async with client.stream("POST", "/v1/chat/completions", json={}) as r:
+                        return b"".join([part async for part in r.aiter_raw()])
+
+                return await asyncio.gather(*(one() for _ in range(6)))
+
+        bodies = asyncio.run(run())
+    finally:
+        server.stop()
+    assert all(b.count(b"data: {") == 3 for b in bodies)
+    assert len(set(seen)) == 2
 
 
+def test_a_response_closed_from_another_task_wakes_its_reader_and_closes_the_connection():
+    closed = []
+
+    def handler(conn):  # the head and one event, then nothing until the client goes
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"6\r\ndata: \r\n")
+        conn.settimeout(5)
+        try:
+            closed.append(conn.recv(100) == b"")
+        except OSError:
+            closed.append(False)
+
+    async def run(port):
+        transport = H1Transport()
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}/", content=b"{}",
+                                extensions={"timeout": httpx.Timeout(5.0).as_dict()})
+        response = await transport.handle_async_request(request)
+        parts = []
+
+        async def read():
+            async for part in response.stream:
+                parts.append(part)
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        await response.aclose()
+        with pytest.raises(httpx.ReadError):
+            await reader
+        return parts, time.monotonic() - t0, transport.n_open
+
+    with raw_server(handler) as port:
+        parts, took, n_open = asyncio.run(run(port))
+        deadline = time.monotonic() + 3
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert parts == [b"data: "] and took < 0.5 and n_open == 0
+    assert closed == [True]  # the upstream saw the connection close: it stops generating
+
+
+def test_a_response_that_is_not_http_is_a_protocol_error():
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        time.sleep(0.5)
+        conn.close()
+
+    with raw_server(handler) as port, pytest.raises(httpx.RemoteProtocolError):
+        fetch(port)
+
+
+def test_a_stream_cut_mid_body_is_an_error_and_a_body_without_length_ends_with_the_connection():
+    def cut(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        conn.close()
+
+    def unframed(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it")
+        conn.close()
+
+    with raw_server(cut) as port, pytest.raises(httpx.RemoteProtocolError):
+        fetch(port)
+    with raw_server(unframed) as port:
+        assert fetch(port) == [b"all of it"]
+
+
+# -- the transport (h1.py) over real sockets ----------------------------------------------------------
 @contextlib.contextmanager
 def raw_server(handler):
     """A TCP server on loopback in a thread, its port; `handler(conn)` answers each connection."""
@@ -173,7 +254,7 @@ def read_request(conn, pace_s: float = 0.0) -> tuple[bytes, bytes]:
 
 def fetch(port, *, timeout=5.0, tls=None, scheme="http", n=1, read_slowly=False) -> list[bytes]:
     async def run():
-        transport = ShardedTransport(shards=2, ssl_context=tls)
+        transport = H1Transport(ssl_context=tls)
         out = []
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             for _ in range(n):
@@ -223,7 +304,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused():
 
     with raw_server(handler) as port:
         async def run():
-            async with httpx.AsyncClient(transport=ShardedTransport(shards=1)) as client:
+            async with httpx.AsyncClient(transport=H1Transport()) as client:
                 bodies = []
                 for _ in range(3):
                     bodies.append((await client.post(f"http://127.0.0.1:{port}/", json={})).content)
@@ -296,7 +377,7 @@ def test_a_request_body_larger_than_the_socket_buffers_is_sent_whole():
         conn.close()
 
     async def run(port):
-        async with httpx.AsyncClient(transport=ShardedTransport(shards=1), timeout=10) as client:
+        async with httpx.AsyncClient(transport=H1Transport(), timeout=10) as client:
             return (await client.post(f"http://127.0.0.1:{port}/", content=body)).content
 
     with raw_server(handler) as port:

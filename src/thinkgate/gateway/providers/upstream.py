@@ -33,7 +33,7 @@ from thinkgate.gateway.providers.base import (
     UsageEvent,
     UsageRecord,
 )
-from thinkgate.gateway.providers.pool import ShardedTransport
+from thinkgate.gateway.providers.h1 import H1Transport
 from thinkgate.gateway.providers.sse_reader import sse_objects
 from thinkgate.params import ChatParams
 
@@ -149,8 +149,7 @@ class UpstreamProvider:
             # Idle connections are dropped well before a uvicorn-served upstream's (vLLM, SGLang, thinkgate)
             # 5 s keep-alive, so a request rarely picks one the server is closing (that race is a connection
             # error before the first byte, retried like any other).
-            b.name: transport or ShardedTransport(max_connections=256, max_keepalive_connections=64,
-                                                  keepalive_expiry=2.0)
+            b.name: transport or H1Transport(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
             for b in backends}
         self.timeouts = {b.name: httpx.Timeout(b.timeout_s, connect=10.0).as_dict() for b in backends}
         # Absolute, parsed once: httpx otherwise joins and re-parses the URL (a regex pass) on every request.
