@@ -383,3 +383,49 @@ def test_a_request_body_larger_than_the_socket_buffers_is_sent_whole():
     with raw_server(handler) as port:
         assert asyncio.run(run(port)) == b"ok"
     assert got == [body]
+
+
+def test_a_client_that_leaves_closes_a_real_upstream_connection_at_once():
+    """The provider over our transport and a real socket: the run reads in its own task, and the client's leaving
+    wakes that read by closing the connection (no reader task), which the upstream sees."""
+    from thinkgate.api.requests import ChatCompletionRequest
+    from thinkgate.gateway.providers.base import RequestContext, UsageEvent
+    from thinkgate.gateway.providers.upstream import UpstreamBackend, UpstreamProvider
+    from thinkgate.params import validate_chat
+
+    gone = []
+
+    def handler(conn):
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        event = b"data: " + json.dumps(obj(content="b")).encode() + b"\n\n"
+        try:
+            while True:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                time.sleep(0.01)
+        except OSError:
+            gone.append(time.monotonic())
+
+    async def run(port):
+        prov = UpstreamProvider("up", [UpstreamBackend("a", f"http://127.0.0.1:{port}/v1", "remote")])
+        prep = await prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=[
+            {"role": "user", "content": "hi"}])))
+        ctx = RequestContext("chatcmpl-x")
+        events = []
+        async for ev in prov.stream(prep, ctx):
+            events.append(ev)
+            if len(events) == 4:
+                ctx.cancelled.set()
+                left = time.monotonic()
+        await prov.aclose()
+        return events, left
+
+    with raw_server(handler) as port:
+        events, left = asyncio.run(run(port))
+        deadline = time.monotonic() + 3
+        while not gone and time.monotonic() < deadline:
+            time.sleep(0.01)
+    record = events[-1].record
+    assert isinstance(events[-1], UsageEvent) and record.ended_by == "client_disconnect"
+    assert record.completion_tokens > 0 and len(events) <= 6  # nothing read past the leaving but what was in flight
+    assert gone and gone[0] - left < 0.5

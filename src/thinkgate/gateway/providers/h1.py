@@ -324,6 +324,8 @@ class _Body(httpx.AsyncByteStream):
     """A response's body as it arrives. Read to its end, the connection goes back to the pool; closed before,
     the connection is closed (the upstream then stops generating), and a reader in another task fails at once."""
 
+    wakes_reader_on_close = True  # the provider needs no reader task of its own (upstream._Pumped)
+
     def __init__(self, pool: H1Transport, conn: _Connection, timeout: float | None):
         self.pool, self.conn, self.timeout = pool, conn, timeout
         self.state = "open"  # "released" (read to its end) or "dropped" (closed before)

@@ -260,6 +260,10 @@ class _Run:
         if self.response is not None:
             await self.response.aclose()
 
+    async def _close_when_cancelled(self) -> None:
+        await self.ctx.cancelled.wait()
+        await self.close()
+
     async def events(self) -> AsyncIterator[ProviderEvent]:
         # Until the first event (an upstream's prefill can take seconds, its retries longer) the client may
         # leave, or the API discard the run: the request is then closed at once, so the upstream stops too.
@@ -288,23 +292,12 @@ class _Run:
             yield ChunkEvent([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}])
         ended_by, error = "finished", None
-        # One reader task per request puts the upstream's events in a queue, and a client that leaves puts
-        # _CANCEL there (the response is then closed: the upstream aborts too); no task per chunk.
-        queue: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.ensure_future(_pump(lines, queue))
-        watcher = asyncio.ensure_future(_put_when_set(self.ctx.cancelled, queue))
+        # The events are read here, in the run's own task: a client that leaves closes the response from the
+        # watcher's task, which wakes this read at once with an error (the upstream sees the connection close
+        # and stops too). No task or queue per chunk.
+        watcher = asyncio.ensure_future(self._close_when_cancelled())
         try:
-            while True:
-                item = await queue.get()
-                if item is _CANCEL:
-                    ended_by = "client_disconnect"
-                    break
-                if isinstance(item, Exception):
-                    ended_by, error = "error", ErrorEvent(f"the upstream stream broke: {type(item).__name__}",
-                                                          type="upstream_error", code="upstream_error", status=502)
-                    break
-                if item is None:
-                    break
+            async for item in lines:
                 for ev in self._map(item):
                     if isinstance(ev, ErrorEvent):
                         ended_by, error = "error", ev
@@ -312,11 +305,17 @@ class _Run:
                         yield ev
                 if error is not None:
                     break
+        except Exception as e:
+            if self.ctx.cancelled.is_set():
+                ended_by = "client_disconnect"
+            else:
+                ended_by, error = "error", ErrorEvent(f"the upstream stream broke: {type(e).__name__}",
+                                                      type="upstream_error", code="upstream_error", status=502)
         finally:
             watcher.cancel()
-            if not reader.done():
-                reader.cancel()
-                await asyncio.wait([reader])  # it has left the response before close() closes it
+            await lines.aclose()
+        if ended_by == "finished" and error is None and self.ctx.cancelled.is_set() and len(self.finish) < n:
+            ended_by = "client_disconnect"  # the close came between two reads and ended the body
         if error is None and ended_by == "finished" and len(self.finish) < n:
             ended_by, error = "error", ErrorEvent("the upstream stream ended before every choice finished",
                                                   type="upstream_error", code="upstream_error", status=502)
@@ -372,6 +371,8 @@ class _Run:
                 raise _Failure(502, f"upstream {name} answered {resp.status_code}", retryable=True)
             raise _Failure(502 if resp.status_code != 400 else 400,
                            f"upstream {name} refused the request ({resp.status_code}): {text}", retryable=False)
+        if not getattr(resp.stream, "wakes_reader_on_close", False):
+            resp.stream = _Pumped(resp.stream)
         self.response = resp
         lines = sse_objects(resp)
         try:  # the first event, within its own timeout: before it, failing over is still possible
@@ -481,7 +482,6 @@ def _without_images(params: ChatParams) -> tuple[list[dict], int]:
     return msgs, images
 
 
-_CANCEL = object()
 # What httpx's client sent (with our own user agent), and the content type.
 REQUEST_HEADERS = {"accept": "*/*", "accept-encoding": "gzip, deflate", "connection": "keep-alive",
                    "user-agent": "thinkgate", "content-type": "application/json"}
@@ -508,19 +508,37 @@ class _SentBody(httpx.AsyncByteStream):
         self.sent.set()
 
 
-async def _pump(lines: AsyncIterator[dict], queue: asyncio.Queue) -> None:
-    """The upstream's events into `queue`, then None; an exception (a broken stream, garbage) ends it."""
-    try:
-        async for obj in lines:
-            queue.put_nowait(obj)
-        queue.put_nowait(None)
-    except Exception as e:
-        queue.put_nowait(e)
+class _Pumped(httpx.AsyncByteStream):
+    """Another transport's body (the tests give httpx.MockTransport), read by a task of its own so that closing
+    it from another task wakes its reader at once, as the bodies of our transport (h1.py) do by themselves.
+    Closing an async generator while its reader waits in it would fail instead."""
 
+    def __init__(self, stream):
+        self.stream = stream
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Future | None = None
 
-async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
-    await event.wait()
-    queue.put_nowait(_CANCEL)
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.task = asyncio.ensure_future(self._pump())
+        while (item := await self.queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def _pump(self) -> None:
+        try:
+            async for part in self.stream:
+                self.queue.put_nowait(part)
+            self.queue.put_nowait(None)
+        except Exception as e:
+            self.queue.put_nowait(e)
+
+    async def aclose(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task])
+            self.queue.put_nowait(httpx.ReadError("the response was closed"))
+        await self.stream.aclose()
 
 
 async def _prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
