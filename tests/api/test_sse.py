@@ -13,13 +13,42 @@ async def _collect(gen):
 
 
 def test_keepalive_comments_while_the_next_chunk_is_slow():
+    """The chunks are read in the response's task: a keep-alive is the run's KEEPALIVE marker, asked for by the
+    framing's timer and passed on by the renderer, never a chunk; one waiting chunk is not delayed by it."""
+    from thinkgate.api.provider_run import ProviderRun
+    from thinkgate.api.responses import render_chunks
+    from thinkgate.gateway.providers.base import ChunkEvent, RequestContext, UsageEvent, UsageRecord
+
     async def slow():
+        yield ChunkEvent([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         await asyncio.sleep(0.35)
+        yield ChunkEvent([{"index": 0, "delta": {"content": "a"}, "finish_reason": None}])
+        await asyncio.sleep(0.25)
+        yield ChunkEvent([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        yield UsageEvent(UsageRecord("r", "m", 1, prompt_tokens=1, cached_prompt_tokens=0, completion_tokens=1,
+                                     reasoning_tokens=0, finish_reason="stop", native_finish_reason="stop",
+                                     ended_by="finished", time_to_first_token_s=0.35, total_time_s=0.6))
+
+    async def main():
+        ctx = RequestContext("r")
+        run = ProviderRun(slow(), ctx, lambda record: None)
+        assert await run.first_error() is None
+        chunks = render_chunks(run, ctx, "m", 1, include_usage=True)
+        return [x async for x in sse(chunks, keepalive_s=0.1, keepalive=run.keepalive)]
+
+    frames = asyncio.run(main())
+    data = [orjson.loads(f[6:]) for f in frames if f.startswith(b"data: {")]
+    assert [d["choices"][0]["delta"] if d["choices"] else "usage" for d in data] == [
+        {"role": "assistant", "content": ""}, {"content": "a"}, {}, "usage"]
+    keepalives = [i for i, f in enumerate(frames) if f == b": keep-alive\n\n"]
+    assert len(keepalives) >= 4 and frames[1] == b": keep-alive\n\n"  # while the second chunk was slow
+    assert frames[-1] == b"data: [DONE]\n\n"
+
+    async def quiet():  # no keep-alive asked for: none sent
+        await asyncio.sleep(0.25)
         yield {"a": 1}
 
-    frames = asyncio.run(_collect(sse(slow(), keepalive_s=0.1)))
-    assert frames.count(b": keep-alive\n\n") >= 2
-    assert frames[-2] == b'data: {"a":1}\n\n' and frames[-1] == b"data: [DONE]\n\n"
+    assert asyncio.run(_collect(sse(quiet(), keepalive_s=0.1))) == [b'data: {"a":1}\n\n', b"data: [DONE]\n\n"]
 
 
 def test_error_mid_stream_becomes_an_error_chunk_then_done():

@@ -123,7 +123,7 @@ def create_app(providers: dict[str, ChatProvider], config: ServerConfig | None =
         model = started.provider.model_id
         if params.stream:
             chunks = render_chunks(run, ctx, model, params.n, params.include_usage)
-            return RunStreamingResponse(sse(chunks, config.keepalive_s), run, media_type="text/event-stream",
+            return RunStreamingResponse(sse(chunks, config.keepalive_s, keepalive=run.keepalive), run, media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                                  **started.headers})
         try:

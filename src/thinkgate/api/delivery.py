@@ -29,7 +29,7 @@ async def accepted(request: Request, model: type[M], limit: int) -> tuple[Dispat
 
 def streamed(events: AsyncIterator[dict], started: Started, keepalive_s: float,
              typed_events: bool = False) -> RunStreamingResponse:
-    return RunStreamingResponse(sse(events, keepalive_s, typed_events), started.run, media_type="text/event-stream",
+    return RunStreamingResponse(sse(events, keepalive_s, typed_events, started.run.keepalive), started.run, media_type="text/event-stream",
                                 headers={**SSE_HEADERS, **started.headers})
 
 

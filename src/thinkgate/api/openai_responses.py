@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from thinkgate.api.delivery import accepted, collected, streamed
 from thinkgate.api.openapi import GENERATES, documented
+from thinkgate.api.provider_run import KEEPALIVE
 from thinkgate.api.requests import validation_error
 from thinkgate.config import ServerConfig
 from thinkgate.errors import InvalidRequestError, error_body
@@ -300,7 +301,9 @@ class ResponseStream:
         usage = None
         try:
             async for ev in provider_events:
-                if isinstance(ev, ChunkEvent):
+                if ev is KEEPALIVE:
+                    yield ev
+                elif isinstance(ev, ChunkEvent):
                     for choice in ev.choices:
                         for out in self._choice(choice):
                             yield out

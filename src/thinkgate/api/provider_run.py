@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # client sees in `usage`.
 UsageHook = Callable[[UsageRecord], Awaitable[UsageRecord | None] | UsageRecord | None]
 _END = object()
+# What a run yields when its response asked for a keep-alive (ProviderRun.keepalive) and nothing else was
+# waiting: the converters between the run and the SSE framing pass it on as it is.
+KEEPALIVE = object()
 _running: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to tasks
 
 
@@ -84,6 +87,13 @@ class ProviderRun:
             self.record = result
         return self.record
 
+    def keepalive(self) -> None:
+        """Have the iteration yield KEEPALIVE now, unless an event is already waiting. The SSE framing calls it
+        when the client has had nothing for a while: the stream is read in the response's own task, without a
+        reader task (and its hop through the event loop per chunk) just to interleave keep-alives."""
+        if self._queue.empty():
+            self._queue.put_nowait(KEEPALIVE)
+
     def abandon(self) -> None:
         """The response is over (the client went away, or it finished): stop generating if still running."""
         if not self._task.done():
@@ -95,7 +105,7 @@ class ProviderRun:
     async def first_error(self) -> ErrorEvent | None:
         """Wait for the first event; the error it is, if it is one (a provider that failed before its first
         chunk, e.g. every upstream down: the API answers with the error's status instead of a stream)."""
-        if self._peeked is None:
+        while self._peeked is None or self._peeked is KEEPALIVE:
             self._peeked = await self._queue.get()
         return self._peeked if isinstance(self._peeked, ErrorEvent) else None
 

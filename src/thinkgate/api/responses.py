@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from thinkgate.api.provider_run import KEEPALIVE
 from thinkgate.errors import error_body
 from thinkgate.gateway.providers.base import ChunkEvent, ErrorEvent, ProviderEvent, RequestContext, UsageEvent
 
@@ -23,6 +24,9 @@ async def render_chunks(events: AsyncIterator[ProviderEvent], ctx: RequestContex
     finishes = 0
     held = None  # the chunk that finishes the last choice waits for the usage record
     async for ev in events:
+        if ev is KEEPALIVE:
+            yield ev
+            continue
         if isinstance(ev, UsageEvent):
             usage = ev.record.openai_usage()
             if held is not None and not include_usage:

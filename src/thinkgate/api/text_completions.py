@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from thinkgate.api.delivery import accepted, collected, streamed
 from thinkgate.api.openapi import GENERATES, documented
+from thinkgate.api.provider_run import KEEPALIVE
 from thinkgate.api.requests import validation_error
 from thinkgate.api.responses import render_chunks
 from thinkgate.config import ServerConfig
@@ -124,7 +125,7 @@ class TextChunks:
 
 async def text_chunks(chat_chunks: AsyncIterator[dict], convert) -> AsyncIterator[dict]:
     async for ch in chat_chunks:
-        out = convert(ch)
+        out = ch if ch is KEEPALIVE else convert(ch)
         if out is not None:
             yield out
 

@@ -83,6 +83,6 @@ def add_playground(app: FastAPI, console: Console, config: ServerConfig) -> None
         dispatch = request.app.state.dispatch
         started = await dispatch.start(caller, params)
         chunks = render_chunks(started.run, started.ctx, started.provider.model_id, params.n, True)
-        return RunStreamingResponse(sse(chunks, config.keepalive_s), started.run, media_type="text/event-stream",
+        return RunStreamingResponse(sse(chunks, config.keepalive_s, keepalive=started.run.keepalive), started.run, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                              **started.headers})
