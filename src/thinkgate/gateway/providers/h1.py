@@ -245,6 +245,10 @@ class H1Transport(httpx.AsyncBaseTransport):
             self.waiters.append(fut)
             try:
                 await _wait(fut, pool_timeout, httpx.PoolTimeout, "no connection to the upstream came free in time")
+            except BaseException:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._wake_one()  # woken, then cancelled before taking the slot: the next waiter gets it
+                raise
             finally:
                 if fut in self.waiters:
                     self.waiters.remove(fut)

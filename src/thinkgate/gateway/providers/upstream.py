@@ -312,7 +312,10 @@ class _Run:
                 ended_by, error = "error", ErrorEvent(f"the upstream stream broke: {type(e).__name__}",
                                                       type="upstream_error", code="upstream_error", status=502)
         finally:
-            watcher.cancel()
+            if self.ctx.cancelled.is_set():
+                await asyncio.wait([watcher])  # its close may be under way: let it finish rather than cut it
+            else:
+                watcher.cancel()
             await lines.aclose()
         if ended_by == "finished" and error is None and self.ctx.cancelled.is_set() and len(self.finish) < n:
             ended_by = "client_disconnect"  # the close came between two reads and ended the body
