@@ -429,3 +429,31 @@ def test_a_client_that_leaves_closes_a_real_upstream_connection_at_once():
     assert isinstance(events[-1], UsageEvent) and record.ended_by == "client_disconnect"
     assert record.completion_tokens > 0 and len(events) <= 6  # nothing read past the leaving but what was in flight
     assert gone and gone[0] - left < 0.5
+
+
+def test_a_waiter_woken_for_a_free_connection_and_then_cancelled_passes_it_on():
+    seen: list = []
+    server = InProcessServer(streaming_app(seen))
+
+    def request():
+        return httpx.Request("POST", server.base + "/v1/chat/completions", content=b"{}",
+                             extensions={"timeout": {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 1.0}})
+
+    async def run():
+        transport = H1Transport(max_connections=1)
+        first = await transport.handle_async_request(request())
+        second = asyncio.ensure_future(transport.handle_async_request(request()))
+        third = asyncio.ensure_future(transport.handle_async_request(request()))
+        await asyncio.sleep(0.05)  # both wait for the one connection
+        await first.aclose()  # closed unread: the connection goes, and the first waiter is woken...
+        second.cancel()  # ...and cancelled before it ran
+        response = await third  # not a PoolTimeout after 1 s: the slot was passed on
+        body = b"".join([part async for part in response.stream])
+        await transport.aclose()
+        return second.cancelled(), body
+
+    try:
+        cancelled, body = asyncio.run(run())
+    finally:
+        server.stop()
+    assert cancelled and body.count(b"data: {") == 3
