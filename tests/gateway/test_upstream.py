@@ -267,6 +267,21 @@ def test_a_second_thinkgate_is_the_upstream_of_the_first(checkpoints, tmp_path):
         db.dispose()
 
 
+async def stream_and_leave(prov, after: int) -> tuple[list, float]:
+    """One request's events from `prov`, the client leaving once `after` of them arrived; and when it left."""
+    from thinkgate.gateway.providers.base import RequestContext
+
+    prep = await prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=MSGS)))
+    ctx = RequestContext("chatcmpl-x")
+    events, left = [], 0.0
+    async for ev in prov.stream(prep, ctx):
+        events.append(ev)
+        if len(events) == after:
+            ctx.cancelled.set()
+            left = time.monotonic()
+    return events, left
+
+
 def test_a_client_that_leaves_closes_the_upstream_request_at_once():
     closed = asyncio.Event()
 
@@ -282,17 +297,10 @@ def test_a_client_that_leaves_closes_the_upstream_request_at_once():
 
         return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
 
-    from thinkgate.gateway.providers.base import RequestContext, UsageEvent
+    from thinkgate.gateway.providers.base import UsageEvent
 
     async def run():
-        prov = provider(Upstreams(a=[endless]), "a")
-        prep = await prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=MSGS)))
-        ctx = RequestContext("chatcmpl-x")
-        events = []
-        async for ev in prov.stream(prep, ctx):
-            events.append(ev)
-            if len(events) == 3:
-                ctx.cancelled.set()
+        events, _ = await stream_and_leave(provider(Upstreams(a=[endless]), "a"), after=3)
         await asyncio.wait_for(closed.wait(), 2)
         return events
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.api.inprocess import InProcessServer
-from tests.gateway.test_upstream import GOOD, USAGE, Upstreams, call, obj, provider
+from tests.gateway.test_upstream import GOOD, USAGE, Upstreams, call, obj, provider, stream_and_leave
 from thinkgate.gateway.providers.h1 import H1Transport
 from thinkgate.gateway.providers.sse_reader import split_lines
 
@@ -388,10 +388,8 @@ def test_a_request_body_larger_than_the_socket_buffers_is_sent_whole():
 def test_a_client_that_leaves_closes_a_real_upstream_connection_at_once():
     """The provider over our transport and a real socket: the run reads in its own task, and the client's leaving
     wakes that read by closing the connection (no reader task), which the upstream sees."""
-    from thinkgate.api.requests import ChatCompletionRequest
-    from thinkgate.gateway.providers.base import RequestContext, UsageEvent
+    from thinkgate.gateway.providers.base import UsageEvent
     from thinkgate.gateway.providers.upstream import UpstreamBackend, UpstreamProvider
-    from thinkgate.params import validate_chat
 
     gone = []
 
@@ -408,15 +406,7 @@ def test_a_client_that_leaves_closes_a_real_upstream_connection_at_once():
 
     async def run(port):
         prov = UpstreamProvider("up", [UpstreamBackend("a", f"http://127.0.0.1:{port}/v1", "remote")])
-        prep = await prov.prepare(validate_chat(ChatCompletionRequest(model="up", messages=[
-            {"role": "user", "content": "hi"}])))
-        ctx = RequestContext("chatcmpl-x")
-        events = []
-        async for ev in prov.stream(prep, ctx):
-            events.append(ev)
-            if len(events) == 4:
-                ctx.cancelled.set()
-                left = time.monotonic()
+        events, left = await stream_and_leave(prov, after=4)
         await prov.aclose()
         return events, left
 
