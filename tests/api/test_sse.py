@@ -109,3 +109,29 @@ def test_a_streaming_response_ends_when_its_client_leaves_and_passes_on_a_cancel
     ended, n = asyncio.run(scenario(leave=True))
     assert ended == "ended" and n >= 3 and Run.abandoned == 1
     assert asyncio.run(scenario(leave=False))[0] == "cancelled" and Run.abandoned == 2
+
+
+def test_chat_and_responses_streams_keep_alive_while_the_provider_is_slow():
+    """The keep-alive marker passes through each endpoint's converter to the framing (never into a chunk)."""
+    from tests.api.inprocess import asgi_client
+    from tests.api.scripted_provider import ScriptedProvider
+    from thinkgate.api.app import create_app
+    from thinkgate.config import ServerConfig
+
+    app = create_app({"scripted": ScriptedProvider(words=("Hello", " world"), step_s=0.35)},
+                     ServerConfig(keepalive_s=0.1))
+    requests = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}, "/v1/responses": {"input": "hi"}}
+
+    async def run():
+        async with asgi_client(app) as http:
+            out = {}
+            for path, body in requests.items():
+                r = await http.post(path, json={"model": "scripted", "stream": True, **body})
+                assert r.status_code == 200, r.text
+                out[path] = r.text
+            return out
+
+    for path, text in asyncio.run(run()).items():
+        assert text.count(": keep-alive\n\n") >= 2, path
+        data = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        assert "Hello" in orjson.dumps(data).decode() and " world" in orjson.dumps(data).decode(), path
