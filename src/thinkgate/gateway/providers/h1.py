@@ -36,7 +36,7 @@ class _Connection(asyncio.Protocol):
         self.in_use = False
         self.counted = True  # in the pool's count of open connections, until the pool closes it
         self.closed = False  # gone, from either side
-        self.error: BaseException | None = None  # why it closed, if not cleanly
+        self.error: httpx.HTTPError | None = None  # why it closed, if not cleanly
         self.idle_since = 0.0
         self.waiter: asyncio.Future | None = None  # a reader waiting for the head, body or end
         self.drain: asyncio.Future | None = None  # a write waiting for the transport's buffer to empty
@@ -144,10 +144,8 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def failure(self) -> Exception:
-        if isinstance(self.error, httpx.HTTPError):
-            return self.error
         if self.error is not None:
-            return httpx.ReadError(str(self.error) or type(self.error).__name__)
+            return self.error
         if not self.headers_done:
             return httpx.RemoteProtocolError("the upstream closed the connection without a response")
         return httpx.RemoteProtocolError("the upstream closed the connection in the middle of the response")

@@ -317,11 +317,12 @@ class _Run:
             else:
                 watcher.cancel()
             await lines.aclose()
-        if ended_by == "finished" and error is None and self.ctx.cancelled.is_set() and len(self.finish) < n:
-            ended_by = "client_disconnect"  # the close came between two reads and ended the body
         if error is None and ended_by == "finished" and len(self.finish) < n:
-            ended_by, error = "error", ErrorEvent("the upstream stream ended before every choice finished",
-                                                  type="upstream_error", code="upstream_error", status=502)
+            if self.ctx.cancelled.is_set():  # the close came between two reads and ended the body
+                ended_by = "client_disconnect"
+            else:
+                ended_by, error = "error", ErrorEvent("the upstream stream ended before every choice finished",
+                                                      type="upstream_error", code="upstream_error", status=502)
         if error is not None:
             yield error
         yield UsageEvent(self._record(ended_by))
