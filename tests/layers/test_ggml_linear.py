@@ -299,6 +299,62 @@ def test_16bit_activations_are_about_15_bits_and_row_independent(qtype):
     assert torch.equal(ops.ggml_linear(xt, [qt], [packed], None, False, 16), wide)
 
 
+Q5_0_R4, Q5_0_R4L = 106, 107  # ggml_repack's layouts of Q5_0 (csrc/ggml_blocks.h)
+
+
+def test_the_lanes_layout_of_q5_0_against_the_fp64_model_and_row_independent():
+    """Q5_0 in the R4L layout (what the default's 16-bit kernels multiply): each group's codes placed so an int32
+    lane holds one block's products, summed as integers and scaled once per 4 blocks. The products are the fp64
+    model's to fp32 accumulation error, extreme codes included; a row's bits do not depend on the rows beside it
+    (1 to 11 rows: the kernels for 1, 2 and 8 rows and the tails); the same codes as the file's blocks."""
+    rng = np.random.default_rng(41)
+    n, k = 29, 896
+    blocks = random_blocks(T.Q5_0, n, k, rng)
+    ext = blocks.reshape(n, -1, 22)
+    ext[0, :, 2:] = 0x00  # every code -16, the largest magnitude
+    ext[1, :, 2:] = 0xFF  # every code 15
+    ext[:2, :, :2] = np.full((2, ext.shape[1]), 0.01, np.float16).view(np.uint8).reshape(2, -1, 2)
+    blocks = ext.reshape(n, -1)
+    bt = torch.from_numpy(blocks)
+    qtype, packed = ops.ggml_repack(bt, int(T.Q5_0), True)
+    if qtype == int(T.Q5_0):
+        pytest.skip("this CPU has no AVX2: Q5_0 is multiplied in the file's layout")
+    assert qtype == Q5_0_R4L and packed.shape == (n, k // 128 * 96)
+    w = np.abs(dequantize(blocks, T.Q5_0).reshape(n, k).astype(np.float64))
+    x = rng.standard_normal((11, k)).astype(np.float32) * rng.uniform(0.1, 4.0, size=(11, 1)).astype(np.float32)
+    x[0] = 1.0  # codes 32767 against the extreme rows: the largest lane sums (16 x 16 x 32767 < 2^24)
+    xt = torch.from_numpy(x)
+    together = ops.ggml_linear(xt, [qtype], [packed], None, False, 16)
+    ref = model_product16(T.Q5_0, blocks, x, k)
+    bound = 2e-6 * (np.abs(x).astype(np.float64) @ w.T) + 1e-6
+    assert np.all(np.abs(together.numpy() - ref) <= bound), np.abs(together.numpy() - ref).max()
+    alone = torch.cat([ops.ggml_linear(xt[i:i + 1], [qtype], [packed], None, False, 16) for i in range(11)])
+    assert torch.equal(together, alone)
+    for m in (2, 8, 9):
+        assert torch.equal(ops.ggml_linear(xt[:m], [qtype], [packed], None, False, 16), together[:m])
+    # the same codes and scales: dequantized, they are the file's values
+    assert torch.equal(ops.ggml_dequantize([qtype], [packed]), ops.ggml_dequantize([int(T.Q5_0)], [bt]))
+    assert torch.equal(ops.ggml_dequantize([qtype], [packed], True), ops.ggml_dequantize([int(T.Q5_0)], [bt]))
+    with pytest.raises(RuntimeError, match="16-bit activations"):
+        ops.ggml_linear(xt, [qtype], [packed], None, False, 8)
+    with pytest.raises(RuntimeError, match="no scalar form"):
+        ops.ggml_linear(xt, [qtype], [packed], None, True, 16)
+
+
+def test_the_16bit_gemm_reads_the_lanes_layout_as_the_files_blocks():
+    """Prefill's 16-bit GEMM unpacks R4L's codes back into their blocks' order (AVX2 and scalar): the same bits as
+    from the file's layout."""
+    rng = np.random.default_rng(43)
+    bt = torch.from_numpy(random_blocks(T.Q5_0, 40, 896, rng))
+    x = torch.from_numpy(rng.standard_normal((21, 896)).astype(np.float32))
+    quantized = ops.ggml_quantize16(x)
+    want = ops.ggml_gemm16(*quantized, [int(T.Q5_0)], [bt])
+    for lanes in (False, True):
+        qtype, packed = ops.ggml_repack(bt, int(T.Q5_0), lanes)
+        for scalar in (False, True):
+            assert torch.equal(ops.ggml_gemm16(*quantized, [qtype], [packed], None, scalar), want), (lanes, scalar)
+
+
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
 def test_whole_weight_dequantization_is_the_gguf_packages(qtype):
     """ggml_dequantize (prefill's float GEMM): the parts stacked, each row the gguf package's values; the AVX2

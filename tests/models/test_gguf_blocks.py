@@ -130,7 +130,8 @@ def test_the_default_model_keeps_the_files_types(default_gguf):
     layer = lm.model.layers[0]
     names = {2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"}
     if cpu_kernels.cpu_supports_avx2():
-        names[106] = "Q5_0"  # Q5_0 rearranged for the AVX2 kernel (same codes and scales)
+        # rearranged for the AVX2 kernels (same codes and scales): Q5_0 as R4 / R4L, Q8_0 as R4L
+        names.update({106: "Q5_0", 107: "Q5_0", 108: "Q8_0"})
     assert [names[t] for t in layer.self_attn.qkv_proj.types] == ["Q5_0", "Q5_0", "Q8_0"]
     assert [names[t] for t in layer.mlp.gate_up_proj.types] == ["Q5_0", "Q5_0"]
     assert {names[lm.model.layers[i].mlp.down_proj.types[0]] for i in range(24)} == {"Q4_K", "Q6_K"}

@@ -11,7 +11,7 @@ at::Tensor ggml_quantize_activations(const at::Tensor& x, int64_t vec_type);
 at::Tensor ggml_dequantize_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids);
 at::Tensor ggml_dequantize(const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights, bool scalar,
                            const c10::optional<at::Tensor>& scratch);
-std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type);
+std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type, bool lanes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ggml_quantize16(const at::Tensor& x, bool scalar);  // ggml_gemm16.cpp
 at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& sums,
                        const std::vector<int64_t>& types, const std::vector<at::Tensor>& weights,
@@ -31,7 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("ggml_dequantize_rows", &ggml_dequantize_rows, "rows of a block matrix, dequantized to fp32", nogil);
     m.def("ggml_dequantize", &ggml_dequantize, "the stacked weight parts, dequantized to fp32 [rows, k]", nogil,
           py::arg("types"), py::arg("weights"), py::arg("scalar") = false, py::arg("scratch") = py::none());
-    m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes", nogil);
+    m.def("ggml_repack", &ggml_repack, "(type, blocks) in the layout the AVX2 kernel reads fastest, same codes", nogil,
+          py::arg("weight"), py::arg("type"), py::arg("lanes") = false);
     m.def("ggml_quantize16", &ggml_quantize16, "rows -> (int16 codes, scales, block sums) per 32 values", nogil,
           py::arg("x"), py::arg("scalar") = false);
     m.def("ggml_gemm16", &ggml_gemm16, "quantized rows @ W^T, W in a GGUF's blocks, in 16-bit integers (prefill)", nogil,

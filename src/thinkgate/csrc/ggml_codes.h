@@ -38,6 +38,8 @@ inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& m) {
 
 // Bytes of one block of a type (0: not a type the kernels read), and the values a row of row_bytes holds.
 inline bool is_k(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+// The repacked layouts of 4 blocks a group.
+inline bool is_r4(int type) { return type == Q5_0_R4 || type == Q5_0_R4L || type == Q8_0_R4L; }
 
 inline int block_bytes(int type) {
     switch (type) {
@@ -50,14 +52,16 @@ inline int block_bytes(int type) {
         case Q5_K: return sizeof(BlockQ5_K);
         case Q6_K: return sizeof(BlockQ6_K);
 #ifdef __AVX2__
-        case Q5_0_R4: return sizeof(BlockQ5_0R4);
+        case Q5_0_R4:
+        case Q5_0_R4L: return sizeof(BlockQ5_0R4);
+        case Q8_0_R4L: return sizeof(BlockQ8_0R4L);
 #endif
         default: return 0;
     }
 }
 
 inline int64_t row_length(int type, int64_t row_bytes) {
-    return row_bytes / block_bytes(type) * (is_k(type) ? QKK : type == Q5_0_R4 ? 4 * QK : QK);
+    return row_bytes / block_bytes(type) * (is_k(type) ? QKK : is_r4(type) ? 4 * QK : QK);
 }
 
 // 16-bit blocks (ours, the default): d = amax / 32767 over the block, codes round-half-even(x * 32767 / amax).
@@ -79,11 +83,89 @@ inline float absmax(const float* x, int n) {
     return amax;
 }
 
+#ifdef __AVX2__
+// absmax of n values, n a multiple of 8 (the same float: max is exact).
+inline float absmax_avx2(const float* x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+// An R4L group's 4 code vectors (slot order, ggml_blocks.h) -> its blocks' codes in order: half[4h + b] holds codes
+// 16h .. 16h + 15 of block b. As 16-bit words (code pairs) that is an 8 x 8 transpose of the 8 chunks.
+inline void r4l_natural(const __m256i* codes, __m128i* half) {
+    __m128i c[8], t[8];
+    for (int v = 0; v < 4; ++v) {
+        c[2 * v] = _mm256_castsi256_si128(codes[v]);
+        c[2 * v + 1] = _mm256_extracti128_si256(codes[v], 1);
+    }
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm_unpacklo_epi16(c[i], c[i + 1]);
+        t[i + 1] = _mm_unpackhi_epi16(c[i], c[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        c[i] = _mm_unpacklo_epi32(t[i], t[i + 2]);
+        c[i + 1] = _mm_unpackhi_epi32(t[i], t[i + 2]);
+        c[i + 2] = _mm_unpacklo_epi32(t[i + 1], t[i + 3]);
+        c[i + 3] = _mm_unpackhi_epi32(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        half[2 * i] = _mm_unpacklo_epi64(c[i], c[i + 4]);
+        half[2 * i + 1] = _mm_unpackhi_epi64(c[i], c[i + 4]);
+    }
+}
+
+// quantize16 of 32 values with AVX2, the same codes: |x * id| <= 32767 (x's magnitude is at most amax), and
+// vcvtps2dq rounds half to even under the default MXCSR, as nearbyint does.
+inline int32_t quantize16x32_avx2(const float* x, float id_scalar, int16_t* q) {
+    const __m256 id = _mm256_set1_ps(id_scalar);
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), id));
+    // packs works within 128-bit lanes: [0a 1a 0b 1b] -> reorder to [0a 0b 1a 1b]
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    return _mm_cvtsi128_si32(s4);
+}
+#endif
+
 // Code j (signed, -16..15) of block bk of a Q5_0 R4 group (ggml_repack's layout, ggml_blocks.h).
 inline int r4_code(const BlockQ5_0R4* x, int bk, int j) {
     const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
     const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
     return (((nib[j] >> ((bk % 2) * 4)) & 0xF) | (high << 4)) - 16;
+}
+
+// The slot (code vector v, byte j) where the R4L layout keeps code n of block b (ggml_blocks.h).
+inline void r4l_slot(int b, int n, int& v, int& j) {
+    const int c = (n % 16) / 2;
+    v = c / 2;
+    j = 16 * (c % 2) + 8 * (n / 16) + 2 * b + n % 2;
+}
+
+// Code n of block b of group g of a row in a repacked layout (is_r4), and the block's scale.
+inline int r4_block_code(int type, const uint8_t* row, int64_t g, int b, int n) {
+    if (type == Q8_0_R4L) {
+        int v, j;
+        r4l_slot(b, n, v, j);
+        return reinterpret_cast<const BlockQ8_0R4L*>(row)[g].qs[32 * v + j];
+    }
+    const BlockQ5_0R4* x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
+    if (type == Q5_0_R4) return r4_code(x, b, n);
+    int v, j;
+    r4l_slot(b, n, v, j);
+    return r4_code(x, v, j);
+}
+inline float r4_block_scale(int type, const uint8_t* row, int64_t g, int b) {
+    if (type == Q8_0_R4L) return h2f(reinterpret_cast<const BlockQ8_0R4L*>(row)[g].d[b]);
+    return reinterpret_cast<const BlockQ5_0R4*>(row)[g].d[b];
 }
 
 // ---- the weights' integer codes of one block (scalar reference forms) ----

@@ -59,34 +59,12 @@ void quantize_row16_scalar(const float* x, int64_t k, int16_t* q, float* d, floa
 }
 
 #ifdef __AVX2__
-// The same codes with AVX2: |x * id| <= 32767 (x's magnitude is at most amax), and vcvtps2dq rounds half to
-// even under the default MXCSR, as nearbyint does.
+// The same codes with AVX2 (quantize16x32_avx2).
 void quantize_row16_avx2(const float* x, int64_t k, int16_t* q, float* d, float* xs) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < k / QK; ++b, x += QK, q += QK) {
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-            v[i] = _mm256_loadu_ps(x + 8 * i);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        const float amax = _mm_cvtss_f32(h);
-        const __m256 id = _mm256_set1_ps(amax != 0.0f ? kQ16 / amax : 0.0f);
-        __m256i c[4];
-        for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
-        // packs works within 128-bit lanes: [0a 1a 0b 1b] -> reorder to [0a 0b 1a 1b]
-        const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[0], c[1]), 0xD8);
-        const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(c[2], c[3]), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), lo);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), hi);
-        __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        const float amax = absmax_avx2(x, QK);
         d[b] = amax / kQ16;
-        xs[b] = d[b] * static_cast<float>(_mm_cvtsi128_si32(s4));
+        xs[b] = d[b] * static_cast<float>(quantize16x32_avx2(x, amax != 0.0f ? kQ16 / amax : 0.0f, q));
     }
 }
 #endif
@@ -113,12 +91,11 @@ void row_codes(int t, const uint8_t* row, int64_t k, int* c, float* s, float* o)
                 }
             }
         }
-    } else if (t == Q5_0_R4) {  // four Q5_0 blocks per group (ggml_repack's layout)
+    } else if (is_r4(t)) {  // four blocks per group (ggml_repack's layouts)
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
-            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             for (int bk = 0; bk < 4; ++bk) {
-                for (int j = 0; j < QK; ++j) c[(4 * g + bk) * QK + j] = r4_code(x, bk, j);
-                s[4 * g + bk] = x->d[bk];
+                for (int j = 0; j < QK; ++j) c[(4 * g + bk) * QK + j] = r4_block_code(t, row, g, bk, j);
+                s[4 * g + bk] = r4_block_scale(t, row, g, bk);
                 o[4 * g + bk] = 0.0f;
             }
         }
@@ -158,7 +135,22 @@ TG_INLINE void store_widened(__m256i v, int16_t* c) {
 // is bit bk (j < 16) or bk + 4 (j >= 16) of hb[j % 16].
 bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s, float* o) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10), sixteen = _mm256_set1_epi8(16);
-    if (t == Q5_0_R4) {
+    if (t == Q8_0_R4L) {
+        for (int64_t g = 0; g < k / (4 * QK); ++g) {
+            auto x = reinterpret_cast<const BlockQ8_0R4L*>(row) + g;
+            __m256i codes[4];
+            __m128i half[8];
+            for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
+            r4l_natural(codes, half);
+            for (int b = 0; b < 4; ++b) {
+                store_widened(_mm256_set_m128i(half[4 + b], half[b]), c + (4 * g + b) * QK);
+                s[4 * g + b] = h2f(x->d[b]);
+                o[4 * g + b] = 0.0f;
+            }
+        }
+        return true;
+    }
+    if (t == Q5_0_R4 || t == Q5_0_R4L) {
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
@@ -167,10 +159,19 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
             const __m256i h = _mm256_set_m128i(_mm_srli_epi16(hb, 4), hb);  // codes 16..31 read bits 4..7
             const __m256i lo[4] = {_mm256_and_si256(n01, low4), _mm256_and_si256(_mm256_srli_epi16(n01, 4), low4),
                                    _mm256_and_si256(n23, low4), _mm256_and_si256(_mm256_srli_epi16(n23, 4), low4)};
+            __m256i codes[4];
             for (int bk = 0; bk < 4; ++bk) {
                 // bit bk of each byte moved to bit 4 (the shifts cross bytes; the mask keeps only each byte's own)
                 const __m256i high = _mm256_and_si256(bk <= 4 ? _mm256_slli_epi16(h, 4 - bk) : h, bit4);
-                store_widened(_mm256_sub_epi8(_mm256_or_si256(lo[bk], high), sixteen), c + (4 * g + bk) * QK);
+                codes[bk] = _mm256_sub_epi8(_mm256_or_si256(lo[bk], high), sixteen);
+            }
+            if (t == Q5_0_R4L) {  // the slots back in the blocks' order
+                __m128i half[8];
+                r4l_natural(codes, half);
+                for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
+            }
+            for (int bk = 0; bk < 4; ++bk) {
+                store_widened(codes[bk], c + (4 * g + bk) * QK);
                 s[4 * g + bk] = x->d[bk];
                 o[4 * g + bk] = 0.0f;
             }

@@ -84,21 +84,74 @@ void quantize_q8_k(const float* x, BlockQ8_K* y, int64_t k) {
     }
 }
 
+// The 16-bit blocks of one row; with AVX2 the same codes (quantize16x32_avx2), ~10x faster: a decode step quantizes
+// each linear's input rows before its kernels run, on one thread.
 void quantize_q16_0(const float* x, BlockQ16_0* y, int64_t k) {
     for (int64_t b = 0; b < k / QK; ++b, x += QK) {
+#ifdef __AVX2__
+        const float amax = absmax_avx2(x, QK);
+        const float d = amax / kQ16, id = amax != 0.0f ? kQ16 / amax : 0.0f;
+        y[b].d = d;
+        y[b].s = d * static_cast<float>(quantize16x32_avx2(x, id, y[b].qs));
+#else
         const float amax = absmax(x, QK);
         const float d = amax / kQ16, id = amax != 0.0f ? kQ16 / amax : 0.0f;
         y[b].d = d;
         y[b].s = d * static_cast<float>(quantize16(x, QK, id, y[b].qs));
+#endif
+    }
+}
+
+// Q16_0 blocks regrouped for the R4L kernel: code n of block b of each 4 goes where R4L keeps the weight it meets.
+void regroup_q16_0l(const BlockQ16_0* x, BlockQ16_0L* y, int64_t groups) {
+    for (int64_t g = 0; g < groups; ++g, x += 4) {
+#ifdef __AVX2__
+        // As int32 pairs of codes, (block b, codes 16h + 2c .. +1) goes to pair 8c + 4h + b: an 8 x 8 transpose of
+        // rows (h, b) -> rows c.
+        __m256i r[8], t[8];
+        for (int h = 0; h < 2; ++h)
+            for (int b = 0; b < 4; ++b) r[4 * h + b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 16 * h));
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+            r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+            r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+            r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+        }
+        for (int i = 0; i < 4; ++i) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[g].qs + 16 * i), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[g].qs + 16 * (i + 4)), _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
+        }
+        for (int b = 0; b < 4; ++b) y[g].d[b] = x[b].d;
+#else
+        for (int b = 0; b < 4; ++b) {
+            y[g].d[b] = x[b].d;
+            for (int n = 0; n < QK; ++n) {
+                int v, j;
+                r4l_slot(b, n, v, j);
+                y[g].qs[32 * v + j] = x[b].qs[n];
+            }
+        }
+#endif
     }
 }
 
 void quantize_q16_k(const float* x, BlockQ16_K* y, int64_t k) {
     for (int64_t b = 0; b < k / QKK; ++b, x += QKK) {
+#ifdef __AVX2__
+        const float amax = absmax_avx2(x, QKK);
+        const float id = amax != 0.0f ? kQ16 / amax : 0.0f;
+        y[b].d = amax / kQ16;
+        for (int g = 0; g < QKK / 32; ++g) y[b].bsums[g] = quantize16x32_avx2(x + 32 * g, id, y[b].qs + 32 * g);
+#else
         const float amax = absmax(x, QKK);
         const float id = amax != 0.0f ? kQ16 / amax : 0.0f;
         y[b].d = amax / kQ16;
         for (int g = 0; g < QKK / 32; ++g) y[b].bsums[g] = static_cast<int32_t>(quantize16(x + 32 * g, 32, id, y[b].qs + 32 * g));
+#endif
     }
 }
 
@@ -541,6 +594,64 @@ void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float*
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
 
+// Q5_0 in the R4L layout: a group's 8 widened code vectors meet the row's 8 activation chunks in 8 vpmaddwd whose
+// int32 lanes each belong to one block (ggml_blocks.h), so the group's sums are added as integers and converted and
+// scaled once per 4 blocks: per 32 weights and row 2 vpmaddwd and 2 vpaddd, a quarter of a conversion and an FMA,
+// where the R4 kernel spends a conversion, an FMA, a scale product and its broadcast on every block. A lane's
+// integer sum is exact (16 products of at most 16 x 32767 < 2^24, so its conversion is exact too); the float
+// operations per (weight row, input row) are the same whatever rows share the call.
+// The rows' part of an R4L group: c16 the group's 8 widened code vectors, dx its blocks' scales in R4L's lanes.
+template <int NA>
+TG_INLINE void lanes_rows(const __m256i* c16, __m256 dx, const void* const* act, int64_t g, __m256* acc) {
+    for (int j = 0; j < NA; ++j) {
+        auto y = static_cast<const BlockQ16_0L*>(act[j]) + g;
+        __m256i s = _mm256_madd_epi16(c16[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs)));
+        for (int c = 1; c < 8; ++c)
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(c16[c], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y->qs + 16 * c))));
+        const __m256 d = _mm256_mul_ps(dx, _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y->d)));
+        acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[j]);
+    }
+}
+
+template <int NA>
+void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
+    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
+        // The signed codes as dot16_q5r4_avx2 makes them with few rows (see there): here every row's sum lives only
+        // for its group, so the registers hold the 8 widened code vectors whatever the number of rows.
+        __m256i nib[4], c16[8];
+        const __m256i planes = q5r4_nibbles(x, nib);
+        for (int v = 0; v < 4; ++v) {
+            const __m256i shift = _mm256_setr_epi32(7 - v, 7 - v, 7 - v, 7 - v, 3 - v, 3 - v, 3 - v, 3 - v);
+            widen(_mm256_or_si256(nib[v], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift))), c16[2 * v], c16[2 * v + 1]);
+        }
+        lanes_rows<NA>(c16, _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x->d)), act, g, acc);
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+// Q8_0 in groups of 4 blocks with R4L's slots (the output head): the codes are widened straight from memory, and
+// the row loop is R4L's. A lane sums 16 products of at most 128 x 32767 (< 2^27: exact in int32; its conversion
+// rounds to fp32 as any product does).
+template <int NA>
+void dot16_q8r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    __m256 acc[NA];
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        auto x = reinterpret_cast<const BlockQ8_0R4L*>(w) + g;
+        __m256i c16[8];
+        for (int c = 0; c < 8; ++c) c16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->qs + 16 * c)));
+        uint64_t d4;
+        std::memcpy(&d4, x->d, 8);
+        const __m128 d = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(d4)));
+        lanes_rows<NA>(c16, _mm256_set_m128(d, d), act, g, acc);
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
 // Q6_K: each half super-block's codes widened to int16 and multiplied by their sub-block's scale (at most
 // 32 x 128), then two vpmaddwd per 32 weights and row. Each half is converted to float on its own: a lane's sum
 // over the whole super-block could pass 2^31 (16 x 4096 x 32767 per half).
@@ -676,6 +787,8 @@ template <int NA>
 inline void dot16_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     if (type == Q6_K) dot16_q6k_avx2<NA>(w, act, k, out);
     else if (type == Q4_K || type == Q5_K) dot16_k45_avx2<NA>(type, w, act, k, out);
+    else if (type == Q5_0_R4L) dot16_q5r4l_avx2<NA>(w, act, k, out);
+    else if (type == Q8_0_R4L) dot16_q8r4l_avx2<NA>(w, act, k, out);
     else if (type == Q5_0_R4) dot16_q5r4_avx2<NA>(w, act, k, out);
     else dot16_legacy_avx2<NA>(type, w, act, k, out);
 }
@@ -698,15 +811,35 @@ TG_INLINE void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256
 // other types (the scalar form serves them).
 bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    if (t == Q5_0_R4) {
+    if (t == Q8_0_R4L) {
+        for (int64_t g = 0; g < k / (4 * QK); ++g) {
+            auto x = reinterpret_cast<const BlockQ8_0R4L*>(row) + g;
+            __m256i codes[4];
+            __m128i half[8];
+            for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
+            r4l_natural(codes, half);
+            for (int b = 0; b < 4; ++b, y += QK) {
+                const __m256 d = _mm256_set1_ps(h2f(x->d[b]));
+                put32(_mm256_set_m128i(half[4 + b], half[b]), d, d, y);
+            }
+        }
+        return true;
+    }
+    if (t == Q5_0_R4 || t == Q5_0_R4L) {
         const __m256i b16 = _mm256_set1_epi8(16);
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             __m256i codes[4];
             q5r4_codes(x, codes);
+            for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
+            if (t == Q5_0_R4L) {
+                __m128i half[8];
+                r4l_natural(codes, half);
+                for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
+            }
             for (int bk = 0; bk < 4; ++bk, y += QK) {
                 const __m256 d = _mm256_set1_ps(x->d[bk]);
-                put32(_mm256_sub_epi8(codes[bk], b16), d, d, y);
+                put32(codes[bk], d, d, y);
             }
         }
         return true;
@@ -767,11 +900,13 @@ struct Activations {
     std::vector<BlockQ8_K> q8_k;
     std::vector<BlockQ8_0L> q8_0l;
     std::vector<BlockQ16_0> q16_0;
+    std::vector<BlockQ16_0L> q16_0l;  // q16_0 regrouped, for R4L weights
     std::vector<BlockQ16_K> q16_k;
     std::vector<BlockQ16_KS> q16_ks;  // q16_k split into bytes, for the AVX2 Q4_K / Q5_K kernel
 
     const void* row(int type, int64_t m) const {
         if (wide && (type == Q4_K || type == Q5_K) && !q16_ks.empty()) return q16_ks.data() + m * (k / QKK);
+        if (type == Q5_0_R4L || type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
         if (type == Q5_0_R4) return q8_0l.data() + m * (k / QK);
@@ -799,7 +934,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     const at::Tensor xc = x.contiguous();
     const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
-    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need45 = false;
+    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need16l = false, need45 = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -808,9 +943,11 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         TORCH_CHECK(row_length(t, weights[i].size(1)) == k && weights[i].size(1) % block_bytes(t) == 0,
                     "ggml_linear: a weight part's rows do not hold K = ", k, " values");
         n_total += weights[i].size(0);
-        TORCH_CHECK(!(scalar && t == Q5_0_R4), "ggml_linear: the R4 layout has no scalar form");
+        TORCH_CHECK(!(scalar && is_r4(t)), "ggml_linear: the R4 layouts have no scalar form");
+        TORCH_CHECK((t != Q5_0_R4L && t != Q8_0_R4L) || act_bits == 16, "ggml_linear: the R4L layouts are multiplied with 16-bit activations");
         need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0 || t == Q5_0_R4;
         need16 |= !is_k(t);
+        need16l |= t == Q5_0_R4L || t == Q8_0_R4L;
         need0l |= t == Q5_0_R4;
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
@@ -825,6 +962,10 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         if (need16) {
             act.q16_0.resize(m * nb);
             for (int64_t r = 0; r < m; ++r) quantize_q16_0(px + r * k, act.q16_0.data() + r * nb, k);
+            if (need16l) {
+                act.q16_0l.resize(m * (nb / 4));
+                regroup_q16_0l(act.q16_0.data(), act.q16_0l.data(), m * (nb / 4));
+            }
         }
         if (needk) {
             act.q16_k.resize(m * nbk);
@@ -970,11 +1111,11 @@ void dequantize_row(int t, const uint8_t* row, int64_t k, float* y, bool scalar 
                 }
             }
         }
-    } else if (t == Q5_0_R4) {  // the repacked layout's codes, as ggml_repack placed them
+    } else if (is_r4(t)) {  // the repacked layout's codes, as ggml_repack placed them
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
-            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             for (int bk = 0; bk < 4; ++bk, y += QK) {
-                for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(r4_code(x, bk, j)) * x->d[bk];
+                const float d = r4_block_scale(t, row, g, bk);
+                for (int j = 0; j < QK; ++j) y[j] = static_cast<float>(r4_block_code(t, row, g, bk, j)) * d;
             }
         }
     } else {
@@ -1043,8 +1184,9 @@ at::Tensor ggml_dequantize(const std::vector<int64_t>& types, const std::vector<
 }
 
 // A weight part in the layout its AVX2 kernel reads fastest, with the same codes and scales: (type, blocks).
-// Q5_0 rows whose length is a multiple of 128 become Q5_0_R4; everything else is returned as it is.
-std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type) {
+// Q5_0 rows whose length is a multiple of 128 become Q5_0_R4, or with `lanes` (the 16-bit kernels) Q5_0_R4L, and
+// with `lanes` Q8_0 rows Q8_0_R4L; everything else is returned as it is.
+std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t type, bool lanes) {
 #ifdef __AVX2__
     if (type == Q5_0 && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) % (4 * sizeof(BlockQ5_0)) == 0) {
         const int64_t n = weight.size(0), groups = weight.size(1) / (4 * sizeof(BlockQ5_0));
@@ -1060,17 +1202,40 @@ std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t ty
                     o.d[bk] = h2f(b.d);
                     uint32_t qh;
                     std::memcpy(&qh, b.qh, 4);
-                    uint8_t* nib = bk < 2 ? o.nib01 : o.nib23;
-                    const int shift = (bk % 2) * 4;
-                    for (int j = 0; j < QK; ++j) {
-                        const int code = j < 16 ? (b.qs[j] & 0xF) : (b.qs[j - 16] >> 4);
-                        nib[j] |= static_cast<uint8_t>(code << shift);
-                        if ((qh >> j) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (bk + (j < 16 ? 0 : 4)));
+                    for (int n = 0; n < QK; ++n) {
+                        const int code = n < 16 ? (b.qs[n] & 0xF) : (b.qs[n - 16] >> 4);
+                        int v = bk, j = n;  // the code's slot: R4 keeps block bk's code n in (bk, n)
+                        if (lanes) r4l_slot(bk, n, v, j);
+                        uint8_t* nib = v < 2 ? o.nib01 : o.nib23;
+                        nib[j] |= static_cast<uint8_t>(code << ((v % 2) * 4));
+                        if ((qh >> n) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (v + (j < 16 ? 0 : 4)));
                     }
                 }
             }
         }
-        return {static_cast<int64_t>(Q5_0_R4), out};
+        return {static_cast<int64_t>(lanes ? Q5_0_R4L : Q5_0_R4), out};
+    }
+    if (type == Q8_0 && lanes && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) % (4 * sizeof(BlockQ8_0)) == 0) {
+        const int64_t n = weight.size(0), groups = weight.size(1) / (4 * sizeof(BlockQ8_0));
+        at::Tensor out = at::empty({n, groups * static_cast<int64_t>(sizeof(BlockQ8_0R4L))}, weight.options());
+        at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {  // the head is 150k rows
+            for (int64_t r = r0; r < r1; ++r) {
+                auto src = reinterpret_cast<const BlockQ8_0*>(weight.data_ptr<uint8_t>() + r * weight.size(1));
+                auto dst = reinterpret_cast<BlockQ8_0R4L*>(out.data_ptr<uint8_t>() + r * out.size(1));
+                for (int64_t g = 0; g < groups; ++g) {
+                    for (int b = 0; b < 4; ++b) {
+                        const BlockQ8_0& blk = src[4 * g + b];
+                        dst[g].d[b] = blk.d;
+                        for (int n2 = 0; n2 < QK; ++n2) {
+                            int v, j;
+                            r4l_slot(b, n2, v, j);
+                            dst[g].qs[32 * v + j] = blk.qs[n2];
+                        }
+                    }
+                }
+            }
+        });
+        return {static_cast<int64_t>(Q8_0_R4L), out};
     }
 #endif
     return {type, weight};

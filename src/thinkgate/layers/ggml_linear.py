@@ -79,7 +79,7 @@ class GGMLLinear(nn.Module):
         self._ops = cpu_kernels.load_ggml()
         # Each part in the layout its kernel reads fastest (Q5_0 -> our R4 layout on AVX2: the same codes and
         # scales, bit-identical results, fewer operations per block); the file's layout is not kept beside it.
-        parts = [self._ops.ggml_repack(b.contiguous(), int(t)) for t, b in parts]
+        parts = [self._ops.ggml_repack(b.contiguous(), int(t), act_bits == 16) for t, b in parts]
         self.types = [int(t) for t, _ in parts]
         self.blocks = []
         for i, (_, b) in enumerate(parts):

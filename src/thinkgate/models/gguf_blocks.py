@@ -48,12 +48,15 @@ def serve_gguf_blocks(g, module: nn.Module, act_bits: int = 16) -> int:
         emb = module.embed_tokens
         tied = g.stored("output.weight") is None
         blocks = _blocks(g, "token_embd.weight")
+        head_blocks = blocks if tied else _blocks(g, "output.weight")
+        head = None if head_blocks is None else GGMLLinear([head_blocks], module.lm_head.in_features, act_bits=act_bits)
         if blocks is not None:
+            if tied and head is not None:  # the lookup reads the head's blocks, in its kernels' layout: one copy
+                blocks = (head.types[0], head.blocks[0])
             swaps.append((module, "embed_tokens", GGMLEmbedding(blocks[0], blocks[1], emb.embedding_dim,
                                                                 emb.weight.dtype)))
-        head = blocks if tied else _blocks(g, "output.weight")
-        if head is not None:  # a tied head multiplies with the embedding's own blocks (the same tensor)
-            swaps.append((module, "lm_head", GGMLLinear([head], module.lm_head.in_features, act_bits=act_bits)))
+        if head is not None:
+            swaps.append((module, "lm_head", head))
     count = 0
     for parent, name, new in swaps:
         if new is not None:
