@@ -707,13 +707,16 @@ TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
     return _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(u[3]), static_cast<int>(u[2]), static_cast<int>(u[1]), static_cast<int>(u[0])));
 }
 
+// From this many input rows Q4_K / Q5_K take dot16_k45_wide (its widening pays for itself across the rows).
+constexpr int kWideK45Rows = 3;
+
 template <int TYPE, int NA>
 void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     using Block = std::conditional_t<TYPE == Q5_K, BlockQ5_K, BlockQ4_K>;
-    // With few rows the high bytes' products go to an accumulator of their own, scaled by 256 once per
-    // super-block (a lane's high sum is at most 8 x 4 x 31 x 128 x 63 < 2^23 before the shift): one scale
-    // shuffle per 32 codes instead of two. With many rows the registers go to the rows' accumulators.
-    constexpr bool split = NA <= 2;
+    // One or two rows (more take dot16_k45_wide). The high bytes' products go to an accumulator of their own,
+    // scaled by 256 once per super-block (a lane's high sum is at most 8 x 4 x 31 x 128 x 63 < 2^23 before the
+    // shift): one scale shuffle per 32 codes instead of two.
+    static_assert(NA < kWideK45Rows, "many rows take dot16_k45_wide");
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < k / QKK; ++b) {
@@ -724,11 +727,8 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
         if constexpr (TYPE == Q5_K) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
         // Both 128-bit lanes hold the 8 scales (int16); shuffling word s into every lane gives sub-block s's scale.
         const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
-        const __m256i sc256 = _mm256_slli_epi16(sc, 8);
-        __m256i sumi[NA], sumh[split ? NA : 1];
-        for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
-        if constexpr (split)
-            for (int j = 0; j < NA; ++j) sumh[j] = _mm256_setzero_si256();
+        __m256i sumi[NA], sumh[NA];
+        for (int j = 0; j < NA; ++j) sumi[j] = sumh[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
             __m256i lo, hi;
             k45_codes(x->qs, TYPE == Q5_K ? &hbits : nullptr, i, lo, hi);
@@ -743,16 +743,9 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
                 const __m256i al_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.lo + 64 * i + 32));
                 const __m256i p_low = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(al_lo, lo), s_lo),
                                                        _mm256_madd_epi16(_mm256_maddubs_epi16(al_hi, hi), s_hi));
-                if constexpr (split) {
-                    sumh[j] = _mm256_add_epi32(sumh[j], _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s_lo),
-                                                                         _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s_hi)));
-                    sumi[j] = _mm256_add_epi32(sumi[j], p_low);
-                } else {
-                    const __m256i s256_lo = _mm256_shuffle_epi8(sc256, pick_lo), s256_hi = _mm256_shuffle_epi8(sc256, pick_hi);
-                    const __m256i p_high = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s256_lo),
-                                                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s256_hi));
-                    sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p_low, p_high));
-                }
+                sumh[j] = _mm256_add_epi32(sumh[j], _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, ah_lo), s_lo),
+                                                                     _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ah_hi), s_hi)));
+                sumi[j] = _mm256_add_epi32(sumi[j], p_low);
             }
         }
         // The mins' term, dmin * sum(min_s * the row's sum over sub-block s), folded into the accumulator lane by
@@ -760,8 +753,7 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
         const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1)));
         for (int j = 0; j < NA; ++j) {
             const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
-            __m256i total = sumi[j];
-            if constexpr (split) total = _mm256_add_epi32(total, _mm256_slli_epi32(sumh[j], 8));
+            const __m256i total = _mm256_add_epi32(sumi[j], _mm256_slli_epi32(sumh[j], 8));
             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(total), acc[j]);
             const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
             acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * mx)), bsums, acc[j]);
@@ -770,10 +762,88 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
 
+// Q4_K / Q5_K with 3 or more rows: each 32 codes widened to int16 once and multiplied by their sub-block's scale
+// (at most 31 x 63), then 2 vpmaddwd and 2 vpaddd per 32 weights and row, where the byte-split kernel spends 4
+// vpmaddubsw, 4 vpmaddwd and 3 vpaddd per 64. The codes are widened in the order that gives each int32 lane the
+// bytes 4l .. 4l + 3 it gets in dot16_k45_t (the rows' codes permuted to match, BlockQ16_K with kw_order): the
+// same integers in the same lanes (a lane's super-block sum at most 32 x 1953 x 32767 < 2^31), then the same
+// float operations, so a row's bits do not depend on how many rows share the call.
+TG_INLINE __m256i kw_order(__m256i c) {
+    return _mm256_shuffle_epi8(c, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                                   0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+}
+
+template <int TYPE, int NA>
+void dot16_k45_wide(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    using Block = std::conditional_t<TYPE == Q5_K, BlockQ5_K, BlockQ4_K>;
+    __m256 acc[NA];
+    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t b = 0; b < k / QKK; ++b) {
+        const Block* x = reinterpret_cast<const Block*>(w) + b;
+        const float dx = h2f(x->d), mx = h2f(x->dmin);
+        const __m256i sm = k45_scales_mins(x->scales);
+        __m256i hbits;
+        if constexpr (TYPE == Q5_K) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
+        const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        __m256i sumi[NA];
+        for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+            __m256i lo, hi;
+            k45_codes(x->qs, TYPE == Q5_K ? &hbits : nullptr, i, lo, hi);
+            const __m256i s_lo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 1) + 4 * i)));
+            const __m256i s_hi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 3) + 4 * i + 2)));
+            lo = kw_order(lo);
+            hi = kw_order(hi);
+            const __m256i c[4] = {_mm256_mullo_epi16(_mm256_unpacklo_epi8(lo, zero), s_lo),
+                                  _mm256_mullo_epi16(_mm256_unpackhi_epi8(lo, zero), s_lo),
+                                  _mm256_mullo_epi16(_mm256_unpacklo_epi8(hi, zero), s_hi),
+                                  _mm256_mullo_epi16(_mm256_unpackhi_epi8(hi, zero), s_hi)};
+            for (int j = 0; j < NA; ++j) {
+                const int16_t* a = static_cast<const BlockQ16_K*>(act[j])[b].qs + 64 * i;
+                const __m256i p01 = _mm256_add_epi32(_mm256_madd_epi16(c[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                                                     _mm256_madd_epi16(c[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16))));
+                const __m256i p23 = _mm256_add_epi32(_mm256_madd_epi16(c[2], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32))),
+                                                     _mm256_madd_epi16(c[3], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 48))));
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p01, p23));
+            }
+        }
+        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1)));
+        for (int j = 0; j < NA; ++j) {
+            const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+            const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
+            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * mx)), bsums, acc[j]);
+        }
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+// A Q16_K block's codes in kw_order's lanes: per 32, pairs (2p, 2p + 1) as [0 2 4 6 | 8 10 12 14] then
+// [1 3 5 7 | 9 11 13 15] (the int16 vectors dot16_k45_wide multiplies by its widened codes).
+void kw_order_q16_k(const BlockQ16_K* x, BlockQ16_K* y, int64_t nb) {
+    const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int64_t b = 0; b < nb; ++b) {
+        y[b].d = x[b].d;
+        std::memcpy(y[b].bsums, x[b].bsums, sizeof(y[b].bsums));
+        for (int c = 0; c < QKK; c += 32) {
+            const __m256i p0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + c)), even_odd);
+            const __m256i p1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + c + 16)), even_odd);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + c), _mm256_permute2x128_si256(p0, p1, 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + c + 16), _mm256_permute2x128_si256(p0, p1, 0x31));
+        }
+    }
+}
+
 template <int NA>
 void dot16_k45_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
-    if (type == Q5_K) dot16_k45_t<Q5_K, NA>(w, act, k, out);
-    else dot16_k45_t<Q4_K, NA>(w, act, k, out);
+    if constexpr (NA >= kWideK45Rows) {
+        if (type == Q5_K) dot16_k45_wide<Q5_K, NA>(w, act, k, out);
+        else dot16_k45_wide<Q4_K, NA>(w, act, k, out);
+    } else {
+        if (type == Q5_K) dot16_k45_t<Q5_K, NA>(w, act, k, out);
+        else dot16_k45_t<Q4_K, NA>(w, act, k, out);
+    }
 }
 
 template <int NA>
@@ -903,9 +973,12 @@ struct Activations {
     std::vector<BlockQ16_0L> q16_0l;  // q16_0 regrouped, for R4L weights
     std::vector<BlockQ16_K> q16_k;
     std::vector<BlockQ16_KS> q16_ks;  // q16_k split into bytes, for the AVX2 Q4_K / Q5_K kernel
+    std::vector<BlockQ16_K> q16_kw;   // q16_k in kw_order, for the AVX2 Q4_K / Q5_K kernel of many rows
 
-    const void* row(int type, int64_t m) const {
-        if (wide && (type == Q4_K || type == Q5_K) && !q16_ks.empty()) return q16_ks.data() + m * (k / QKK);
+    // Row m's blocks for weights of `type`, in a call of `rows` input rows to the kernel.
+    const void* row(int type, int64_t m, int rows) const {
+        if (wide && (type == Q4_K || type == Q5_K) && !q16_ks.empty())
+            return rows >= kWideK45Rows ? static_cast<const void*>(q16_kw.data() + m * (k / QKK)) : q16_ks.data() + m * (k / QKK);
         if (type == Q5_0_R4L || type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
@@ -974,6 +1047,10 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             if (!scalar && need45) {
                 act.q16_ks.resize(m * nbk);
                 split_q16_k(act.q16_k.data(), act.q16_ks.data(), m * nbk);
+                if (m >= kWideK45Rows) {
+                    act.q16_kw.resize(m * nbk);
+                    kw_order_q16_k(act.q16_k.data(), act.q16_kw.data(), m * nbk);
+                }
             }
 #endif
         }
@@ -1026,7 +1103,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             float res[8];
             for (int64_t i0 = 0; i0 < m; i0 += kRows) {
                 const int na = static_cast<int>(std::min<int64_t>(kRows, m - i0));
-                for (int j = 0; j < na; ++j) acts[j] = act.row(type, i0 + j);
+                for (int j = 0; j < na; ++j) acts[j] = act.row(type, i0 + j, na);
                 for (int64_t r = task.r0; r < task.r1; ++r) {
                     const uint8_t* row = pw + r * rb;
 #ifdef __AVX2__
