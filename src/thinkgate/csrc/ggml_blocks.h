@@ -43,12 +43,14 @@ struct BlockQ5_0R4 { float d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t h
 // kernel subtracts to turn its unsigned codes (0..31) back into Q5_0's signed ones (-16..15).
 struct BlockQ8_0L { int32_t corr[8]; float d; int8_t qs[QK]; };
 
-// R4L: the R4 struct, but slot (v, j) (code vector v = the nibbles and bit planes R4 gives block v, byte j)
+// R4L: R4's fields with fp16 scales (as many bytes as the file's 4 blocks: a decode step of one row streams its
+// weights from DRAM), but slot (v, j) (code vector v = the nibbles and bit planes R4 gives block v, byte j)
 // holds code n of block b, where with i = j % 16 and c = 2v + j / 16 (the slot's 16-byte chunk):
 // b = (i / 2) % 4, n = 16 * (i / 8) + 2c + i % 2. Widened to int16, chunk c's pairs are int32 lane l = i / 2 of
 // vpmaddwd: lanes 0-3 blocks 0-3 (codes 0-15), lanes 4-7 blocks 0-3 (codes 16-31), so a group's products need no
 // reduction across lanes before the blocks' scales [d0 d1 d2 d3 d0 d1 d2 d3] multiply them.
 // The input rows for it: per group the 4 blocks' scales and their 128 codes in the same order (chunk c at qs + 16c).
+struct BlockQ5_0R4L { uint16_t d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t hb[16]; };
 struct BlockQ16_0L { float d[4]; int16_t qs[4 * QK]; };
 // Four Q8_0 blocks: their fp16 scales, then their codes in R4L's slots (qs[32v + j]); as many bytes as the four.
 struct BlockQ8_0R4L { uint16_t d[4]; int8_t qs[4 * QK]; };
@@ -63,7 +65,7 @@ struct BlockQ16_K { float d; int32_t bsums[QKK / 32]; int16_t qs[QKK]; };
 // int16 codes would need the weights widened to 16 bits first. The same integers, so the same products.
 struct BlockQ16_KS { float d; int32_t bsums[QKK / 32]; uint8_t lo[QKK]; int8_t hi[QKK]; };
 
-static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ8_0L) == 68 && sizeof(BlockQ16_0L) == 272 && sizeof(BlockQ8_0R4L) == 136 && sizeof(BlockQ16_KS) == 548,
+static_assert(sizeof(BlockQ5_0R4) == 96 && sizeof(BlockQ5_0R4L) == 88 && sizeof(BlockQ8_0L) == 68 && sizeof(BlockQ16_0L) == 272 && sizeof(BlockQ8_0R4L) == 136 && sizeof(BlockQ16_KS) == 548,
               "a repacked layout has padding");
 static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ5_0) == 22 &&
               sizeof(BlockQ5_1) == 24 && sizeof(BlockQ8_0) == 34 && sizeof(BlockQ8_1) == 36 &&

@@ -52,8 +52,8 @@ inline int block_bytes(int type) {
         case Q5_K: return sizeof(BlockQ5_K);
         case Q6_K: return sizeof(BlockQ6_K);
 #ifdef __AVX2__
-        case Q5_0_R4:
-        case Q5_0_R4L: return sizeof(BlockQ5_0R4);
+        case Q5_0_R4: return sizeof(BlockQ5_0R4);
+        case Q5_0_R4L: return sizeof(BlockQ5_0R4L);
         case Q8_0_R4L: return sizeof(BlockQ8_0R4L);
 #endif
         default: return 0;
@@ -136,8 +136,10 @@ inline int32_t quantize16x32_avx2(const float* x, float id_scalar, int16_t* q) {
 }
 #endif
 
-// Code j (signed, -16..15) of block bk of a Q5_0 R4 group (ggml_repack's layout, ggml_blocks.h).
-inline int r4_code(const BlockQ5_0R4* x, int bk, int j) {
+// Code j (signed, -16..15) of block bk of a Q5_0 R4 group (ggml_repack's layout, ggml_blocks.h), or of slot
+// (bk, j) of an R4L group.
+template <class Block>
+inline int r4_code(const Block* x, int bk, int j) {
     const uint8_t* nib = bk < 2 ? x->nib01 : x->nib23;
     const int high = (x->hb[j % 16] >> (bk + (j < 16 ? 0 : 4))) & 1;
     return (((nib[j] >> ((bk % 2) * 4)) & 0xF) | (high << 4)) - 16;
@@ -157,14 +159,14 @@ inline int r4_block_code(int type, const uint8_t* row, int64_t g, int b, int n) 
         r4l_slot(b, n, v, j);
         return reinterpret_cast<const BlockQ8_0R4L*>(row)[g].qs[32 * v + j];
     }
-    const BlockQ5_0R4* x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
-    if (type == Q5_0_R4) return r4_code(x, b, n);
+    if (type == Q5_0_R4) return r4_code(reinterpret_cast<const BlockQ5_0R4*>(row) + g, b, n);
     int v, j;
     r4l_slot(b, n, v, j);
-    return r4_code(x, v, j);
+    return r4_code(reinterpret_cast<const BlockQ5_0R4L*>(row) + g, v, j);
 }
 inline float r4_block_scale(int type, const uint8_t* row, int64_t g, int b) {
     if (type == Q8_0_R4L) return h2f(reinterpret_cast<const BlockQ8_0R4L*>(row)[g].d[b]);
+    if (type == Q5_0_R4L) return h2f(reinterpret_cast<const BlockQ5_0R4L*>(row)[g].d[b]);
     return reinterpret_cast<const BlockQ5_0R4*>(row)[g].d[b];
 }
 

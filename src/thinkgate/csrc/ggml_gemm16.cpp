@@ -151,8 +151,11 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
         return true;
     }
     if (t == Q5_0_R4 || t == Q5_0_R4L) {
+        // The same fields in R4's and R4L's structs (their scales fp32 / fp16, so at other offsets).
+        struct Fields { uint8_t nib01[32]; uint8_t nib23[32]; uint8_t hb[16]; };
+        const int64_t stride = block_bytes(t), scales = t == Q5_0_R4L ? 8 : 16;
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
-            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
+            auto x = reinterpret_cast<const Fields*>(row + g * stride + scales);
             const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
             const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
             const __m128i hb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->hb));
@@ -172,7 +175,7 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
             }
             for (int bk = 0; bk < 4; ++bk) {
                 store_widened(codes[bk], c + (4 * g + bk) * QK);
-                s[4 * g + bk] = x->d[bk];
+                s[4 * g + bk] = r4_block_scale(t, row, g, bk);
                 o[4 * g + bk] = 0.0f;
             }
         }

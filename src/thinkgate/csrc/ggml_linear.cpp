@@ -451,7 +451,8 @@ void dot_k_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, f
 }
 
 // The low nibbles of an R4 group's 4 blocks (0..15 as bytes) and its fifth-bit planes in both 128-bit halves.
-TG_INLINE __m256i q5r4_nibbles(const BlockQ5_0R4* x, __m256i* nib) {
+template <class Block>
+TG_INLINE __m256i q5r4_nibbles(const Block* x, __m256i* nib) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i n01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib01));
     const __m256i n23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->nib23));
@@ -463,7 +464,8 @@ TG_INLINE __m256i q5r4_nibbles(const BlockQ5_0R4* x, __m256i* nib) {
 }
 
 // The 4 x 32 codes of an R4 group as unsigned bytes, code + 16 (0..31).
-TG_INLINE void q5r4_codes(const BlockQ5_0R4* x, __m256i* u) {
+template <class Block>
+TG_INLINE void q5r4_codes(const Block* x, __m256i* u) {
     const __m256i b5 = _mm256_set1_epi8(0x10);
     __m256i nib[4];
     const __m256i planes = q5r4_nibbles(x, nib);
@@ -600,6 +602,14 @@ void dot16_q5r4_avx2(const uint8_t* w, const void* const* act, int64_t k, float*
 // where the R4 kernel spends a conversion, an FMA, a scale product and its broadcast on every block. A lane's
 // integer sum is exact (16 products of at most 16 x 32767 < 2^24, so its conversion is exact too); the float
 // operations per (weight row, input row) are the same whatever rows share the call.
+// An R4L group's 4 fp16 scales in its lanes: [d0 d1 d2 d3 d0 d1 d2 d3].
+TG_INLINE __m256 scales4(const uint16_t* d) {
+    uint64_t d4;
+    std::memcpy(&d4, d, 8);
+    const __m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(d4)));
+    return _mm256_set_m128(f, f);
+}
+
 // The rows' part of an R4L group: c16 the group's 8 widened code vectors, dx its blocks' scales in R4L's lanes.
 template <int NA>
 TG_INLINE void lanes_rows(const __m256i* c16, __m256 dx, const void* const* act, int64_t g, __m256* acc) {
@@ -619,7 +629,7 @@ void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
-        auto x = reinterpret_cast<const BlockQ5_0R4*>(w) + g;
+        auto x = reinterpret_cast<const BlockQ5_0R4L*>(w) + g;
         // The signed codes as dot16_q5r4_avx2 makes them with few rows (see there): here every row's sum lives only
         // for its group, so the registers hold the 8 widened code vectors whatever the number of rows.
         __m256i nib[4], c16[8];
@@ -628,7 +638,7 @@ void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float
             const __m256i shift = _mm256_setr_epi32(7 - v, 7 - v, 7 - v, 7 - v, 3 - v, 3 - v, 3 - v, 3 - v);
             widen(_mm256_or_si256(nib[v], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift))), c16[2 * v], c16[2 * v + 1]);
         }
-        lanes_rows<NA>(c16, _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x->d)), act, g, acc);
+        lanes_rows<NA>(c16, scales4(x->d), act, g, acc);
     }
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
@@ -644,10 +654,7 @@ void dot16_q8r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float
         auto x = reinterpret_cast<const BlockQ8_0R4L*>(w) + g;
         __m256i c16[8];
         for (int c = 0; c < 8; ++c) c16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->qs + 16 * c)));
-        uint64_t d4;
-        std::memcpy(&d4, x->d, 8);
-        const __m128 d = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(d4)));
-        lanes_rows<NA>(c16, _mm256_set_m128(d, d), act, g, acc);
+        lanes_rows<NA>(c16, scales4(x->d), act, g, acc);
     }
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
@@ -898,17 +905,19 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
     if (t == Q5_0_R4 || t == Q5_0_R4L) {
         const __m256i b16 = _mm256_set1_epi8(16);
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
-            auto x = reinterpret_cast<const BlockQ5_0R4*>(row) + g;
             __m256i codes[4];
-            q5r4_codes(x, codes);
-            for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
             if (t == Q5_0_R4L) {
+                q5r4_codes(reinterpret_cast<const BlockQ5_0R4L*>(row) + g, codes);
+                for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
                 __m128i half[8];
                 r4l_natural(codes, half);
                 for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
+            } else {
+                q5r4_codes(reinterpret_cast<const BlockQ5_0R4*>(row) + g, codes);
+                for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
             }
             for (int bk = 0; bk < 4; ++bk, y += QK) {
-                const __m256 d = _mm256_set1_ps(x->d[bk]);
+                const __m256 d = _mm256_set1_ps(r4_block_scale(t, row, g, bk));
                 put32(codes[bk], d, d, y);
             }
         }
@@ -1267,27 +1276,33 @@ std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t ty
 #ifdef __AVX2__
     if (type == Q5_0 && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) % (4 * sizeof(BlockQ5_0)) == 0) {
         const int64_t n = weight.size(0), groups = weight.size(1) / (4 * sizeof(BlockQ5_0));
-        at::Tensor out = at::empty({n, groups * static_cast<int64_t>(sizeof(BlockQ5_0R4))}, weight.options());
+        const int64_t group_bytes = lanes ? sizeof(BlockQ5_0R4L) : sizeof(BlockQ5_0R4);
+        at::Tensor out = at::empty({n, groups * group_bytes}, weight.options());
+        // One group's fields, in either struct (R4: fp32 scales; R4L: the file's fp16 ones).
+        auto fill = [&](auto& o, const BlockQ5_0* blocks) {
+            std::memset(&o, 0, sizeof(o));
+            for (int bk = 0; bk < 4; ++bk) {
+                const BlockQ5_0& b = blocks[bk];
+                if constexpr (std::is_same_v<std::decay_t<decltype(o)>, BlockQ5_0R4L>) o.d[bk] = b.d;
+                else o.d[bk] = h2f(b.d);
+                uint32_t qh;
+                std::memcpy(&qh, b.qh, 4);
+                for (int c = 0; c < QK; ++c) {
+                    const int code = c < 16 ? (b.qs[c] & 0xF) : (b.qs[c - 16] >> 4);
+                    int v = bk, j = c;  // the code's slot: R4 keeps block bk's code c in (bk, c)
+                    if (lanes) r4l_slot(bk, c, v, j);
+                    uint8_t* nib = v < 2 ? o.nib01 : o.nib23;
+                    nib[j] |= static_cast<uint8_t>(code << ((v % 2) * 4));
+                    if ((qh >> c) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (v + (j < 16 ? 0 : 4)));
+                }
+            }
+        };
         for (int64_t r = 0; r < n; ++r) {
             auto src = reinterpret_cast<const BlockQ5_0*>(weight.data_ptr<uint8_t>() + r * weight.size(1));
-            auto dst = reinterpret_cast<BlockQ5_0R4*>(out.data_ptr<uint8_t>() + r * out.size(1));
+            uint8_t* dst = out.data_ptr<uint8_t>() + r * out.size(1);
             for (int64_t g = 0; g < groups; ++g) {
-                BlockQ5_0R4& o = dst[g];
-                std::memset(&o, 0, sizeof(o));
-                for (int bk = 0; bk < 4; ++bk) {
-                    const BlockQ5_0& b = src[4 * g + bk];
-                    o.d[bk] = h2f(b.d);
-                    uint32_t qh;
-                    std::memcpy(&qh, b.qh, 4);
-                    for (int n = 0; n < QK; ++n) {
-                        const int code = n < 16 ? (b.qs[n] & 0xF) : (b.qs[n - 16] >> 4);
-                        int v = bk, j = n;  // the code's slot: R4 keeps block bk's code n in (bk, n)
-                        if (lanes) r4l_slot(bk, n, v, j);
-                        uint8_t* nib = v < 2 ? o.nib01 : o.nib23;
-                        nib[j] |= static_cast<uint8_t>(code << ((v % 2) * 4));
-                        if ((qh >> n) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (v + (j < 16 ? 0 : 4)));
-                    }
-                }
+                if (lanes) fill(reinterpret_cast<BlockQ5_0R4L*>(dst)[g], src + 4 * g);
+                else fill(reinterpret_cast<BlockQ5_0R4*>(dst)[g], src + 4 * g);
             }
         }
         return {static_cast<int64_t>(lanes ? Q5_0_R4L : Q5_0_R4), out};
