@@ -299,7 +299,7 @@ def test_16bit_activations_are_about_15_bits_and_row_independent(qtype):
     assert torch.equal(ops.ggml_linear(xt, [qt], [packed], None, False, 16), wide)
 
 
-Q5_0_R4, Q5_0_R4L = 106, 107  # ggml_repack's layouts of Q5_0 (csrc/ggml_blocks.h)
+Q5_0_R4, Q5_0_R4L, Q8_0_R4L = 106, 107, 108  # ggml_repack's layouts (csrc/ggml_blocks.h)
 
 
 def test_the_lanes_layout_of_q5_0_against_the_fp64_model_and_row_independent():
@@ -332,13 +332,49 @@ def test_the_lanes_layout_of_q5_0_against_the_fp64_model_and_row_independent():
     assert torch.equal(together, alone)
     for m in (2, 8, 9):
         assert torch.equal(ops.ggml_linear(xt[:m], [qtype], [packed], None, False, 16), together[:m])
-    # the same codes and scales: dequantized, they are the file's values
+    # the same codes and scales: dequantized (whole, or rows as an embedding reads them), they are the file's values
     assert torch.equal(ops.ggml_dequantize([qtype], [packed]), ops.ggml_dequantize([int(T.Q5_0)], [bt]))
     assert torch.equal(ops.ggml_dequantize([qtype], [packed], True), ops.ggml_dequantize([int(T.Q5_0)], [bt]))
+    ids = torch.tensor([3, 0, 28, 3])
+    assert torch.equal(ops.ggml_dequantize_rows(packed, qtype, ids), ops.ggml_dequantize_rows(bt, int(T.Q5_0), ids))
     with pytest.raises(RuntimeError, match="16-bit activations"):
         ops.ggml_linear(xt, [qtype], [packed], None, False, 8)
     with pytest.raises(RuntimeError, match="no scalar form"):
         ops.ggml_linear(xt, [qtype], [packed], None, True, 16)
+
+
+def test_the_lanes_layout_of_q8_0_against_the_fp64_model_and_the_files_values():
+    """Q8_0 as R4L (the default's output head): the fp64 model's products, extreme codes included (a lane's sum
+    reaches 16 x 128 x 32767 and is converted once), row independence, and the file's values when dequantized
+    (the embedding of a tied head reads these blocks)."""
+    rng = np.random.default_rng(47)
+    n, k = 21, 384
+    blocks = random_blocks(T.Q8_0, n, k, rng)
+    ext = blocks.reshape(n, -1, 34)
+    ext[0, :, 2:] = 0x80  # every code -128
+    ext[0, :, :2] = np.full((ext.shape[1],), 0.01, np.float16).view(np.uint8).reshape(-1, 2)
+    blocks = ext.reshape(n, -1)
+    bt = torch.from_numpy(blocks)
+    assert ops.ggml_repack(bt, int(T.Q8_0))[0] == int(T.Q8_0)  # without lanes Q8_0 stays as stored
+    qtype, packed = ops.ggml_repack(bt, int(T.Q8_0), True)
+    if qtype == int(T.Q8_0):
+        pytest.skip("this CPU has no AVX2: Q8_0 is multiplied in the file's layout")
+    assert qtype == Q8_0_R4L and packed.shape == blocks.shape  # as many bytes as the file's blocks
+    x = rng.standard_normal((10, k)).astype(np.float32)
+    x[0] = -1.0
+    xt = torch.from_numpy(x)
+    together = ops.ggml_linear(xt, [qtype], [packed], None, False, 16)
+    ref = model_product16(T.Q8_0, blocks, x, k)
+    w = np.abs(dequantize(blocks, T.Q8_0).reshape(n, k).astype(np.float64))
+    bound = 2e-6 * (np.abs(x).astype(np.float64) @ w.T) + 1e-6
+    assert np.all(np.abs(together.numpy() - ref) <= bound), np.abs(together.numpy() - ref).max()
+    alone = torch.cat([ops.ggml_linear(xt[i:i + 1], [qtype], [packed], None, False, 16) for i in range(10)])
+    assert torch.equal(together, alone)
+    assert torch.equal(ops.ggml_dequantize([qtype], [packed]), ops.ggml_dequantize([int(T.Q8_0)], [bt]))
+    ids = torch.tensor([20, 0, 7])
+    assert torch.equal(ops.ggml_dequantize_rows(packed, qtype, ids), ops.ggml_dequantize_rows(bt, int(T.Q8_0), ids))
+    x16 = ops.ggml_quantize16(xt)
+    assert torch.equal(ops.ggml_gemm16(*x16, [qtype], [packed]), ops.ggml_gemm16(*x16, [int(T.Q8_0)], [bt]))
 
 
 def test_the_16bit_gemm_reads_the_lanes_layout_as_the_files_blocks():

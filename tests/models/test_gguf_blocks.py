@@ -54,6 +54,36 @@ def test_blocks_model_is_the_exact_model_up_to_activation_rounding(checkpoints, 
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
+def test_a_tied_head_and_the_embedding_read_one_copy_of_the_blocks(checkpoints, tmp_path):
+    """A GGUF without output.weight (tied embeddings): the head's kernels take the embedding's blocks in their own
+    layout (Q8_0 as R4L on AVX2) and the lookup reads that same tensor, so the matrix is held once; its rows are
+    still the file's values, and the logits the exact model's up to activation rounding."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, tied = checkpoints["qwen3"], tmp_path / "tied"
+    shutil.copytree(src, tied)
+    weights = load_file(str(tied / "model.safetensors"))
+    weights.pop("lm_head.weight", None)
+    save_file(weights, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    path = write_gguf(tied, tmp_path / "tied-q8.gguf", quant="Q8_0")
+    exact = load_model(str(path), dtype="float32", device="cpu")
+    blocks = load_model(str(path), device="cpu", weight_quant="gguf")
+    emb, head = blocks.model.embed_tokens, blocks.model.lm_head
+    assert exact.config.tie_word_embeddings
+    assert emb.qtype == head.types[0] and emb.blocks.data_ptr() == head.blocks[0].data_ptr()
+    # (Q8_0 as R4L where rows are a multiple of 128 long on AVX2; this tiny model's are not: the file's layout)
+    assert head.types[0] == (108 if cpu_kernels.cpu_supports_avx2() and head.in_features % 128 == 0 else 8)
+    ids = torch.tensor(PROMPT)
+    assert torch.equal(emb(ids).float(), exact.model.embed_tokens(ids).float())
+    a, b = _logits_along(exact, PROMPT), _logits_along(blocks, PROMPT)
+    assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_decode_steps_in_the_cpp_layer_loop_match_the_python_path(checkpoints, tmp_path, arch):
     """Three sequences decode together through the C++ loop, teacher-forced along the same tokens as the
