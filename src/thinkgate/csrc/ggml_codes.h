@@ -119,6 +119,19 @@ inline void r4l_natural(const __m256i* codes, __m128i* half) {
     }
 }
 
+// The same, as the group's 4 blocks: codes[b] becomes block b's 32 codes in order (from its slot vectors).
+inline void r4l_to_blocks(__m256i* codes) {
+    __m128i half[8];
+    r4l_natural(codes, half);
+    for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
+}
+
+// A Q8_0 R4L group's 4 blocks of codes, in order.
+inline void q8r4l_blocks(const BlockQ8_0R4L* x, __m256i* codes) {
+    for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
+    r4l_to_blocks(codes);
+}
+
 // quantize16 of 32 values with AVX2, the same codes: |x * id| <= 32767 (x's magnitude is at most amax), and
 // vcvtps2dq rounds half to even under the default MXCSR, as nearbyint does.
 inline int32_t quantize16x32_avx2(const float* x, float id_scalar, int16_t* q) {

@@ -139,11 +139,9 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ8_0R4L*>(row) + g;
             __m256i codes[4];
-            __m128i half[8];
-            for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
-            r4l_natural(codes, half);
+            q8r4l_blocks(x, codes);
             for (int b = 0; b < 4; ++b) {
-                store_widened(_mm256_set_m128i(half[4 + b], half[b]), c + (4 * g + b) * QK);
+                store_widened(codes[b], c + (4 * g + b) * QK);
                 s[4 * g + b] = h2f(x->d[b]);
                 o[4 * g + b] = 0.0f;
             }
@@ -168,11 +166,7 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
                 const __m256i high = _mm256_and_si256(bk <= 4 ? _mm256_slli_epi16(h, 4 - bk) : h, bit4);
                 codes[bk] = _mm256_sub_epi8(_mm256_or_si256(lo[bk], high), sixteen);
             }
-            if (t == Q5_0_R4L) {  // the slots back in the blocks' order
-                __m128i half[8];
-                r4l_natural(codes, half);
-                for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
-            }
+            if (t == Q5_0_R4L) r4l_to_blocks(codes);  // the slots back in the blocks' order
             for (int bk = 0; bk < 4; ++bk) {
                 store_widened(codes[bk], c + (4 * g + bk) * QK);
                 s[4 * g + bk] = r4_block_scale(t, row, g, bk);

@@ -623,24 +623,34 @@ TG_INLINE void lanes_rows(const __m256i* c16, __m256 dx, const void* const* act,
     }
 }
 
-template <int NA>
-void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+// An R4L kernel: unpack(g, c16) widens group g's codes into c16 and returns its scales in R4L's lanes.
+template <int NA, class Unpack>
+TG_INLINE void lanes_dot(int64_t k, const void* const* act, float* out, Unpack unpack) {
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
-    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        __m256i c16[8];
+        const __m256 dx = unpack(g, c16);
+        lanes_rows<NA>(c16, dx, act, g, acc);
+    }
+    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+}
+
+template <int NA>
+void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
+    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
+    lanes_dot<NA>(k, act, out, [&](int64_t g, __m256i* c16) {
         auto x = reinterpret_cast<const BlockQ5_0R4L*>(w) + g;
         // The signed codes as dot16_q5r4_avx2 makes them with few rows (see there): here every row's sum lives only
         // for its group, so the registers hold the 8 widened code vectors whatever the number of rows.
-        __m256i nib[4], c16[8];
+        __m256i nib[4];
         const __m256i planes = q5r4_nibbles(x, nib);
         for (int v = 0; v < 4; ++v) {
             const __m256i shift = _mm256_setr_epi32(7 - v, 7 - v, 7 - v, 7 - v, 3 - v, 3 - v, 3 - v, 3 - v);
             widen(_mm256_or_si256(nib[v], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift))), c16[2 * v], c16[2 * v + 1]);
         }
-        lanes_rows<NA>(c16, scales4(x->d), act, g, acc);
-    }
-    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+        return scales4(x->d);
+    });
 }
 
 // Q8_0 in groups of 4 blocks with R4L's slots (the output head): the codes are widened straight from memory, and
@@ -648,15 +658,11 @@ void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float
 // rounds to fp32 as any product does).
 template <int NA>
 void dot16_q8r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
-    __m256 acc[NA];
-    for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+    lanes_dot<NA>(k, act, out, [&](int64_t g, __m256i* c16) {
         auto x = reinterpret_cast<const BlockQ8_0R4L*>(w) + g;
-        __m256i c16[8];
         for (int c = 0; c < 8; ++c) c16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->qs + 16 * c)));
-        lanes_rows<NA>(c16, scales4(x->d), act, g, acc);
-    }
-    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+        return scales4(x->d);
+    });
 }
 
 // Q6_K: each half super-block's codes widened to int16 and multiplied by their sub-block's scale (at most
@@ -884,7 +890,7 @@ TG_INLINE void put32(__m256i c, __m256 d_lo, __m256 d_hi, float* y, const __m256
     }
 }
 
-// One row of a type the default GGUF uses (Q5_0 as R4, Q8_0, Q4_K, Q6_K) dequantized with AVX2; false for the
+// One row of a type the default GGUF uses (Q5_0 as R4 or R4L, Q8_0 as stored or R4L, Q4_K, Q6_K) dequantized with AVX2; false for the
 // other types (the scalar form serves them).
 bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -892,12 +898,10 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
         for (int64_t g = 0; g < k / (4 * QK); ++g) {
             auto x = reinterpret_cast<const BlockQ8_0R4L*>(row) + g;
             __m256i codes[4];
-            __m128i half[8];
-            for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
-            r4l_natural(codes, half);
+            q8r4l_blocks(x, codes);
             for (int b = 0; b < 4; ++b, y += QK) {
                 const __m256 d = _mm256_set1_ps(h2f(x->d[b]));
-                put32(_mm256_set_m128i(half[4 + b], half[b]), d, d, y);
+                put32(codes[b], d, d, y);
             }
         }
         return true;
@@ -909,9 +913,7 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
             if (t == Q5_0_R4L) {
                 q5r4_codes(reinterpret_cast<const BlockQ5_0R4L*>(row) + g, codes);
                 for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
-                __m128i half[8];
-                r4l_natural(codes, half);
-                for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
+                r4l_to_blocks(codes);
             } else {
                 q5r4_codes(reinterpret_cast<const BlockQ5_0R4*>(row) + g, codes);
                 for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
