@@ -5,7 +5,8 @@
 //     g++ -O2 -o /tmp/simd_throughput benchmarks/simd_throughput.cpp && /tmp/simd_throughput
 //
 // On this project's AMD EPYC (Zen 3): vpmaddwd, vpmaddubsw, vfmadd231ps and vcvtdq2ps 2 per cycle each, and a mix
-// of vpmaddwd and vfmadd231ps 2 per cycle together: they share two pipes (BENCHMARKS.md, "CPU, tenth round").
+// of vpmaddwd and vfmadd231ps 2 per cycle together: they share two pipes (BENCHMARKS.md, "CPU, tenth round");
+// vpmaddwd and vpaddd 1:1 ~3 per cycle together, vphaddd 0.5 ("CPU, eleventh round").
 #include <chrono>
 #include <cstdio>
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
@@ -30,6 +31,14 @@ int main() {
         "vpmaddwd %%ymm15, %%ymm4, %%ymm4\n vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n vpmaddwd %%ymm15, %%ymm6, %%ymm6\n vfmadd231ps %%ymm14, %%ymm15, %%ymm7\n"
         "vpmaddwd %%ymm15, %%ymm8, %%ymm8\n vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n vpmaddwd %%ymm15, %%ymm10, %%ymm10\n vfmadd231ps %%ymm14, %%ymm15, %%ymm11\n" ::: CLOB, "xmm14");
     rate("vpmaddwd+vfmadd (1:1)", now() - t, 12);
+    // The R4L kernels' inner loop is vpmaddwd and vpaddd 1:1 (eleventh round); vphaddd is what a reduction across
+    // lanes would cost instead.
+    t = now(); for (long n = 0; n < N; n++) asm volatile(
+        "vpmaddwd %%ymm15, %%ymm0, %%ymm0\n vpaddd %%ymm14, %%ymm6, %%ymm6\n vpmaddwd %%ymm15, %%ymm1, %%ymm1\n vpaddd %%ymm14, %%ymm7, %%ymm7\n"
+        "vpmaddwd %%ymm15, %%ymm2, %%ymm2\n vpaddd %%ymm14, %%ymm8, %%ymm8\n vpmaddwd %%ymm15, %%ymm3, %%ymm3\n vpaddd %%ymm14, %%ymm9, %%ymm9\n"
+        "vpmaddwd %%ymm15, %%ymm4, %%ymm4\n vpaddd %%ymm14, %%ymm10, %%ymm10\n vpmaddwd %%ymm15, %%ymm5, %%ymm5\n vpaddd %%ymm14, %%ymm11, %%ymm11\n" ::: CLOB, "xmm14");
+    rate("vpmaddwd+vpaddd (1:1)", now() - t, 12);
+    t = now(); for (long n = 0; n < N; n++) asm volatile(IND("vphaddd") ::: CLOB); rate("vphaddd", now() - t, 12);
     t = now(); for (long n = 0; n < N; n++) asm volatile("vcvtdq2ps %%ymm15, %%ymm0\n vcvtdq2ps %%ymm15, %%ymm1\n vcvtdq2ps %%ymm15, %%ymm2\n vcvtdq2ps %%ymm15, %%ymm3\n vcvtdq2ps %%ymm15, %%ymm4\n vcvtdq2ps %%ymm15, %%ymm5\n vcvtdq2ps %%ymm15, %%ymm6\n vcvtdq2ps %%ymm15, %%ymm7\n vcvtdq2ps %%ymm15, %%ymm8\n vcvtdq2ps %%ymm15, %%ymm9\n vcvtdq2ps %%ymm15, %%ymm10\n vcvtdq2ps %%ymm15, %%ymm11\n" ::: CLOB); rate("vcvtdq2ps (12 regs)", now() - t, 12);
     return 0;
 }

@@ -77,8 +77,9 @@ class GGMLLinear(nn.Module):
                  act_bits: int = 16):
         super().__init__()
         self._ops = cpu_kernels.load_ggml()
-        # Each part in the layout its kernel reads fastest (Q5_0 -> our R4 layout on AVX2: the same codes and
-        # scales, bit-identical results, fewer operations per block); the file's layout is not kept beside it.
+        # Each part in the layout its kernel reads fastest, the same codes and scales (AVX2; csrc/ggml_blocks.h): with
+        # 16-bit activations Q5_0 and Q8_0 as R4L (each int32 lane one block's products, scaled once per 4 blocks),
+        # with 8-bit ones Q5_0 as R4 (bit-identical to the file layout's kernel). The file's layout is not kept.
         parts = [self._ops.ggml_repack(b.contiguous(), int(t), act_bits == 16) for t, b in parts]
         self.types = [int(t) for t, _ in parts]
         self.blocks = []
