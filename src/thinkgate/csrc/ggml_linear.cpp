@@ -723,6 +723,32 @@ TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
 // From this many input rows Q4_K / Q5_K take dot16_k45_wide (its widening pays for itself across the rows).
 constexpr int kWideK45Rows = 3;
 
+// What both Q4_K / Q5_K kernels take from a super-block: its scales d and dmin, its 8 scales and mins (int16, one
+// vector: k45_scales_mins), the scales in both 128-bit lanes (shuffling word s into every lane gives sub-block s's
+// scale), and Q5_K's fifth bits.
+struct K45Super { float dx, mx; __m256i sm, sc, hbits; };
+template <int TYPE, class Block>
+TG_INLINE K45Super k45_super(const Block* x) {
+    K45Super s;
+    s.dx = h2f(x->d);
+    s.mx = h2f(x->dmin);
+    s.sm = k45_scales_mins(x->scales);
+    s.sc = _mm256_permute2x128_si256(s.sm, s.sm, 0x00);
+    if constexpr (TYPE == Q5_K) s.hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
+    else s.hbits = _mm256_setzero_si256();
+    return s;
+}
+// A row's super-block into its accumulator, the same float operations in both kernels: the integer sum (lane l's
+// products) scaled by d, and the mins' term, dmin * sum(min_s * the row's sum over sub-block s), folded in lane by
+// lane (lane s: sub-block s) instead of summed across lanes per super-block. y: a BlockQ16_K or BlockQ16_KS.
+template <class Row>
+TG_INLINE __m256 k45_finish(__m256 acc, __m256i total, const Row& y, const K45Super& s) {
+    const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s.sm, 1)));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * s.dx), _mm256_cvtepi32_ps(total), acc);
+    const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
+    return _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * s.mx)), bsums, acc);
+}
+
 template <int TYPE, int NA>
 void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     using Block = std::conditional_t<TYPE == Q5_K, BlockQ5_K, BlockQ4_K>;
@@ -734,17 +760,13 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < k / QKK; ++b) {
         const Block* x = reinterpret_cast<const Block*>(w) + b;
-        const float dx = h2f(x->d), mx = h2f(x->dmin);
-        const __m256i sm = k45_scales_mins(x->scales);
-        __m256i hbits;
-        if constexpr (TYPE == Q5_K) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
-        // Both 128-bit lanes hold the 8 scales (int16); shuffling word s into every lane gives sub-block s's scale.
-        const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        const K45Super sb = k45_super<TYPE>(x);
+        const __m256i sc = sb.sc;
         __m256i sumi[NA], sumh[NA];
         for (int j = 0; j < NA; ++j) sumi[j] = sumh[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
             __m256i lo, hi;
-            k45_codes(x->qs, TYPE == Q5_K ? &hbits : nullptr, i, lo, hi);
+            k45_codes(x->qs, TYPE == Q5_K ? &sb.hbits : nullptr, i, lo, hi);
             const __m256i pick_lo = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 1) + 4 * i));
             const __m256i pick_hi = _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 3) + 4 * i + 2));
             const __m256i s_lo = _mm256_shuffle_epi8(sc, pick_lo), s_hi = _mm256_shuffle_epi8(sc, pick_hi);
@@ -761,16 +783,9 @@ void dot16_k45_t(const uint8_t* w, const void* const* act, int64_t k, float* out
                 sumi[j] = _mm256_add_epi32(sumi[j], p_low);
             }
         }
-        // The mins' term, dmin * sum(min_s * the row's sum over sub-block s), folded into the accumulator lane by
-        // lane (lane s: sub-block s) instead of summed across lanes per super-block.
-        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1)));
-        for (int j = 0; j < NA; ++j) {
-            const BlockQ16_KS& y = static_cast<const BlockQ16_KS*>(act[j])[b];
-            const __m256i total = _mm256_add_epi32(sumi[j], _mm256_slli_epi32(sumh[j], 8));
-            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(total), acc[j]);
-            const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
-            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * mx)), bsums, acc[j]);
-        }
+        for (int j = 0; j < NA; ++j)
+            acc[j] = k45_finish(acc[j], _mm256_add_epi32(sumi[j], _mm256_slli_epi32(sumh[j], 8)),
+                                static_cast<const BlockQ16_KS*>(act[j])[b], sb);
     }
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
@@ -794,16 +809,13 @@ void dot16_k45_wide(const uint8_t* w, const void* const* act, int64_t k, float* 
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t b = 0; b < k / QKK; ++b) {
         const Block* x = reinterpret_cast<const Block*>(w) + b;
-        const float dx = h2f(x->d), mx = h2f(x->dmin);
-        const __m256i sm = k45_scales_mins(x->scales);
-        __m256i hbits;
-        if constexpr (TYPE == Q5_K) hbits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qh));
-        const __m256i sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        const K45Super sb = k45_super<TYPE>(x);
+        const __m256i sc = sb.sc;
         __m256i sumi[NA];
         for (int j = 0; j < NA; ++j) sumi[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
             __m256i lo, hi;
-            k45_codes(x->qs, TYPE == Q5_K ? &hbits : nullptr, i, lo, hi);
+            k45_codes(x->qs, TYPE == Q5_K ? &sb.hbits : nullptr, i, lo, hi);
             const __m256i s_lo = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 1) + 4 * i)));
             const __m256i s_hi = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * i + 3) + 4 * i + 2)));
             lo = kw_order(lo);
@@ -821,13 +833,7 @@ void dot16_k45_wide(const uint8_t* w, const void* const* act, int64_t k, float* 
                 sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p01, p23));
             }
         }
-        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1)));
-        for (int j = 0; j < NA; ++j) {
-            const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
-            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
-            const __m256 bsums = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y.bsums)));
-            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(mins, _mm256_set1_ps(-y.d * mx)), bsums, acc[j]);
-        }
+        for (int j = 0; j < NA; ++j) acc[j] = k45_finish(acc[j], sumi[j], static_cast<const BlockQ16_K*>(act[j])[b], sb);
     }
     for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
