@@ -722,6 +722,8 @@ TG_INLINE __m256i k45_scales_mins(const uint8_t* packed) {
 
 // From this many input rows Q4_K / Q5_K take dot16_k45_wide (its widening pays for itself across the rows).
 constexpr int kWideK45Rows = 3;
+// Input rows per kernel call with 16-bit activations (a batch of 8 sequences unpacks each weight block once).
+constexpr int kRows16 = 8;
 
 // What both Q4_K / Q5_K kernels take from a super-block: its scales d and dmin, its 8 scales and mins (int16, one
 // vector: k45_scales_mins), the scales in both 128-bit lanes (shuffling word s into every lane gives sub-block s's
@@ -994,7 +996,7 @@ struct Activations {
 
     // Row m's blocks for weights of `type`, in a call of `rows` input rows to the kernel.
     const void* row(int type, int64_t m, int rows) const {
-        if (wide && (type == Q4_K || type == Q5_K) && !q16_ks.empty())
+        if (wide && (type == Q4_K || type == Q5_K) && (!q16_ks.empty() || !q16_kw.empty()))
             return rows >= kWideK45Rows ? static_cast<const void*>(q16_kw.data() + m * (k / QKK)) : q16_ks.data() + m * (k / QKK);
         if (type == Q5_0_R4L || type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
@@ -1062,8 +1064,11 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             for (int64_t r = 0; r < m; ++r) quantize_q16_k(px + r * k, act.q16_k.data() + r * nbk, k);
 #ifdef __AVX2__
             if (!scalar && need45) {
-                act.q16_ks.resize(m * nbk);
-                split_q16_k(act.q16_k.data(), act.q16_ks.data(), m * nbk);
+                // Each form only where a call of the kernel takes it: calls of kRows16 rows, then the rest.
+                if ((m - 1) % kRows16 + 1 < kWideK45Rows) {
+                    act.q16_ks.resize(m * nbk);
+                    split_q16_k(act.q16_k.data(), act.q16_ks.data(), m * nbk);
+                }
                 if (m >= kWideK45Rows) {
                     act.q16_kw.resize(m * nbk);
                     kw_order_q16_k(act.q16_k.data(), act.q16_kw.data(), m * nbk);
@@ -1115,7 +1120,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             const uint8_t* pw = weights[task.part].data_ptr<uint8_t>();
             // Input rows sharing each unpacked weight block: 8 for the 16-bit kernels (a batch of 8 sequences
             // unpacks each block once), 4 for the 8-bit ones.
-            const int kRows = act.wide ? 8 : 4;
+            const int kRows = act.wide ? kRows16 : 4;
             const void* acts[8];
             float res[8];
             for (int64_t i0 = 0; i0 < m; i0 += kRows) {
