@@ -43,13 +43,20 @@ struct BlockQ5_0R4 { float d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t h
 // kernel subtracts to turn its unsigned codes (0..31) back into Q5_0's signed ones (-16..15).
 struct BlockQ8_0L { int32_t corr[8]; float d; int8_t qs[QK]; };
 
-// R4L: R4's fields with fp16 scales (as many bytes as the file's 4 blocks: a decode step of one row streams its
-// weights from DRAM), but slot (v, j) (code vector v = the nibbles and bit planes R4 gives block v, byte j)
-// holds code n of block b, where with i = j % 16 and c = 2v + j / 16 (the slot's 16-byte chunk):
-// b = (i / 2) % 4, n = 16 * (i / 8) + 2c + i % 2. Widened to int16, chunk c's pairs are int32 lane l = i / 2 of
-// vpmaddwd: lanes 0-3 blocks 0-3 (codes 0-15), lanes 4-7 blocks 0-3 (codes 16-31), so a group's products need no
-// reduction across lanes before the blocks' scales [d0 d1 d2 d3 d0 d1 d2 d3] multiply them.
-// The input rows for it: per group the 4 blocks' scales and their 128 codes in the same order (chunk c at qs + 16c).
+// R4L: every int32 lane of a group's vpmaddwd products belongs to one block (lanes 0-3: blocks 0-3, codes 0-15;
+// lanes 4-7: blocks 0-3, codes 16-31), so a group's products need no reduction across lanes before the blocks'
+// scales [d0 d1 d2 d3 d0 d1 d2 d3] multiply them. Q5_0 and Q8_0 reach that with different slots, as their codes are
+// widened to int16 differently:
+// - Q5_0 (R4's fields with fp16 scales: as many bytes as the file's 4 blocks, a decode step of one row streams its
+//   weights from DRAM): slot (v, j) (code vector v = the nibbles and bit planes R4 gives block v, byte j) holds code
+//   n of block b where, with lane l = j / 4: b = l % 4, n = 16 * (l / 4) + 4v + j % 4 (q5l_slot). Its signed
+//   bytes are widened as code x 256 (even bytes by a 16-bit shift, odd ones by a mask: two cheap operations where
+//   sign extension costs two slow cross-lane ones), so bytes 4l .. 4l + 3 meet int32 lane l; the rows' scales
+//   carry the 1 / 256. A lane sums 16 products of at most 4096 x 32767 < 2^31.
+// - Q8_0 (the codes from memory, sign-extended in 16-byte chunks: 128 x 256 would pass int16's products): with
+//   i = j % 16 and c = 2v + j / 16 (the slot's chunk), b = (i / 2) % 4, n = 16 * (i / 8) + 2c + i % 2 (r4l_slot).
+// The input rows for each: per group the 4 blocks' scales and their 128 codes in the order the widened vectors
+// meet them (the kernel's c-th int16 vector at qs + 16c).
 struct BlockQ5_0R4L { uint16_t d[4]; uint8_t nib01[32]; uint8_t nib23[32]; uint8_t hb[16]; };
 struct BlockQ16_0L { float d[4]; int16_t qs[4 * QK]; };
 // Four Q8_0 blocks: their fp16 scales, then their codes in R4L's slots (qs[32v + j]); as many bytes as the four.

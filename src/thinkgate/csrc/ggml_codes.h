@@ -126,6 +126,17 @@ inline void r4l_to_blocks(__m256i* codes) {
     for (int b = 0; b < 4; ++b) codes[b] = _mm256_set_m128i(half[4 + b], half[b]);
 }
 
+// A Q5_0 R4L group's 4 code vectors (slot order) -> its 4 blocks' codes in order: int32 lane l of vector v holds
+// codes 16 * (l / 4) + 4v .. + 3 of block l % 4, so within each 128-bit half this is a 4 x 4 transpose of int32s.
+inline void q5l_to_blocks(__m256i* codes) {
+    const __m256i t0 = _mm256_unpacklo_epi32(codes[0], codes[1]), t1 = _mm256_unpackhi_epi32(codes[0], codes[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(codes[2], codes[3]), t3 = _mm256_unpackhi_epi32(codes[2], codes[3]);
+    codes[0] = _mm256_unpacklo_epi64(t0, t2);
+    codes[1] = _mm256_unpackhi_epi64(t0, t2);
+    codes[2] = _mm256_unpacklo_epi64(t1, t3);
+    codes[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
 // A Q8_0 R4L group's 4 blocks of codes, in order.
 inline void q8r4l_blocks(const BlockQ8_0R4L* x, __m256i* codes) {
     for (int v = 0; v < 4; ++v) codes[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x->qs + 32 * v));
@@ -158,7 +169,13 @@ inline int r4_code(const Block* x, int bk, int j) {
     return (((nib[j] >> ((bk % 2) * 4)) & 0xF) | (high << 4)) - 16;
 }
 
-// The slot (code vector v, byte j) where the R4L layout keeps code n of block b (ggml_blocks.h).
+// The slot (code vector v, byte j) where Q5_0's R4L layout keeps code n of block b (ggml_blocks.h).
+inline void q5l_slot(int b, int n, int& v, int& j) {
+    v = (n % 16) / 4;
+    j = 4 * (b + 4 * (n / 16)) + n % 4;
+}
+
+// The slot (code vector v, byte j) where Q8_0's R4L layout keeps code n of block b (ggml_blocks.h).
 inline void r4l_slot(int b, int n, int& v, int& j) {
     const int c = (n % 16) / 2;
     v = c / 2;
@@ -174,7 +191,7 @@ inline int r4_block_code(int type, const uint8_t* row, int64_t g, int b, int n) 
     }
     if (type == Q5_0_R4) return r4_code(reinterpret_cast<const BlockQ5_0R4*>(row) + g, b, n);
     int v, j;
-    r4l_slot(b, n, v, j);
+    q5l_slot(b, n, v, j);
     return r4_code(reinterpret_cast<const BlockQ5_0R4L*>(row) + g, v, j);
 }
 inline float r4_block_scale(int type, const uint8_t* row, int64_t g, int b) {

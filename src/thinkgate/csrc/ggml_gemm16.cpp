@@ -166,7 +166,7 @@ bool row_codes16_avx2(int t, const uint8_t* row, int64_t k, int16_t* c, float* s
                 const __m256i high = _mm256_and_si256(bk <= 4 ? _mm256_slli_epi16(h, 4 - bk) : h, bit4);
                 codes[bk] = _mm256_sub_epi8(_mm256_or_si256(lo[bk], high), sixteen);
             }
-            if (t == Q5_0_R4L) r4l_to_blocks(codes);  // the slots back in the blocks' order
+            if (t == Q5_0_R4L) q5l_to_blocks(codes);  // the slots back in the blocks' order
             for (int bk = 0; bk < 4; ++bk) {
                 store_widened(codes[bk], c + (4 * g + bk) * QK);
                 s[4 * g + bk] = r4_block_scale(t, row, g, bk);

@@ -102,15 +102,24 @@ void quantize_q16_0(const float* x, BlockQ16_0* y, int64_t k) {
     }
 }
 
-// Q16_0 blocks regrouped for the R4L kernel: code n of block b of each 4 goes where R4L keeps the weight it meets.
-void regroup_q16_0l(const BlockQ16_0* x, BlockQ16_0L* y, int64_t groups) {
+// Q16_0 blocks regrouped for an R4L kernel: code n of block b of each 4 goes where the kernel's widened weight
+// vectors meet it (ggml_blocks.h); `q5` for Q5_0's slots (whose codes arrive x 256: the scales carry 1 / 256,
+// exactly, as a power of two), else Q8_0's.
+void regroup_q16_0l(const BlockQ16_0* x, BlockQ16_0L* y, int64_t groups, bool q5) {
+    const float unit = q5 ? 1.0f / 256.0f : 1.0f;
     for (int64_t g = 0; g < groups; ++g, x += 4) {
 #ifdef __AVX2__
         // As int32 pairs of codes, (block b, codes 16h + 2c .. +1) goes to pair 8c + 4h + b: an 8 x 8 transpose of
-        // rows (h, b) -> rows c.
+        // rows (h, b) -> rows c. Q5_0's vector 2v (even bytes) meets codes 4v and 4v + 2 of a lane, 2v + 1 (odd
+        // bytes) codes 4v + 1 and 4v + 3: each 4 codes are first reordered to (0, 2, 1, 3), within 128-bit lanes.
+        const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
+                                               0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
         __m256i r[8], t[8];
         for (int h = 0; h < 2; ++h)
-            for (int b = 0; b < 4; ++b) r[4 * h + b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 16 * h));
+            for (int b = 0; b < 4; ++b) {
+                r[4 * h + b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + 16 * h));
+                if (q5) r[4 * h + b] = _mm256_shuffle_epi8(r[4 * h + b], order);
+            }
         for (int i = 0; i < 8; i += 2) {
             t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
             t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
@@ -125,14 +134,19 @@ void regroup_q16_0l(const BlockQ16_0* x, BlockQ16_0L* y, int64_t groups) {
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[g].qs + 16 * i), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[g].qs + 16 * (i + 4)), _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
         }
-        for (int b = 0; b < 4; ++b) y[g].d[b] = x[b].d;
+        for (int b = 0; b < 4; ++b) y[g].d[b] = x[b].d * unit;
 #else
         for (int b = 0; b < 4; ++b) {
-            y[g].d[b] = x[b].d;
+            y[g].d[b] = x[b].d * unit;
             for (int n = 0; n < QK; ++n) {
                 int v, j;
-                r4l_slot(b, n, v, j);
-                y[g].qs[32 * v + j] = x[b].qs[n];
+                if (q5) {
+                    q5l_slot(b, n, v, j);
+                    y[g].qs[32 * v + 16 * (j % 2) + j / 2] = x[b].qs[n];
+                } else {
+                    r4l_slot(b, n, v, j);
+                    y[g].qs[32 * v + j] = x[b].qs[n];
+                }
             }
         }
 #endif
@@ -638,16 +652,21 @@ TG_INLINE void lanes_dot(int64_t k, const void* const* act, float* out, Unpack u
 
 template <int NA>
 void dot16_q5r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
-    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0));
+    const __m256i f0 = _mm256_set1_epi8(static_cast<char>(0xF0)), odd = _mm256_set1_epi16(static_cast<short>(0xFF00));
     lanes_dot<NA>(k, act, out, [&](int64_t g, __m256i* c16) {
         auto x = reinterpret_cast<const BlockQ5_0R4L*>(w) + g;
         // The signed codes as dot16_q5r4_avx2 makes them with few rows (see there): here every row's sum lives only
-        // for its group, so the registers hold the 8 widened code vectors whatever the number of rows.
+        // for its group, so the registers hold the 8 widened code vectors whatever the number of rows. Each byte
+        // becomes its code x 256 in an int16 (even bytes shifted up, odd ones masked in place): a shift and an AND
+        // where vpmovsxbw and vextracti128 (cross-lane, ~1 a cycle on Zen 3) took ~40 % of the one-row kernel's
+        // cycles (BENCHMARKS.md, "CPU, twelfth round").
         __m256i nib[4];
         const __m256i planes = q5r4_nibbles(x, nib);
         for (int v = 0; v < 4; ++v) {
             const __m256i shift = _mm256_setr_epi32(7 - v, 7 - v, 7 - v, 7 - v, 3 - v, 3 - v, 3 - v, 3 - v);
-            widen(_mm256_or_si256(nib[v], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift))), c16[2 * v], c16[2 * v + 1]);
+            const __m256i c = _mm256_or_si256(nib[v], _mm256_shuffle_epi8(f0, _mm256_sllv_epi32(planes, shift)));
+            c16[2 * v] = _mm256_slli_epi16(c, 8);
+            c16[2 * v + 1] = _mm256_and_si256(c, odd);
         }
         return scales4(x->d);
     });
@@ -660,6 +679,10 @@ template <int NA>
 void dot16_q8r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     lanes_dot<NA>(k, act, out, [&](int64_t g, __m256i* c16) {
         auto x = reinterpret_cast<const BlockQ8_0R4L*>(w) + g;
+        // The head streams 145 MB from DRAM a step; fetching its codes ~6 groups ahead moved one row's kernel from
+        // 23.8 to 26.6 GB/s (two threads, alternated in one process; Q5_0's, compute-bound, gained nothing).
+        _mm_prefetch(reinterpret_cast<const char*>(x) + 768, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(x) + 832, _MM_HINT_T0);
         for (int c = 0; c < 8; ++c) c16[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->qs + 16 * c)));
         return scales4(x->d);
     });
@@ -921,7 +944,7 @@ bool dequantize_row_avx2(int t, const uint8_t* row, int64_t k, float* y) {
             if (t == Q5_0_R4L) {
                 q5r4_codes(reinterpret_cast<const BlockQ5_0R4L*>(row) + g, codes);
                 for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
-                r4l_to_blocks(codes);
+                q5l_to_blocks(codes);
             } else {
                 q5r4_codes(reinterpret_cast<const BlockQ5_0R4*>(row) + g, codes);
                 for (int v = 0; v < 4; ++v) codes[v] = _mm256_sub_epi8(codes[v], b16);
@@ -989,7 +1012,8 @@ struct Activations {
     std::vector<BlockQ8_K> q8_k;
     std::vector<BlockQ8_0L> q8_0l;
     std::vector<BlockQ16_0> q16_0;
-    std::vector<BlockQ16_0L> q16_0l;  // q16_0 regrouped, for R4L weights
+    std::vector<BlockQ16_0L> q16_0l;   // q16_0 regrouped, for Q8_0 R4L weights
+    std::vector<BlockQ16_0L> q16_0l5;  // q16_0 regrouped, for Q5_0 R4L weights
     std::vector<BlockQ16_K> q16_k;
     std::vector<BlockQ16_KS> q16_ks;  // q16_k split into bytes, for the AVX2 Q4_K / Q5_K kernel
     std::vector<BlockQ16_K> q16_kw;   // q16_k in kw_order, for the AVX2 Q4_K / Q5_K kernel of many rows
@@ -998,7 +1022,8 @@ struct Activations {
     const void* row(int type, int64_t m, int rows) const {
         if (wide && (type == Q4_K || type == Q5_K) && (!q16_ks.empty() || !q16_kw.empty()))
             return rows >= kWideK45Rows ? static_cast<const void*>(q16_kw.data() + m * (k / QKK)) : q16_ks.data() + m * (k / QKK);
-        if (type == Q5_0_R4L || type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
+        if (type == Q5_0_R4L) return q16_0l5.data() + m * (k / (4 * QK));
+        if (type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
         if (is_k(type)) return q8_k.data() + m * (k / QKK);
         if (type == Q5_0_R4) return q8_0l.data() + m * (k / QK);
@@ -1026,7 +1051,8 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     const at::Tensor xc = x.contiguous();
     const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
-    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need16l = false, need45 = false;
+    bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need16l = false, need16l5 = false,
+         need45 = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -1039,7 +1065,8 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         TORCH_CHECK((t != Q5_0_R4L && t != Q8_0_R4L) || act_bits == 16, "ggml_linear: the R4L layouts are multiplied with 16-bit activations");
         need0 |= t == Q4_0 || t == Q5_0 || t == Q8_0 || t == Q5_0_R4;
         need16 |= !is_k(t);
-        need16l |= t == Q5_0_R4L || t == Q8_0_R4L;
+        need16l |= t == Q8_0_R4L;
+        need16l5 |= t == Q5_0_R4L;
         need0l |= t == Q5_0_R4;
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
@@ -1056,7 +1083,11 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
             for (int64_t r = 0; r < m; ++r) quantize_q16_0(px + r * k, act.q16_0.data() + r * nb, k);
             if (need16l) {
                 act.q16_0l.resize(m * (nb / 4));
-                regroup_q16_0l(act.q16_0.data(), act.q16_0l.data(), m * (nb / 4));
+                regroup_q16_0l(act.q16_0.data(), act.q16_0l.data(), m * (nb / 4), false);
+            }
+            if (need16l5) {
+                act.q16_0l5.resize(m * (nb / 4));
+                regroup_q16_0l(act.q16_0.data(), act.q16_0l5.data(), m * (nb / 4), true);
             }
         }
         if (needk) {
@@ -1303,7 +1334,7 @@ std::tuple<int64_t, at::Tensor> ggml_repack(const at::Tensor& weight, int64_t ty
                 for (int c = 0; c < QK; ++c) {
                     const int code = c < 16 ? (b.qs[c] & 0xF) : (b.qs[c - 16] >> 4);
                     int v = bk, j = c;  // the code's slot: R4 keeps block bk's code c in (bk, c)
-                    if (lanes) r4l_slot(bk, c, v, j);
+                    if (lanes) q5l_slot(bk, c, v, j);
                     uint8_t* nib = v < 2 ? o.nib01 : o.nib23;
                     nib[j] |= static_cast<uint8_t>(code << ((v % 2) * 4));
                     if ((qh >> c) & 1) o.hb[j % 16] |= static_cast<uint8_t>(1 << (v + (j < 16 ? 0 : 4)));
