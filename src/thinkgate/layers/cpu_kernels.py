@@ -27,7 +27,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 # The GGUF block kernels (--weight-quant gguf): AVX2 on x86 (every x86 server CPU of the last decade), plain
 # C++ elsewhere, so they run where the AVX-512 module above cannot.
 GGML_SOURCES = [_CSRC / "ggml_linear.cpp", _CSRC / "ggml_gemm16.cpp", _CSRC / "ggml_decoder.cpp",
-                _CSRC / "ggml_bindings.cpp"]
+                _CSRC / "greedy.cpp", _CSRC / "ggml_bindings.cpp"]
 
 _lock = threading.Lock()
 _module = None
@@ -104,6 +104,12 @@ def load_ggml():
             log.warning("thinkgate's GGUF block kernels could not be built (%s)", exc)
             _ggml_module = None
         return _ggml_module
+
+
+def loaded_ggml():
+    """The GGUF block kernels' module if load_ggml has already loaded it, else None (never builds: a caller on a
+    hot path, such as the sampler, must not start a minute-long compile)."""
+    return _ggml_module
 
 
 def _build(out: Path, name: str = "thinkgate_cpu_kernels", sources: list[Path] = SOURCES,

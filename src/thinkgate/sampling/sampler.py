@@ -48,7 +48,7 @@ class Sampler:
         """The sampled token ids as a tensor on the logits' device, without waiting for them where the
         rows allow (plain greedy rows: one argmax, queued). No logprobs."""
         if all(_plain_greedy(r) for r in rows):
-            return logits[:, : self.valid_vocab].argmax(dim=-1)
+            return greedy_ids(logits, self.valid_vocab)
         logits = logits.clone()
         if self.valid_vocab < logits.shape[1]:
             logits[:, self.valid_vocab:] = NEG_INF
@@ -61,7 +61,7 @@ class Sampler:
         (the argmax ids, None); else (None, probabilities [B, V]) with greedy rows one-hot. The same
         transforms, in the same order, as `sample_ids` (rows are one request's consecutive positions)."""
         if all(_plain_greedy(r) for r in rows):
-            return logits[:, : self.valid_vocab].argmax(dim=-1).tolist(), None
+            return greedy_ids(logits, self.valid_vocab).tolist(), None
         logits = logits.clone()
         if self.valid_vocab < logits.shape[1]:
             logits[:, self.valid_vocab:] = NEG_INF
@@ -122,7 +122,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = logits.device
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_ids(logits, logits.shape[1])
         if all(r.params.temperature == 0 for r in rows):  # decided on the host: no device round trip
             return tokens
         temp = torch.tensor([r.params.temperature for r in rows], device=dev, dtype=logits.dtype)
@@ -218,6 +218,19 @@ class Sampler:
                 n = r.params.top_logprobs
                 tops[i] = list(zip(idx[i, :n].tolist(), vals[i, :n].tolist(), strict=True))
         return SampleResult(ids, chosen, tops)
+
+
+def greedy_ids(logits: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """Each row's argmax over its first n_valid logits (torch.argmax's answer: the first largest, or the first NaN).
+    CPU logits go through the GGUF kernels' module when a model has loaded it: torch's argmax took 0.3 ms a row of
+    151,936 values there (~1.3 % of a decode step; csrc/greedy.cpp)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
+        from thinkgate.layers.cpu_kernels import loaded_ggml
+
+        ops = loaded_ggml()
+        if ops is not None:
+            return ops.greedy_argmax(logits, n_valid)
+    return logits[:, :n_valid].argmax(dim=-1)
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
