@@ -1,9 +1,13 @@
 """The CPU comparison behind BENCHMARKS.md: thinkgate vs llama.cpp (same GGUF) vs transformers (same weights).
 
     python benchmarks/cpu_compare.py --llama-server /path/to/llama-server [--llama-bench /path/to/llama-bench]
-        [--skip-transformers] [--out results/cpu.json]
+        [--skip-transformers] [--interleave [--repeats 6]] [--out results/cpu.json]
 
-Every figure is a median of several runs, peers measured in the same run on the same machine. llama.cpp
+Every figure is a median of several runs, peers measured in the same run on the same machine. With --interleave
+both servers stay up (each idles at no CPU while the other works) and each level's rounds alternate between
+them, in swapped order every other round, with each round's ratio reported: on a host whose speed drifts by
+10-20 % within minutes, measuring one server's levels and then the other's minutes later moved the one-stream
+ratio by more than the difference being measured (BENCHMARKS.md, "CPU, eleventh round"). llama.cpp
 comes from llama-cpp-python's sources on the package index, built in a separate venv/folder (see
 BENCHMARKS.md); it is not a dependency of thinkgate.
 """
@@ -57,6 +61,34 @@ def serve_levels(base: str, model: str, levels=(1, 4, 8), repeats: int = 3) -> d
                   "tpot_s": statistics.median(x["tpot_s"]["median"] for x in runs)}
         print(f"  concurrency {c}: {out[c]}", flush=True)
     return out
+
+
+def serve_levels_interleaved(servers: dict[str, tuple[str, str]], levels=(1, 4, 8), repeats: int = 6) -> dict:
+    """servers: name -> (base URL, model). Per level, `repeats` rounds, each server once a round (the order swapped
+    every other round); medians per server and the first server's output tok/s over the second's, round by round."""
+    names = list(servers)
+    out: dict = {n: {} for n in names}
+    ratios: dict = {}
+    for c in levels:
+        runs: dict = {n: [] for n in names}
+        for r in range(repeats):
+            prompts = synthetic_prompts(max(4, 2 * c), 64, seed=100 * r + c, jitter=0.2)
+            for n in (names if r % 2 == 0 else names[::-1]):
+                base, model = servers[n]
+                runs[n].append(asyncio.run(run_level(base + "/v1/chat/completions", model, prompts, c, OUT_LEN, True,
+                                                     None, 600)))
+        for n in names:
+            out[n][c] = {"output_tok_s": statistics.median(x["output_throughput"] for x in runs[n]),
+                         "ttft_s": statistics.median(x["ttft_s"]["median"] for x in runs[n]),
+                         "tpot_s": statistics.median(x["tpot_s"]["median"] for x in runs[n]),
+                         "rounds_output_tok_s": [x["output_throughput"] for x in runs[n]]}
+        if len(names) == 2:
+            rs = [a["output_throughput"] / b["output_throughput"]
+                  for a, b in zip(runs[names[0]], runs[names[1]], strict=True)]
+            ratios[c] = {"per_round": rs, "median": statistics.median(rs)}
+        print(f"  concurrency {c}: " + "; ".join(f"{n} {out[n][c]}" for n in names) + f"; ratios {ratios.get(c)}",
+              flush=True)
+    return {"servers": out, "ratios": ratios}
 
 
 async def _ttft(url: str, model: str, prompt: str) -> float:
@@ -117,16 +149,64 @@ def main() -> None:
     ap.add_argument("--weight-quant", default="auto")
     ap.add_argument("--head-quant", default="auto")
     ap.add_argument("--out", default="results/cpu.json")
+    ap.add_argument("--interleave", action="store_true",
+                    help="both servers up at once, each level's rounds alternating between them (needs --llama-server)")
+    ap.add_argument("--repeats", type=int, default=6, help="rounds per level with --interleave")
     args = ap.parse_args()
     gguf = pull_default_model()
     results: dict = {"machine": machine_info()}
     logs = Path(tempfile.mkdtemp())
+    if args.interleave:
+        if not args.llama_server:
+            raise SystemExit("--interleave needs --llama-server")
+        interleaved(args, gguf, results, logs)
+    else:
+        sequential(args, gguf, results, logs)
+    if args.llama_bench:
+        out = subprocess.run([args.llama_bench, "-m", str(gguf), "-t", "2", "-p", "512", "-n", "128", "-r", "3",
+                              "-o", "json"], capture_output=True, text=True)
+        results["llama-bench"] = json.loads(out.stdout) if out.returncode == 0 else out.stderr[-500:]
+    if not args.skip_transformers:
+        print("transformers", flush=True)
+        results["transformers"] = transformers_generate(gguf)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
 
+
+def thinkgate_cmd(args, port: int) -> list[str]:
+    return [sys.executable, "-m", "thinkgate.cli", "serve", "--port", str(port), "--log-level", "warning",
+            "--weight-quant", args.weight_quant, "--head-quant", args.head_quant]
+
+
+def llama_cmd(args, gguf: Path, port: int) -> list[str]:
+    return [args.llama_server, "-m", str(gguf), "-t", "2", "-np", "8", "-c", str(8 * 2560), "--port", str(port),
+            "--host", "127.0.0.1"]
+
+
+def interleaved(args, gguf: Path, results: dict, logs: Path) -> None:
+    procs = [run_server(thinkgate_cmd(args, 8101), "http://127.0.0.1:8101/health", logs / "thinkgate.log"),
+             run_server(llama_cmd(args, gguf, 8102), "http://127.0.0.1:8102/health", logs / "llama.log")]
+    try:
+        servers = {"thinkgate": ("http://127.0.0.1:8101", "qwen/qwen2.5-coder-0.5b-instruct"),
+                   "llama.cpp": ("http://127.0.0.1:8102", "default")}
+        print("both servers, levels interleaved", flush=True)
+        inter = serve_levels_interleaved(servers, repeats=args.repeats)
+        results["ratios"] = inter["ratios"]
+        for name, (base, model) in servers.items():
+            results[name] = {"serve": inter["servers"][name], "ttft_512_s": ttft_512(base, model),
+                             "prefix": prefix_gain(base, model)}
+            print(f"  {name}", results[name]["ttft_512_s"], results[name]["prefix"], flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+
+
+def sequential(args, gguf: Path, results: dict, logs: Path) -> None:
     print("thinkgate", flush=True)
     port = 8101
-    proc = run_server([sys.executable, "-m", "thinkgate.cli", "serve", "--port", str(port), "--log-level", "warning",
-                       "--weight-quant", args.weight_quant, "--head-quant", args.head_quant],
-                      f"http://127.0.0.1:{port}/health", logs / "thinkgate.log")
+    proc = run_server(thinkgate_cmd(args, port), f"http://127.0.0.1:{port}/health", logs / "thinkgate.log")
     try:
         base = f"http://127.0.0.1:{port}"
         model = "qwen/qwen2.5-coder-0.5b-instruct"
@@ -140,9 +220,7 @@ def main() -> None:
     if args.llama_server:
         print("llama.cpp server", flush=True)
         port = 8102
-        proc = run_server([args.llama_server, "-m", str(gguf), "-t", "2", "-np", "8", "-c", str(8 * 2560),
-                           "--port", str(port), "--host", "127.0.0.1"],
-                          f"http://127.0.0.1:{port}/health", logs / "llama.log")
+        proc = run_server(llama_cmd(args, gguf, port), f"http://127.0.0.1:{port}/health", logs / "llama.log")
         try:
             base = f"http://127.0.0.1:{port}"
             results["llama.cpp"] = {"serve": serve_levels(base, "default"), "ttft_512_s": ttft_512(base, "default"),
@@ -151,16 +229,6 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    if args.llama_bench:
-        out = subprocess.run([args.llama_bench, "-m", str(gguf), "-t", "2", "-p", "512", "-n", "128", "-r", "3",
-                              "-o", "json"], capture_output=True, text=True)
-        results["llama-bench"] = json.loads(out.stdout) if out.returncode == 0 else out.stderr[-500:]
-    if not args.skip_transformers:
-        print("transformers", flush=True)
-        results["transformers"] = transformers_generate(gguf)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
 
 
 def machine_info() -> dict:
