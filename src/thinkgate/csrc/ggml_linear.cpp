@@ -688,9 +688,26 @@ void dot16_q8r4l_avx2(const uint8_t* w, const void* const* act, int64_t k, float
     });
 }
 
-// Q6_K: each half super-block's codes widened to int16 and multiplied by their sub-block's scale (at most
-// 32 x 128), then two vpmaddwd per 32 weights and row. Each half is converted to float on its own: a lane's sum
-// over the whole super-block could pass 2^31 (16 x 4096 x 32767 per half).
+// Q6_K: each half super-block's codes multiplied by their sub-block's scale into int16 (at most 32 x 128), even
+// and odd codes apart, then two vpmaddwd per 32 weights and row. Each half is converted to float on its own: a
+// lane's sum over the whole super-block could pass 2^31 (16 x 4096 x 32767 per half). One kernel for any number
+// of rows, so a row's bits do not depend on the rows beside it.
+// vpshufb patterns of dot16_q6k_avx2's codes 32r .. 32r + 31 (sub-blocks 2r and 2r + 1 of a half): `even` / `odd`
+// put a half's scale byte under every even / odd code (-1: a zero byte between), `pick` its int16 (x 32) in each
+// 16-bit lane.
+struct alignas(32) Q6Picks { int8_t even[32], odd[32], pick[32]; };
+constexpr Q6Picks q6_picks(int r) {
+    Q6Picks p{};
+    for (int i = 0; i < 32; ++i) {
+        const int8_t s = static_cast<int8_t>(2 * r + i / 16);
+        p.even[i] = i % 2 == 0 ? s : -1;
+        p.odd[i] = i % 2 == 1 ? s : -1;
+        p.pick[i] = static_cast<int8_t>(2 * s + i % 2);
+    }
+    return p;
+}
+alignas(32) constexpr Q6Picks kQ6Picks[4] = {q6_picks(0), q6_picks(1), q6_picks(2), q6_picks(3)};
+
 template <int NA>
 void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
@@ -698,18 +715,31 @@ void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* 
     for (int64_t b = 0; b < k / QKK; ++b) {
         auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
         const float dx = h2f(x->d);
-        // The 16 scales as int16, lanes 0-7 / 8-15 in the low / high 128 bits; each half's 8 in both halves of
-        // a vector, from which one shuffle broadcasts a sub-block's scale (instead of a move and a broadcast).
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->scales)));
+        // The 16 scales as bytes in both 128-bit lanes, and 32 x each as int16 (lanes 0-15).
+        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->scales));
+        const __m256i sc8 = _mm256_broadcastsi128_si256(s8);
+        const __m256i sc32 = _mm256_slli_epi16(_mm256_cvtepi8_epi16(s8), 5);
         for (int n = 0; n < 2; ++n) {  // half super-blocks: 128 codes, 8 vectors of 16 scaled codes
-            const __m256i scn = n == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            // half n's 8 scales in both 128-bit lanes: as bytes (first), and x 32 as int16
+            const __m256i scn = n == 0 ? sc8 : _mm256_srli_si256(sc8, 8);
+            const __m256i off = n == 0 ? _mm256_permute2x128_si256(sc32, sc32, 0x00) : _mm256_permute2x128_si256(sc32, sc32, 0x11);
             __m256i c[8];
             __m256i raw[4];
             q6k_codes(x, n, raw);
-            for (int i = 0; i < 8; i += 2) {
-                widen(_mm256_sub_epi8(raw[i / 2], _mm256_set1_epi8(32)), c[i], c[i + 1]);
-                c[i] = _mm256_mullo_epi16(c[i], _mm256_shuffle_epi8(scn, _mm256_set1_epi16(static_cast<short>(0x0100 * (2 * i + 1) + 2 * i))));
-                c[i + 1] = _mm256_mullo_epi16(c[i + 1], _mm256_shuffle_epi8(scn, _mm256_set1_epi16(static_cast<short>(0x0100 * (2 * i + 3) + 2 * i + 2))));
+            for (int r = 0; r < 4; ++r) {
+                // Codes 32r .. 32r + 31 (0..63, bytes 0-15 in sub-block s0, 16-31 in s1), each times its scale as
+                // int16 by vpmaddubsw against the scale in every other byte (0 between): the even codes, then the odd
+                // ones; minus 32 x the scale (the codes' offset). Where widening took two slow cross-lane sign
+                // extensions and a lane extract, and two vpmullw, per 32 codes. c[2r] lane m is code 32r + 2m,
+                // c[2r + 1] lane m code 32r + 2m + 1: the rows' codes come in that order (eo_order_q16_k).
+                // (The byte patterns are tables, not set intrinsics of n and r: built at run time those took ~30
+                // instructions each and made the 8-row kernel 47 % slower.)
+                const Q6Picks& p = kQ6Picks[r];
+                const __m256i o = _mm256_shuffle_epi8(off, _mm256_load_si256(reinterpret_cast<const __m256i*>(p.pick)));
+                c[2 * r] = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(raw[r], _mm256_shuffle_epi8(scn, _mm256_load_si256(reinterpret_cast<const __m256i*>(p.even)))), o);
+                c[2 * r + 1] = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(raw[r], _mm256_shuffle_epi8(scn, _mm256_load_si256(reinterpret_cast<const __m256i*>(p.odd)))), o);
             }
             for (int j = 0; j < NA; ++j) {
                 const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
@@ -879,6 +909,25 @@ void kw_order_q16_k(const BlockQ16_K* x, BlockQ16_K* y, int64_t nb) {
     }
 }
 
+// A Q16_K block's codes as dot16_q6k_avx2 meets them: per 32, the 16 even ones, then the 16 odd ones.
+void eo_order_q16_k(const BlockQ16_K* x, BlockQ16_K* y, int64_t nb) {
+    const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                           0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int64_t b = 0; b < nb; ++b) {
+        y[b].d = x[b].d;
+        std::memcpy(y[b].bsums, x[b].bsums, sizeof(y[b].bsums));
+        for (int c = 0; c < QKK; c += 32) {
+            // each 16 codes -> [8 even | 8 odd]: within 128-bit lanes, then the lanes' 64-bit halves regrouped
+            const __m256i p0 = _mm256_permute4x64_epi64(
+                _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + c)), split), 0xD8);
+            const __m256i p1 = _mm256_permute4x64_epi64(
+                _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b].qs + c + 16)), split), 0xD8);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + c), _mm256_permute2x128_si256(p0, p1, 0x20));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b].qs + c + 16), _mm256_permute2x128_si256(p0, p1, 0x31));
+        }
+    }
+}
+
 template <int NA>
 void dot16_k45_avx2(int type, const uint8_t* w, const void* const* act, int64_t k, float* out) {
     if constexpr (NA >= kWideK45Rows) {
@@ -1017,11 +1066,13 @@ struct Activations {
     std::vector<BlockQ16_K> q16_k;
     std::vector<BlockQ16_KS> q16_ks;  // q16_k split into bytes, for the AVX2 Q4_K / Q5_K kernel
     std::vector<BlockQ16_K> q16_kw;   // q16_k in kw_order, for the AVX2 Q4_K / Q5_K kernel of many rows
+    std::vector<BlockQ16_K> q16_k6;   // q16_k in eo_order, for the AVX2 Q6_K kernel
 
     // Row m's blocks for weights of `type`, in a call of `rows` input rows to the kernel.
     const void* row(int type, int64_t m, int rows) const {
         if (wide && (type == Q4_K || type == Q5_K) && (!q16_ks.empty() || !q16_kw.empty()))
             return rows >= kWideK45Rows ? static_cast<const void*>(q16_kw.data() + m * (k / QKK)) : q16_ks.data() + m * (k / QKK);
+        if (wide && type == Q6_K && !q16_k6.empty()) return q16_k6.data() + m * (k / QKK);
         if (type == Q5_0_R4L) return q16_0l5.data() + m * (k / (4 * QK));
         if (type == Q8_0_R4L) return q16_0l.data() + m * (k / (4 * QK));
         if (wide) return is_k(type) ? static_cast<const void*>(q16_k.data() + m * (k / QKK)) : q16_0.data() + m * (k / QK);
@@ -1052,7 +1103,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
     const int64_t m = xc.size(0), k = xc.size(1);
     int64_t n_total = 0;
     bool need0 = false, need1 = false, needk = false, need0l = false, need16 = false, need16l = false, need16l5 = false,
-         need45 = false;
+         need45 = false, need6 = false;
     for (size_t i = 0; i < types.size(); ++i) {
         const int t = static_cast<int>(types[i]);
         check_type(t);
@@ -1071,6 +1122,7 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
         need1 |= t == Q4_1 || t == Q5_1;
         needk |= is_k(t);
         need45 |= t == Q4_K || t == Q5_K;
+        need6 |= t == Q6_K;
     }
     Activations act;
     act.k = k;
@@ -1104,6 +1156,10 @@ at::Tensor ggml_linear(const at::Tensor& x, const std::vector<int64_t>& types, c
                     act.q16_kw.resize(m * nbk);
                     kw_order_q16_k(act.q16_k.data(), act.q16_kw.data(), m * nbk);
                 }
+            }
+            if (!scalar && need6) {
+                act.q16_k6.resize(m * nbk);
+                eo_order_q16_k(act.q16_k.data(), act.q16_k6.data(), m * nbk);
             }
 #endif
         }
