@@ -6,7 +6,9 @@
 //
 // On this project's AMD EPYC (Zen 3): vpmaddwd, vpmaddubsw, vfmadd231ps and vcvtdq2ps 2 per cycle each, and a mix
 // of vpmaddwd and vfmadd231ps 2 per cycle together: they share two pipes (BENCHMARKS.md, "CPU, tenth round");
-// vpmaddwd and vpaddd 1:1 ~3 per cycle together, vphaddd 0.5 ("CPU, eleventh round").
+// vpmaddwd and vpaddd 1:1 ~3 per cycle together, vphaddd 0.5 ("CPU, eleventh round"); sign extension of a
+// register's bytes to int16 (vpmovsxbw ymm, xmm) 0.8 and vextracti128 1, where a 16-bit shift, vpshufb or
+// vpsllvd runs 2 and vpmovsxbw from memory ~1.9 ("CPU, twelfth round").
 #include <chrono>
 #include <cstdio>
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
@@ -39,6 +41,17 @@ int main() {
         "vpmaddwd %%ymm15, %%ymm4, %%ymm4\n vpaddd %%ymm14, %%ymm10, %%ymm10\n vpmaddwd %%ymm15, %%ymm5, %%ymm5\n vpaddd %%ymm14, %%ymm11, %%ymm11\n" ::: CLOB, "xmm14");
     rate("vpmaddwd+vpaddd (1:1)", now() - t, 12);
     t = now(); for (long n = 0; n < N; n++) asm volatile(IND("vphaddd") ::: CLOB); rate("vphaddd", now() - t, 12);
+    // Widening bytes to int16 (twelfth round): the cross-lane sign extensions against in-lane shifts.
+#define ALL12(s) s(0) s(1) s(2) s(3) s(4) s(5) s(6) s(7) s(8) s(9) s(10) s(11)
+#define MOVX(i) "vpmovsxbw %%xmm15, %%ymm" #i "\n"
+#define MOVM(i) "vpmovsxbw " #i "*16(%0), %%ymm" #i "\n"
+#define EXT(i) "vextracti128 $1, %%ymm15, %%xmm" #i "\n"
+#define SLL(i) "vpsllw $8, %%ymm15, %%ymm" #i "\n"
+    alignas(64) static char buf[256];
+    t = now(); for (long n = 0; n < N; n++) asm volatile(ALL12(MOVX) :: "r"(buf) : CLOB, "memory"); rate("vpmovsxbw ymm, xmm", now() - t, 12);
+    t = now(); for (long n = 0; n < N; n++) asm volatile(ALL12(MOVM) :: "r"(buf) : CLOB, "memory"); rate("vpmovsxbw ymm, m128", now() - t, 12);
+    t = now(); for (long n = 0; n < N; n++) asm volatile(ALL12(EXT) :: "r"(buf) : CLOB, "memory"); rate("vextracti128", now() - t, 12);
+    t = now(); for (long n = 0; n < N; n++) asm volatile(ALL12(SLL) :: "r"(buf) : CLOB, "memory"); rate("vpsllw (16-bit shift)", now() - t, 12);
     t = now(); for (long n = 0; n < N; n++) asm volatile("vcvtdq2ps %%ymm15, %%ymm0\n vcvtdq2ps %%ymm15, %%ymm1\n vcvtdq2ps %%ymm15, %%ymm2\n vcvtdq2ps %%ymm15, %%ymm3\n vcvtdq2ps %%ymm15, %%ymm4\n vcvtdq2ps %%ymm15, %%ymm5\n vcvtdq2ps %%ymm15, %%ymm6\n vcvtdq2ps %%ymm15, %%ymm7\n vcvtdq2ps %%ymm15, %%ymm8\n vcvtdq2ps %%ymm15, %%ymm9\n vcvtdq2ps %%ymm15, %%ymm10\n vcvtdq2ps %%ymm15, %%ymm11\n" ::: CLOB); rate("vcvtdq2ps (12 regs)", now() - t, 12);
     return 0;
 }
