@@ -732,8 +732,8 @@ void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* 
                 // ones; minus 32 x the scale (the codes' offset). Where widening took two slow cross-lane sign
                 // extensions and a lane extract, and two vpmullw, per 32 codes. c[2r] lane m is code 32r + 2m,
                 // c[2r + 1] lane m code 32r + 2m + 1: the rows' codes come in that order (eo_order_q16_k).
-                // (The byte patterns are tables, not set intrinsics of n and r: built at run time those took ~30
-                // instructions each and made the 8-row kernel 47 % slower.)
+                // (The byte patterns are tables: written as set intrinsics of n and r, which the compiler may build at
+                // run time, the 8-row kernel ran 47 % slower.)
                 const Q6Picks& p = kQ6Picks[r];
                 const __m256i o = _mm256_shuffle_epi8(off, _mm256_load_si256(reinterpret_cast<const __m256i*>(p.pick)));
                 c[2 * r] = _mm256_sub_epi16(
