@@ -26,6 +26,9 @@ def main() -> None:
     history = [torch.randint(0, args.vocab, (600,), generator=g).tolist() for _ in range(args.batch)]
     configs = {
         "greedy only": dict(temperature=0),
+        "temperature 1 (the OpenAI default)": dict(temperature=1.0),
+        "temperature 1, seeded": dict(temperature=1.0, seed=1),
+        "Qwen3's (t 0.6, top_p 0.95, top_k 20)": dict(temperature=0.6, top_p=0.95, top_k=20),
         "temperature + top_p": dict(temperature=0.7, top_p=0.9),
         "all transforms": dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, top_a=0.1, frequency_penalty=0.3,
                                presence_penalty=0.2, repetition_penalty=1.1, logit_bias={5: 2.0, 7: -3.0},
@@ -47,7 +50,7 @@ def main() -> None:
             t = time.perf_counter()
             sampler(logits, rows)
             times.append(time.perf_counter() - t)
-        print(f"{name:<28} median {1000 * statistics.median(times):7.2f} ms/step   "
+        print(f"{name:<40} median {1000 * statistics.median(times):7.2f} ms/step   "
               f"min {1000 * min(times):7.2f} ms")
 
 

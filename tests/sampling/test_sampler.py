@@ -272,3 +272,24 @@ def test_top_k_path_matches_filter_semantics():
     torch.manual_seed(6)
     res = Sampler(3000, 3000)(logits.expand(300, -1).contiguous(), rows)
     assert set(res.token_ids) <= kept(expect)
+
+
+def test_the_draw_follows_the_distribution_never_picks_zero_mass_and_a_seed_repeats():
+    # the inverse-CDF draw itself (Sampler._draw), on a full-width row with most of its mass zero
+    probs = torch.zeros(2, 1000)
+    probs[:, [0, 3, 500, 999]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    probs[1] *= 7.0  # an unnormalised row draws the same way
+    torch.manual_seed(11)
+    n = 20000
+    draws = torch.stack([Sampler._draw(probs, [_row(temperature=1.0)] * 2) for _ in range(n)])
+    assert set(draws.unique().tolist()) <= {0, 3, 500, 999}
+    for r in range(2):
+        obs = torch.bincount(draws[:, r], minlength=1000)[[0, 3, 500, 999]].double()
+        ex = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) * n
+        chi2 = float(((obs - ex) ** 2 / ex).sum())
+        assert chi2 < 16.3, (chi2, obs)  # chi-square, 3 degrees of freedom, 0.999 quantile
+    seeded = [SamplingRow(SamplingParams(temperature=1.0, seed=5).resolved(), [1], [], torch.Generator().manual_seed(5))
+              for _ in range(2)]
+    first = [int(Sampler._draw(probs[:1], [seeded[0]])) for _ in range(50)]
+    again = [int(Sampler._draw(probs[:1], [seeded[1]])) for _ in range(50)]
+    assert first == again and len(set(first)) > 1
