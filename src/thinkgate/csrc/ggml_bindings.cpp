@@ -18,7 +18,8 @@ at::Tensor ggml_gemm16(const at::Tensor& codes, const at::Tensor& scales, const 
                        const c10::optional<at::Tensor>& bias, bool scalar);
 bool ggml_gemm16_fast();
 void bind_ggml_decoder(py::module& m);  // ggml_decoder.cpp
-at::Tensor greedy_argmax(const at::Tensor& logits, int64_t n_valid);  // greedy.cpp
+at::Tensor greedy_argmax(const at::Tensor& logits, int64_t n_valid);  // sampling.cpp
+at::Tensor sample_softmax(const at::Tensor& logits, int64_t n_valid, const at::Tensor& u);
 
 // The compute calls run without the GIL (`nogil`): a decode step holds the engine thread in C++ for tens of
 // milliseconds, and with the GIL held the server's event loop could not send the last token, read a request or
@@ -42,5 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("ggml_gemm16_fast", &ggml_gemm16_fast, "whether ggml_gemm16 runs its AVX2 kernel");
     m.def("greedy_argmax", &greedy_argmax, "argmax over each row's first n_valid logits (torch.argmax's answer)", nogil,
           py::arg("logits"), py::arg("n_valid"));
+    m.def("sample_softmax", &sample_softmax, "a draw from softmax over each row's first n_valid logits, by inverse CDF",
+          nogil, py::arg("logits"), py::arg("n_valid"), py::arg("u"));
     bind_ggml_decoder(m);
 }

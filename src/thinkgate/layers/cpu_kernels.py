@@ -27,7 +27,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 # The GGUF block kernels (--weight-quant gguf): AVX2 on x86 (every x86 server CPU of the last decade), plain
 # C++ elsewhere, so they run where the AVX-512 module above cannot.
 GGML_SOURCES = [_CSRC / "ggml_linear.cpp", _CSRC / "ggml_gemm16.cpp", _CSRC / "ggml_decoder.cpp",
-                _CSRC / "greedy.cpp", _CSRC / "ggml_bindings.cpp"]
+                _CSRC / "sampling.cpp", _CSRC / "ggml_bindings.cpp"]
 
 _lock = threading.Lock()
 _module = None

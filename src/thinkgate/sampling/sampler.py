@@ -177,6 +177,15 @@ class Sampler:
             tokens[idx[fits]] = cand.gather(1, picked[:, None]).squeeze(1)[fits]
             done[idx[fits]] = True
         rest = [i for i in range(b) if not done[i]]
+        ops = _cpu_ops(logits)
+        # Rows whose distribution no filter cuts: the softmax and the draw in one C++ call (the same distribution, one
+        # uniform per row as _draw takes).
+        fast = [i for i in rest if ops is not None and not _filtered(rows[i])]
+        if fast:
+            idx = torch.tensor(fast, device=dev)
+            tokens[idx] = ops.sample_softmax(logits[idx].contiguous(), vocab,
+                                             self._uniforms([rows[i] for i in fast], dev))
+        rest = [i for i in rest if i not in fast]
         if rest:
             idx = torch.tensor(rest, device=dev)
             sub_rows = [rows[i] for i in rest]
@@ -200,14 +209,19 @@ class Sampler:
         exponential_ costs ~25 ns a value: 3.7 ms for a row of 151,936 (twice that for a seeded row), more than a
         decode step's sampling should, where this takes ~0.2 ms. A seeded row draws its one value from its own
         generator, so neither the batch it shares nor the other rows' settings change its tokens."""
-        dev = probs.device
-        u = torch.rand(probs.shape[0], 1, device=dev, dtype=torch.float64)
+        cdf = probs.to(torch.float64).cumsum(dim=-1)
+        idx = torch.searchsorted(cdf, Sampler._uniforms(rows, probs.device)[:, None] * cdf[:, -1:])
+        return idx.squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+    @staticmethod
+    def _uniforms(rows: list[SamplingRow], dev: torch.device) -> torch.Tensor:
+        """One uniform in (0, 1] per row (float64), a seeded row's from its own generator: never 0, so an inverse-CDF
+        draw never lands before the first token with mass."""
+        u = torch.rand(len(rows), device=dev, dtype=torch.float64)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                u[i, 0] = torch.rand(1, device=dev, dtype=torch.float64, generator=row.generator)[0]
-        cdf = probs.to(torch.float64).cumsum(dim=-1)
-        idx = torch.searchsorted(cdf, (1.0 - u) * cdf[:, -1:])  # 1 - u: in (0, 1], never before the first mass
-        return idx.squeeze(1).clamp_(max=probs.shape[1] - 1)
+                u[i] = torch.rand(1, device=dev, dtype=torch.float64, generator=row.generator)[0]
+        return 1.0 - u
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         ids = tokens.tolist()
@@ -225,16 +239,28 @@ class Sampler:
         return SampleResult(ids, chosen, tops)
 
 
-def greedy_ids(logits: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """Each row's argmax over its first n_valid logits (torch.argmax's answer: the first largest, or the first NaN).
-    CPU logits go through the GGUF kernels' module when a model has loaded it: torch's argmax took 0.3 ms a row of
-    151,936 values there (~1.3 % of a decode step; csrc/greedy.cpp)."""
+def _cpu_ops(logits: torch.Tensor):
+    """The GGUF kernels' module for fp32 CPU logits with contiguous rows, when a model has loaded it, else None."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
         from thinkgate.layers.cpu_kernels import loaded_ggml
 
-        ops = loaded_ggml()
-        if ops is not None:
-            return ops.greedy_argmax(logits, n_valid)
+        return loaded_ggml()
+    return None
+
+
+def _filtered(row: SamplingRow) -> bool:
+    """Whether a row's top_p / min_p / top_a cut its distribution (top_k rows never reach the full-vocabulary draw)."""
+    p = row.params
+    return p.top_p < 1 or p.min_p > 0 or p.top_a > 0
+
+
+def greedy_ids(logits: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """Each row's argmax over its first n_valid logits (torch.argmax's answer: the first largest, or the first NaN).
+    CPU logits go through the GGUF kernels' module when a model has loaded it: torch's argmax took 0.3 ms a row of
+    151,936 values there (~1.3 % of a decode step; csrc/sampling.cpp)."""
+    ops = _cpu_ops(logits)
+    if ops is not None:
+        return ops.greedy_argmax(logits, n_valid)
     return logits[:, :n_valid].argmax(dim=-1)
 
 
