@@ -181,11 +181,11 @@ class Sampler:
         # Rows whose distribution no filter cuts: the softmax and the draw in one C++ call (the same distribution, one
         # uniform per row as _draw takes).
         fast = [i for i in rest if ops is not None and not _filtered(rows[i])]
+        rest = [i for i in rest if ops is None or _filtered(rows[i])]
         if fast:
             idx = torch.tensor(fast, device=dev)
             tokens[idx] = ops.sample_softmax(logits[idx].contiguous(), vocab,
                                              self._uniforms([rows[i] for i in fast], dev))
-        rest = [i for i in rest if i not in fast]
         if rest:
             idx = torch.tensor(rest, device=dev)
             sub_rows = [rows[i] for i in rest]
