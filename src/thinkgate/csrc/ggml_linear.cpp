@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -637,9 +638,62 @@ TG_INLINE void lanes_rows(const __m256i* c16, __m256 dx, const void* const* act,
     }
 }
 
+// Eight rows of lanes_rows, written out: the same instructions per row (an exact int32 sum of the 8 products,
+// its conversion, d = dx * dy, one FMA into the row's accumulator), so every row's bits equal lanes_rows'. Why by
+// hand: with 8 code vectors and 8 accumulators live, GCC keeps the accumulators on the stack and reloads a code
+// vector and dx for every row, ~3 loads per 32 weights and row where the products need 2; on this Zen 3 the
+// kernel is bound by its loads (BENCHMARKS.md, "CPU, thirteenth round"). Here four accumulators stay in
+// registers (a0-a3) and four in memory (am), the temporaries are ymm13-15: 8 rows of Q5_0 in cache 2.5 -> 2.1
+// cycles per 32 weights and row. An asm statement takes at most 30 operands, hence two, of four rows each.
+#define TG_R4L_SUM(P)                                                                                          \
+    "vpmaddwd 16(%[" P "],%[off]), %[c0], %%ymm13\n\t vpmaddwd 48(%[" P "],%[off]), %[c1], %%ymm14\n\t"          \
+    "vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                                                      \
+    "vpmaddwd 80(%[" P "],%[off]), %[c2], %%ymm14\n\t vpmaddwd 112(%[" P "],%[off]), %[c3], %%ymm15\n\t"         \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
+    "vpmaddwd 144(%[" P "],%[off]), %[c4], %%ymm14\n\t vpmaddwd 176(%[" P "],%[off]), %[c5], %%ymm15\n\t"        \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
+    "vpmaddwd 208(%[" P "],%[off]), %[c6], %%ymm14\n\t vpmaddwd 240(%[" P "],%[off]), %[c7], %%ymm15\n\t"        \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
+    "vcvtdq2ps %%ymm13, %%ymm13\n\t vbroadcastf128 (%[" P "],%[off]), %%ymm14\n\t vmulps %[dx], %%ymm14, %%ymm14\n\t"
+#define TG_R4L_ROW_REG(P, A) TG_R4L_SUM(P) "vfmadd231ps %%ymm13, %%ymm14, %[" A "]\n\t"
+#define TG_R4L_ROW_MEM(P, A) \
+    TG_R4L_SUM(P) "vmovaps %[" A "], %%ymm15\n\t vfmadd231ps %%ymm13, %%ymm14, %%ymm15\n\t vmovaps %%ymm15, %[" A "]\n\t"
+#define TG_R4L_CODES                                                                                            \
+    [c0] "x"(c16[0]), [c1] "x"(c16[1]), [c2] "x"(c16[2]), [c3] "x"(c16[3]), [c4] "x"(c16[4]), [c5] "x"(c16[5]),   \
+        [c6] "x"(c16[6]), [c7] "x"(c16[7]), [dx] "x"(dx)
+
+// The byte offsets above are BlockQ16_0L's: d at 0, qs + 16c at 16 + 32c.
+static_assert(offsetof(BlockQ16_0L, qs) == 16 && sizeof(BlockQ16_0L) == 272, "TG_R4L_SUM's offsets");
+
+template <class Unpack>
+TG_INLINE void lanes_dot8(int64_t k, const void* const* act, float* out, Unpack unpack) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    alignas(32) __m256 am[4] = {a0, a0, a0, a0};
+    const char* p[8];
+    for (int j = 0; j < 8; ++j) p[j] = static_cast<const char*>(act[j]);
+    for (int64_t g = 0; g < k / (4 * QK); ++g) {
+        __m256i c16[8];
+        const __m256 dx = unpack(g, c16);
+        const int64_t off = g * static_cast<int64_t>(sizeof(BlockQ16_0L));
+        asm(TG_R4L_ROW_REG("p0", "a0") TG_R4L_ROW_REG("p1", "a1") TG_R4L_ROW_REG("p2", "a2") TG_R4L_ROW_REG("p3", "a3")
+            : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3)
+            : TG_R4L_CODES, [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]), [off] "r"(off)
+            : "xmm13", "xmm14", "xmm15", "memory");
+        asm(TG_R4L_ROW_MEM("p0", "a0") TG_R4L_ROW_MEM("p1", "a1") TG_R4L_ROW_MEM("p2", "a2") TG_R4L_ROW_MEM("p3", "a3")
+            : [a0] "+m"(am[0]), [a1] "+m"(am[1]), [a2] "+m"(am[2]), [a3] "+m"(am[3])
+            : TG_R4L_CODES, [p0] "r"(p[4]), [p1] "r"(p[5]), [p2] "r"(p[6]), [p3] "r"(p[7]), [off] "r"(off)
+            : "xmm13", "xmm14", "xmm15", "memory");
+    }
+    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
+    for (int j = 0; j < 4; ++j) out[4 + j] = hsum8(am[j]);
+}
+
 // An R4L kernel: unpack(g, c16) widens group g's codes into c16 and returns its scales in R4L's lanes.
 template <int NA, class Unpack>
 TG_INLINE void lanes_dot(int64_t k, const void* const* act, float* out, Unpack unpack) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (NA == 8) return lanes_dot8(k, act, out, unpack);
+#endif
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
