@@ -645,25 +645,54 @@ TG_INLINE void lanes_rows(const __m256i* c16, __m256 dx, const void* const* act,
 // kernel is bound by its loads (BENCHMARKS.md, "CPU, thirteenth round"). Here four accumulators stay in
 // registers (a0-a3) and four in memory (am), the temporaries are ymm13-15: 8 rows of Q5_0 in cache 2.5 -> 2.1
 // cycles per 32 weights and row. An asm statement takes at most 30 operands, hence two, of four rows each.
-#define TG_R4L_SUM(P)                                                                                          \
-    "vpmaddwd 16(%[" P "],%[off]), %[c0], %%ymm13\n\t vpmaddwd 48(%[" P "],%[off]), %[c1], %%ymm14\n\t"          \
-    "vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                                                      \
-    "vpmaddwd 80(%[" P "],%[off]), %[c2], %%ymm14\n\t vpmaddwd 112(%[" P "],%[off]), %[c3], %%ymm15\n\t"         \
-    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
-    "vpmaddwd 144(%[" P "],%[off]), %[c4], %%ymm14\n\t vpmaddwd 176(%[" P "],%[off]), %[c5], %%ymm15\n\t"        \
-    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
-    "vpmaddwd 208(%[" P "],%[off]), %[c6], %%ymm14\n\t vpmaddwd 240(%[" P "],%[off]), %[c7], %%ymm15\n\t"        \
-    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                 \
-    "vcvtdq2ps %%ymm13, %%ymm13\n\t vbroadcastf128 (%[" P "],%[off]), %%ymm14\n\t vmulps %[dx], %%ymm14, %%ymm14\n\t"
-#define TG_R4L_ROW_REG(P, A) TG_R4L_SUM(P) "vfmadd231ps %%ymm13, %%ymm14, %[" A "]\n\t"
-#define TG_R4L_ROW_MEM(P, A) \
-    TG_R4L_SUM(P) "vmovaps %[" A "], %%ymm15\n\t vfmadd231ps %%ymm13, %%ymm14, %%ymm15\n\t vmovaps %%ymm15, %[" A "]\n\t"
-#define TG_R4L_CODES                                                                                            \
+#if defined(__x86_64__) && defined(__GNUC__)
+constexpr bool kRowsAsm = true;
+#else
+constexpr bool kRowsAsm = false;
+#endif
+// TG_SUM8: ymm13 = float(sum of c_v x the row's 16 int16 at byte D + 32v), v = 0..7 (an exact int32 sum).
+#define TG_SUM8(P, D)                                                                                              \
+    "vpmaddwd " D "+0(%[" P "],%[off]), %[c0], %%ymm13\n\t vpmaddwd " D "+32(%[" P "],%[off]), %[c1], %%ymm14\n\t"     \
+    "vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                                                          \
+    "vpmaddwd " D "+64(%[" P "],%[off]), %[c2], %%ymm14\n\t vpmaddwd " D "+96(%[" P "],%[off]), %[c3], %%ymm15\n\t"    \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                     \
+    "vpmaddwd " D "+128(%[" P "],%[off]), %[c4], %%ymm14\n\t vpmaddwd " D "+160(%[" P "],%[off]), %[c5], %%ymm15\n\t" \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t"                                     \
+    "vpmaddwd " D "+192(%[" P "],%[off]), %[c6], %%ymm14\n\t vpmaddwd " D "+224(%[" P "],%[off]), %[c7], %%ymm15\n\t" \
+    "vpaddd %%ymm15, %%ymm14, %%ymm14\n\t vpaddd %%ymm14, %%ymm13, %%ymm13\n\t vcvtdq2ps %%ymm13, %%ymm13\n\t"
+// ymm14 = the row's scale: R4L's 4 block scales (BlockQ16_0L.d, at 0) x dx's lanes; a K-quant's y.d (at 0) x dx.
+#define TG_SCALE_LANES(P) "vbroadcastf128 (%[" P "],%[off]), %%ymm14\n\t vmulps %[dx], %%ymm14, %%ymm14\n\t"
+#define TG_SCALE_ONE(P) "vmulss (%[" P "],%[off]), %[dx], %%xmm14\n\t vbroadcastss %%xmm14, %%ymm14\n\t"
+#define TG_FMA_REG(A) "vfmadd231ps %%ymm13, %%ymm14, %[" A "]\n\t"
+#define TG_FMA_MEM(A) "vmovaps %[" A "], %%ymm15\n\t vfmadd231ps %%ymm13, %%ymm14, %%ymm15\n\t vmovaps %%ymm15, %[" A "]\n\t"
+#define TG_CODES8                                                                                               \
     [c0] "x"(c16[0]), [c1] "x"(c16[1]), [c2] "x"(c16[2]), [c3] "x"(c16[3]), [c4] "x"(c16[4]), [c5] "x"(c16[5]),   \
         [c6] "x"(c16[6]), [c7] "x"(c16[7]), [dx] "x"(dx)
+// Rows p[0..7] at byte offset off: the four asm-held accumulators a0-a3, then am[0..3]. SCALE: one of the above,
+// D: the codes' byte offset in a row's block.
+#define TG_ROWS8(D, SCALE)                                                                                          \
+    do {                                                                                                           \
+    asm(TG_SUM8("p0", D) SCALE("p0") TG_FMA_REG("a0") TG_SUM8("p1", D) SCALE("p1") TG_FMA_REG("a1")                   \
+        TG_SUM8("p2", D) SCALE("p2") TG_FMA_REG("a2") TG_SUM8("p3", D) SCALE("p3") TG_FMA_REG("a3")                   \
+        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3)                                              \
+        : TG_CODES8, [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]), [off] "r"(off)               \
+        : "xmm13", "xmm14", "xmm15", "memory");                                                                  \
+    asm(TG_SUM8("p0", D) SCALE("p0") TG_FMA_MEM("a0") TG_SUM8("p1", D) SCALE("p1") TG_FMA_MEM("a1")                   \
+        TG_SUM8("p2", D) SCALE("p2") TG_FMA_MEM("a2") TG_SUM8("p3", D) SCALE("p3") TG_FMA_MEM("a3")                   \
+        : [a0] "+m"(am[0]), [a1] "+m"(am[1]), [a2] "+m"(am[2]), [a3] "+m"(am[3])                                  \
+        : TG_CODES8, [p0] "r"(p[4]), [p1] "r"(p[5]), [p2] "r"(p[6]), [p3] "r"(p[7]), [off] "r"(off)               \
+        : "xmm13", "xmm14", "xmm15", "memory");                                                                  \
+    } while (0)
 
-// The byte offsets above are BlockQ16_0L's: d at 0, qs + 16c at 16 + 32c.
-static_assert(offsetof(BlockQ16_0L, qs) == 16 && sizeof(BlockQ16_0L) == 272, "TG_R4L_SUM's offsets");
+// The byte offsets: BlockQ16_0L's d at 0, qs at 16; BlockQ16_K's d at 0, qs at 36.
+static_assert(offsetof(BlockQ16_0L, qs) == 16 && sizeof(BlockQ16_0L) == 272, "TG_ROWS8's offsets");
+static_assert(offsetof(BlockQ16_K, d) == 0 && offsetof(BlockQ16_K, qs) == 36, "TG_ROWS8's offsets");
+
+// TG_ROWS8's eight accumulators summed into out.
+TG_INLINE void acc8_out(const __m256& a0, const __m256& a1, const __m256& a2, const __m256& a3, const __m256* am, float* out) {
+    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
+    for (int j = 0; j < 4; ++j) out[4 + j] = hsum8(am[j]);
+}
 
 template <class Unpack>
 TG_INLINE void lanes_dot8(int64_t k, const void* const* act, float* out, Unpack unpack) {
@@ -675,25 +704,15 @@ TG_INLINE void lanes_dot8(int64_t k, const void* const* act, float* out, Unpack 
         __m256i c16[8];
         const __m256 dx = unpack(g, c16);
         const int64_t off = g * static_cast<int64_t>(sizeof(BlockQ16_0L));
-        asm(TG_R4L_ROW_REG("p0", "a0") TG_R4L_ROW_REG("p1", "a1") TG_R4L_ROW_REG("p2", "a2") TG_R4L_ROW_REG("p3", "a3")
-            : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3)
-            : TG_R4L_CODES, [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]), [off] "r"(off)
-            : "xmm13", "xmm14", "xmm15", "memory");
-        asm(TG_R4L_ROW_MEM("p0", "a0") TG_R4L_ROW_MEM("p1", "a1") TG_R4L_ROW_MEM("p2", "a2") TG_R4L_ROW_MEM("p3", "a3")
-            : [a0] "+m"(am[0]), [a1] "+m"(am[1]), [a2] "+m"(am[2]), [a3] "+m"(am[3])
-            : TG_R4L_CODES, [p0] "r"(p[4]), [p1] "r"(p[5]), [p2] "r"(p[6]), [p3] "r"(p[7]), [off] "r"(off)
-            : "xmm13", "xmm14", "xmm15", "memory");
+        TG_ROWS8("16", TG_SCALE_LANES);
     }
-    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
-    for (int j = 0; j < 4; ++j) out[4 + j] = hsum8(am[j]);
+    acc8_out(a0, a1, a2, a3, am, out);
 }
 
 // An R4L kernel: unpack(g, c16) widens group g's codes into c16 and returns its scales in R4L's lanes.
 template <int NA, class Unpack>
 TG_INLINE void lanes_dot(int64_t k, const void* const* act, float* out, Unpack unpack) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (NA == 8) return lanes_dot8(k, act, out, unpack);
-#endif
+    if constexpr (kRowsAsm && NA == 8) return lanes_dot8(k, act, out, unpack);
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < k / (4 * QK); ++g) {
@@ -766,9 +785,14 @@ template <int NA>
 void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* out) {
     __m256 acc[NA];
     for (int j = 0; j < NA; ++j) acc[j] = _mm256_setzero_ps();
+    [[maybe_unused]] __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    [[maybe_unused]] alignas(32) __m256 am[4] = {a0, a0, a0, a0};
+    [[maybe_unused]] const char* p[8] = {};
+    if constexpr (kRowsAsm && NA == 8)
+        for (int j = 0; j < 8; ++j) p[j] = static_cast<const char*>(act[j]);
     for (int64_t b = 0; b < k / QKK; ++b) {
         auto x = reinterpret_cast<const BlockQ6_K*>(w) + b;
-        const float dx = h2f(x->d);
+        const float dxs = h2f(x->d);
         // The 16 scales as bytes in both 128-bit lanes, and 32 x each as int16 (lanes 0-15).
         const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->scales));
         const __m256i sc8 = _mm256_broadcastsi128_si256(s8);
@@ -795,16 +819,26 @@ void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* 
                 c[2 * r + 1] = _mm256_sub_epi16(
                     _mm256_maddubs_epi16(raw[r], _mm256_shuffle_epi8(scn, _mm256_load_si256(reinterpret_cast<const __m256i*>(p.odd)))), o);
             }
-            for (int j = 0; j < NA; ++j) {
-                const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
-                const int16_t* a = y.qs + 128 * n;
-                __m256i sum = _mm256_setzero_si256();
-                for (int v = 0; v < 8; v += 2) sum = _mm256_add_epi32(sum, dot16x32(c[v], c[v + 1], a + 16 * v));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dx), _mm256_cvtepi32_ps(sum), acc[j]);
+            if constexpr (kRowsAsm && NA == 8) {
+                // TG_ROWS8: the loop below's instructions, written out (see lanes_dot8)
+                const __m256i* c16 = c;
+                const __m128 dx = _mm_set_ss(dxs);
+                const int64_t off = b * static_cast<int64_t>(sizeof(BlockQ16_K));
+                if (n == 0) TG_ROWS8("36", TG_SCALE_ONE);  // half n's codes at qs + 128n, the scale y.d at 0
+                else TG_ROWS8("292", TG_SCALE_ONE);
+            } else {
+                for (int j = 0; j < NA; ++j) {
+                    const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
+                    const int16_t* a = y.qs + 128 * n;
+                    __m256i sum = _mm256_setzero_si256();
+                    for (int v = 0; v < 8; v += 2) sum = _mm256_add_epi32(sum, dot16x32(c[v], c[v + 1], a + 16 * v));
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dxs), _mm256_cvtepi32_ps(sum), acc[j]);
+                }
             }
         }
     }
-    for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
+    if constexpr (kRowsAsm && NA == 8) acc8_out(a0, a1, a2, a3, am, out);
+    else for (int j = 0; j < NA; ++j) out[j] = hsum8(acc[j]);
 }
 
 // Q4_K / Q5_K against 16-bit rows split into bytes (BlockQ16_KS): per 32 codes and row two vpmaddubsw (codes x
