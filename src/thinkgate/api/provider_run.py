@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import StreamingResponse
 
+from thinkgate.eager import eager_task
 from thinkgate.gateway.providers.base import (
     ErrorEvent,
     ProviderEvent,
@@ -50,7 +51,9 @@ class ProviderRun:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._peeked = None
         self.error: ErrorEvent | None = None  # the first error the provider reported
-        self._task = asyncio.create_task(self._consume(stream))
+        # Started eagerly: the provider's first step (an upstream request's sending) runs now, in the caller's
+        # step, not after every request already queued on the loop (thinkgate/eager.py).
+        self._task = eager_task(self._consume(stream))
         _running.add(self._task)
         self._task.add_done_callback(_running.discard)
 

@@ -265,10 +265,9 @@ class H1Transport(httpx.AsyncBaseTransport):
         tls = (self.ssl_context or _default_tls()) if scheme == b"https" else None
         name = host.decode("ascii")
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(key), name, port, ssl=tls,
-                                                       server_hostname=name if tls else None)
+        try:  # wait_for, not asyncio.timeout: this may run in an eager task's first step (thinkgate/eager.py)
+            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Connection(key), name, port, ssl=tls,
+                                                                    server_hostname=name if tls else None), timeout)
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {name}:{port} timed out") from None
         except (OSError, ssl.SSLError) as e:

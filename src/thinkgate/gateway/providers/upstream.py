@@ -23,6 +23,7 @@ import orjson
 
 from thinkgate.chat.messages import check_parts
 from thinkgate.chat.reasoning import ReasoningParser
+from thinkgate.eager import eager_task
 from thinkgate.errors import InvalidRequestError
 from thinkgate.gateway.providers.base import (
     ChunkEvent,
@@ -267,7 +268,7 @@ class _Run:
     async def events(self) -> AsyncIterator[ProviderEvent]:
         # Until the first event (an upstream's prefill can take seconds, its retries longer) the client may
         # leave, or the API discard the run: the request is then closed at once, so the upstream stops too.
-        connect = asyncio.ensure_future(self._connect())
+        connect = eager_task(self._connect())  # the request goes out in this step (thinkgate/eager.py)
         left = asyncio.ensure_future(self.ctx.cancelled.wait())
         try:
             await asyncio.wait((connect, left), return_when=asyncio.FIRST_COMPLETED)
