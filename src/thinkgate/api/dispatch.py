@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from thinkgate.api.request_log import current_request
 from thinkgate.errors import ModelNotFound, ProviderError
 from thinkgate.gateway.providers.base import ChatProvider, PreparedRequest, RequestContext, UsageRecord
 from thinkgate.gateway.service import Caller, Gateway
+from thinkgate.ids import random_hex
 from thinkgate.params import ChatParams
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class Dispatcher:
         gw = self.gateway
         price = gw.authorize_model(caller, params.model) if gw is not None else None
         prepared = await (prepare(provider) if prepare is not None else provider.prepare(params))
-        ctx = RequestContext(id_prefix + uuid.uuid4().hex)
+        ctx = RequestContext(id_prefix + random_hex())
         slot = self.ops.admit(provider, prepared, ctx) if self.ops is not None else None  # 429/503, nothing held
         admission = None
         early: _Run | None = None

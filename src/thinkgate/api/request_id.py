@@ -4,10 +4,10 @@ fresh one. Installed outside every other layer, so even Starlette's last-resort 
 
 from __future__ import annotations
 
-import uuid
-
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from thinkgate.ids import random_hex
 
 HEADER = b"x-request-id"
 MAX_LEN = 200
@@ -27,7 +27,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 own = next((v for k, v in headers if k.lower() == HEADER), None)
-                value = client or own or ("req_" + uuid.uuid4().hex).encode()
+                value = client or own or ("req_" + random_hex()).encode()
                 headers = [(k, v) for k, v in headers if k.lower() != HEADER] + [(HEADER, value)]
                 message = {**message, "headers": headers}
             await send(message)

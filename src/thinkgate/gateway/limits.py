@@ -35,10 +35,11 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from thinkgate.ids import random_hex
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Permit:
     key_id: str
     limits: KeyLimits
     headers: dict[str, str]  # x-ratelimit-* to send on the successful response
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=random_hex)
     released: bool = False
 
 
@@ -194,7 +195,7 @@ class MemoryRateLimiter:
             wait = max(wait, 1000.0)
         if failed:
             raise _exceeded(failed, wait, limits, _headers(limits, nreq, req_reset, ntok, tok_reset))
-        permit_id = uuid.uuid4().hex
+        permit_id = random_hex()
         if limits.rpm is not None:
             st.requests.append(now)
             nreq += 1
@@ -358,7 +359,7 @@ class RedisRateLimiter:
     async def acquire(self, key_id: str, limits: KeyLimits) -> Permit:
         _check_key_id(key_id)
         keys = self._keys(key_id)
-        permit_id = uuid.uuid4().hex
+        permit_id = random_hex()
         args = [self._window_ms, _arg(limits.rpm), _arg(limits.tpm), _arg(limits.concurrency), permit_id,
                 self._slot_ttl_ms]
         code, wait, nreq, req_reset, ntok, tok_reset = await self._acquire(keys=keys, args=args)
