@@ -665,22 +665,22 @@ constexpr bool kRowsAsm = false;
 #define TG_SCALE_ONE(P) "vmulss (%[" P "],%[off]), %[dx], %%xmm14\n\t vbroadcastss %%xmm14, %%ymm14\n\t"
 #define TG_FMA_REG(A) "vfmadd231ps %%ymm13, %%ymm14, %[" A "]\n\t"
 #define TG_FMA_MEM(A) "vmovaps %[" A "], %%ymm15\n\t vfmadd231ps %%ymm13, %%ymm14, %%ymm15\n\t vmovaps %%ymm15, %[" A "]\n\t"
-#define TG_CODES8                                                                                               \
-    [c0] "x"(c16[0]), [c1] "x"(c16[1]), [c2] "x"(c16[2]), [c3] "x"(c16[3]), [c4] "x"(c16[4]), [c5] "x"(c16[5]),   \
-        [c6] "x"(c16[6]), [c7] "x"(c16[7]), [dx] "x"(dx)
+#define TG_CODES8(C, DX)                                                                                        \
+    [c0] "x"(C[0]), [c1] "x"(C[1]), [c2] "x"(C[2]), [c3] "x"(C[3]), [c4] "x"(C[4]), [c5] "x"(C[5]), [c6] "x"(C[6]),  \
+        [c7] "x"(C[7]), [dx] "x"(DX)
 // Rows p[0..7] at byte offset off: the four asm-held accumulators a0-a3, then am[0..3]. SCALE: one of the above,
-// D: the codes' byte offset in a row's block.
-#define TG_ROWS8(D, SCALE)                                                                                          \
+// D: the codes' byte offset in a row's block, C: the 8 code vectors, DX: the weights' scale(s).
+#define TG_ROWS8(D, SCALE, C, DX)                                                                                   \
     do {                                                                                                           \
     asm(TG_SUM8("p0", D) SCALE("p0") TG_FMA_REG("a0") TG_SUM8("p1", D) SCALE("p1") TG_FMA_REG("a1")                   \
         TG_SUM8("p2", D) SCALE("p2") TG_FMA_REG("a2") TG_SUM8("p3", D) SCALE("p3") TG_FMA_REG("a3")                   \
         : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3)                                              \
-        : TG_CODES8, [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]), [off] "r"(off)               \
+        : TG_CODES8(C, DX), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]), [off] "r"(off)               \
         : "xmm13", "xmm14", "xmm15", "memory");                                                                  \
     asm(TG_SUM8("p0", D) SCALE("p0") TG_FMA_MEM("a0") TG_SUM8("p1", D) SCALE("p1") TG_FMA_MEM("a1")                   \
         TG_SUM8("p2", D) SCALE("p2") TG_FMA_MEM("a2") TG_SUM8("p3", D) SCALE("p3") TG_FMA_MEM("a3")                   \
         : [a0] "+m"(am[0]), [a1] "+m"(am[1]), [a2] "+m"(am[2]), [a3] "+m"(am[3])                                  \
-        : TG_CODES8, [p0] "r"(p[4]), [p1] "r"(p[5]), [p2] "r"(p[6]), [p3] "r"(p[7]), [off] "r"(off)               \
+        : TG_CODES8(C, DX), [p0] "r"(p[4]), [p1] "r"(p[5]), [p2] "r"(p[6]), [p3] "r"(p[7]), [off] "r"(off)               \
         : "xmm13", "xmm14", "xmm15", "memory");                                                                  \
     } while (0)
 
@@ -704,7 +704,7 @@ TG_INLINE void lanes_dot8(int64_t k, const void* const* act, float* out, Unpack 
         __m256i c16[8];
         const __m256 dx = unpack(g, c16);
         const int64_t off = g * static_cast<int64_t>(sizeof(BlockQ16_0L));
-        TG_ROWS8("16", TG_SCALE_LANES);
+        TG_ROWS8("16", TG_SCALE_LANES, c16, dx);
     }
     acc8_out(a0, a1, a2, a3, am, out);
 }
@@ -821,11 +821,10 @@ void dot16_q6k_avx2(const uint8_t* w, const void* const* act, int64_t k, float* 
             }
             if constexpr (kRowsAsm && NA == 8) {
                 // TG_ROWS8: the loop below's instructions, written out (see lanes_dot8)
-                const __m256i* c16 = c;
                 const __m128 dx = _mm_set_ss(dxs);
                 const int64_t off = b * static_cast<int64_t>(sizeof(BlockQ16_K));
-                if (n == 0) TG_ROWS8("36", TG_SCALE_ONE);  // half n's codes at qs + 128n, the scale y.d at 0
-                else TG_ROWS8("292", TG_SCALE_ONE);
+                if (n == 0) TG_ROWS8("36", TG_SCALE_ONE, c, dx);  // half n's codes at qs + 128n, the scale y.d at 0
+                else TG_ROWS8("292", TG_SCALE_ONE, c, dx);
             } else {
                 for (int j = 0; j < NA; ++j) {
                     const BlockQ16_K& y = static_cast<const BlockQ16_K*>(act[j])[b];
