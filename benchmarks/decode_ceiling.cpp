@@ -2,8 +2,8 @@
 // target): the block kernels' inner loop with nothing else in it. Per group of 4 blocks (128 weights) and input
 // row, the R4L kernels (csrc/ggml_linear.cpp, TG_ROWS8) spend 8 vpmaddwd against the row's 16-bit codes, 7 vpaddd
 // for the exact int32 sum, a conversion, the scale product and one FMA. Here the 8 code vectors stay in registers
-// (no weight is unpacked or read), the 8 rows' activations sit in L1, and all 8 accumulators in registers: an upper
-// bound on speed, as no real kernel does less. Also: the same without the float tail (the integer products alone),
+// (no weight is unpacked or read), the 8 rows' activations sit in L1, and the accumulators stay in registers (rows
+// 4-7 add into rows 0-3's four, a chain each loop has time for): an upper bound on speed, as no real kernel does less. Also: the same without the float tail (the integer products alone),
 // and the 8-bit form llama.cpp's arithmetic allows (4 vpmaddubsw of unsigned codes against the row's signed bytes,
 // their int16 pair sums added in int16, one vpmaddwd to widen, the codes' offset subtracted, then the same tail).
 //
