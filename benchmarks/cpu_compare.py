@@ -1,7 +1,8 @@
 """The CPU comparison behind BENCHMARKS.md: thinkgate vs llama.cpp (same GGUF) vs transformers (same weights).
 
     python benchmarks/cpu_compare.py --llama-server /path/to/llama-server [--llama-bench /path/to/llama-bench]
-        [--skip-transformers] [--interleave [--repeats 6]] [--out results/cpu.json]
+        [--skip-transformers] [--interleave [--repeats 6] [--levels 1,4,8] [--also-modes mixed,gguf-q8]
+        [--serve-only]] [--out results/cpu.json]
 
 Every figure is a median of several runs, peers measured in the same run on the same machine. With --interleave
 both servers stay up (each idles at no CPU while the other works) and each level's rounds alternate between
@@ -82,10 +83,15 @@ def serve_levels_interleaved(servers: dict[str, tuple[str, str]], levels=(1, 4, 
                          "ttft_s": statistics.median(x["ttft_s"]["median"] for x in runs[n]),
                          "tpot_s": statistics.median(x["tpot_s"]["median"] for x in runs[n]),
                          "rounds_output_tok_s": [x["output_throughput"] for x in runs[n]]}
-        if len(names) == 2:
+        # Each server against the last one (llama.cpp), round by round: the first server's in `ratios`, as before;
+        # with more than two servers every other's too, under its name.
+        for i, n in enumerate(names[:-1]):
             rs = [a["output_throughput"] / b["output_throughput"]
-                  for a, b in zip(runs[names[0]], runs[names[1]], strict=True)]
-            ratios[c] = {"per_round": rs, "median": statistics.median(rs)}
+                  for a, b in zip(runs[n], runs[names[-1]], strict=True)]
+            if i == 0:
+                ratios[c] = {"per_round": rs, "median": statistics.median(rs)}
+            else:
+                ratios.setdefault(n, {})[c] = {"per_round": rs, "median": statistics.median(rs)}
         print(f"  concurrency {c}: " + "; ".join(f"{n} {out[n][c]}" for n in names) + f"; ratios {ratios.get(c)}",
               flush=True)
     return {"servers": out, "ratios": ratios}
@@ -152,6 +158,11 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="both servers up at once, each level's rounds alternating between them (needs --llama-server)")
     ap.add_argument("--repeats", type=int, default=6, help="rounds per level with --interleave")
+    ap.add_argument("--levels", default="1,4,8", help="concurrency levels with --interleave")
+    ap.add_argument("--also-modes", default="", help="with --interleave: more thinkgate servers, one per weight mode "
+                    "named here (comma-separated), in the same rounds")
+    ap.add_argument("--serve-only", action="store_true", help="with --interleave: the levels only (no 512-word TTFT, "
+                    "no shared-prefix gain)")
     args = ap.parse_args()
     gguf = pull_default_model()
     results: dict = {"machine": machine_info()}
@@ -174,9 +185,9 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def thinkgate_cmd(args, port: int) -> list[str]:
+def thinkgate_cmd(args, port: int, weight_quant: str | None = None) -> list[str]:
     return [sys.executable, "-m", "thinkgate.cli", "serve", "--port", str(port), "--log-level", "warning",
-            "--weight-quant", args.weight_quant, "--head-quant", args.head_quant]
+            "--weight-quant", weight_quant or args.weight_quant, "--head-quant", args.head_quant]
 
 
 def llama_cmd(args, gguf: Path, port: int) -> list[str]:
@@ -185,18 +196,27 @@ def llama_cmd(args, gguf: Path, port: int) -> list[str]:
 
 
 def interleaved(args, gguf: Path, results: dict, logs: Path) -> None:
-    procs = [run_server(thinkgate_cmd(args, 8101), "http://127.0.0.1:8101/health", logs / "thinkgate.log"),
-             run_server(llama_cmd(args, gguf, 8102), "http://127.0.0.1:8102/health", logs / "llama.log")]
+    model = "qwen/qwen2.5-coder-0.5b-instruct"
+    procs = [run_server(thinkgate_cmd(args, 8101), "http://127.0.0.1:8101/health", logs / "thinkgate.log")]
+    servers = {"thinkgate": ("http://127.0.0.1:8101", model)}
     try:
-        servers = {"thinkgate": ("http://127.0.0.1:8101", "qwen/qwen2.5-coder-0.5b-instruct"),
-                   "llama.cpp": ("http://127.0.0.1:8102", "default")}
-        print("both servers, levels interleaved", flush=True)
-        inter = serve_levels_interleaved(servers, repeats=args.repeats)
+        # Other weight modes of ours side by side (e.g. the first round's `mixed`), each its own server.
+        for i, mode in enumerate(m for m in args.also_modes.split(",") if m):
+            port = 8103 + i
+            procs.append(run_server(thinkgate_cmd(args, port, mode), f"http://127.0.0.1:{port}/health",
+                                    logs / f"thinkgate-{mode}.log"))
+            servers[f"thinkgate {mode}"] = (f"http://127.0.0.1:{port}", model)
+        procs.append(run_server(llama_cmd(args, gguf, 8102), "http://127.0.0.1:8102/health", logs / "llama.log"))
+        servers["llama.cpp"] = ("http://127.0.0.1:8102", "default")
+        print("servers up, levels interleaved", flush=True)
+        inter = serve_levels_interleaved(servers, levels=tuple(int(c) for c in args.levels.split(",")),
+                                         repeats=args.repeats)
         results["ratios"] = inter["ratios"]
         for name, (base, model) in servers.items():
-            results[name] = {"serve": inter["servers"][name], "ttft_512_s": ttft_512(base, model),
-                             "prefix": prefix_gain(base, model)}
-            print(f"  {name}", results[name]["ttft_512_s"], results[name]["prefix"], flush=True)
+            results[name] = {"serve": inter["servers"][name]}
+            if not args.serve_only:
+                results[name] |= {"ttft_512_s": ttft_512(base, model), "prefix": prefix_gain(base, model)}
+                print(f"  {name}", results[name]["ttft_512_s"], results[name]["prefix"], flush=True)
     finally:
         for proc in procs:
             proc.terminate()
